@@ -1,0 +1,34 @@
+"""Adapters: LoRA and X2Edit's task-aware MoE-LoRA on a frozen FLUX transformer.
+
+- ``AdapterConfig``: what to inject and where (config.py)
+- ``AdapterLinear`` / ``LoRA`` / ``MoELoRA``: the layers (layers.py); routers in routers.py
+- ``inject_adapters`` / ``routing_context`` / ``set_adapters`` (inject.py)
+- ``save_adapter`` / ``load_adapter`` (io.py); merge and diffusers export (merge.py)
+- ``load_community_lora``: kohya / XLabs / diffusers LoRA files beside the MoE-LoRA (community.py)
+"""
+
+from x2edit.adapters.community import load_community_lora
+from x2edit.adapters.config import TARGET_PRESETS, AdapterConfig
+from x2edit.adapters.inject import (
+    adapter_config,
+    adapter_layers,
+    adapter_names,
+    adapter_summary,
+    format_summary,
+    inject_adapters,
+    remove_adapter,
+    routing_context,
+    set_adapters,
+)
+from x2edit.adapters.io import base_fingerprint, load_adapter, read_adapter_header, save_adapter
+from x2edit.adapters.layers import AdapterLinear, LoRA, MoELoRA, RoutingState
+from x2edit.adapters.merge import export_diffusers_lora, merge_adapter, unmerge_adapter
+from x2edit.adapters.routers import TaskRouter, TokenTopKRouter, balance_loss
+
+__all__ = [
+    "AdapterConfig", "TARGET_PRESETS", "AdapterLinear", "LoRA", "MoELoRA", "RoutingState", "TaskRouter",
+    "TokenTopKRouter", "balance_loss", "inject_adapters", "remove_adapter", "routing_context", "set_adapters",
+    "adapter_config", "adapter_layers", "adapter_names", "adapter_summary", "format_summary", "save_adapter",
+    "load_adapter", "read_adapter_header", "base_fingerprint", "merge_adapter", "unmerge_adapter",
+    "export_diffusers_lora", "load_community_lora",
+]

@@ -1,0 +1,148 @@
+"""Injecting adapters into a model, routing them per call, and summarising them."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from x2edit.adapters.config import AdapterConfig
+from x2edit.adapters.layers import AdapterLinear, LoRA, MoELoRA, RoutingState
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    """(module name, AdapterLinear) for every wrapped linear of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLinear):
+            yield name, module
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def make_adapter(config: AdapterConfig, in_features: int, out_features: int) -> nn.Module:
+    """A fresh LoRA or MoELoRA for one linear of the given shape."""
+    if config.kind == "lora":
+        return LoRA(in_features, out_features, config.rank, config.scaling, config)
+    return MoELoRA(in_features, out_features, config)
+
+
+def inject_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
+                    freeze_base: bool = True) -> list[str]:
+    """Wrap every ``nn.Linear`` whose name matches ``config``'s targets and add an adapter to it.
+
+    Args:
+        model: e.g. a diffusers ``FluxTransformer2DModel``.
+        config: what to inject and where.
+        adapter_name: key of the new adapter in every wrapped layer.
+        freeze_base: set ``requires_grad=False`` on everything except adapter parameters.
+    Returns the names of the adapted modules. Raises ``ValueError`` if no module matched.
+    """
+    patterns = [re.compile(p) for p in config.target_patterns]
+    targets = []
+    for name, module in list(model.named_modules()):
+        if not any(p.fullmatch(name) for p in patterns):
+            continue
+        if isinstance(module, nn.Linear) and not name.endswith(".base_layer"):
+            module = AdapterLinear(module)
+            _set_submodule(model, name, module)
+        if isinstance(module, AdapterLinear):
+            module.add_adapter(adapter_name, make_adapter(config, module.in_features, module.out_features))
+            targets.append(name)
+    if not targets:
+        raise ValueError(f"no linear layer of {type(model).__name__} matches the adapter targets "
+                         f"{list(config.target_patterns)}")
+    if freeze_base:
+        for pname, p in model.named_parameters():
+            p.requires_grad_(".adapters." in pname)
+    return targets
+
+
+def remove_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Delete one adapter everywhere; layers left with no adapter are unwrapped back to nn.Linear."""
+    found = False
+    for name, layer in list(adapter_layers(model)):
+        if adapter_name in layer.adapters:
+            layer.delete_adapter(adapter_name)
+            found = True
+        if not layer.adapters:
+            _set_submodule(model, name, layer.base_layer)
+    if not found:
+        raise ValueError(f"no adapter named {adapter_name!r} in the model")
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for _, layer in adapter_layers(model):
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def adapter_config(model: nn.Module, adapter_name: str = "default") -> AdapterConfig:
+    for _, layer in adapter_layers(model):
+        if adapter_name in layer.adapters:
+            return layer.adapters[adapter_name].config
+    raise ValueError(f"no adapter named {adapter_name!r} in the model (have: {adapter_names(model)})")
+
+
+def set_adapters(model: nn.Module, names: list[str] | str, weights: list[float] | float | None = None) -> None:
+    """Activate ``names`` (others off) with per-adapter multipliers, as diffusers' ``set_adapters``."""
+    names = [names] if isinstance(names, str) else list(names)
+    weights = [1.0] * len(names) if weights is None else weights
+    weights = [weights] * len(names) if isinstance(weights, (int, float)) else list(weights)
+    if len(weights) != len(names):
+        raise ValueError(f"set_adapters got {len(names)} names and {len(weights)} weights")
+    missing = sorted(set(names) - set(adapter_names(model)))
+    if missing:
+        raise ValueError(f"unknown adapters {missing}; loaded: {adapter_names(model)}")
+    for _, layer in adapter_layers(model):
+        layer.active_adapters = [n for n in names if n in layer.adapters]
+        for n, w in zip(names, weights):
+            if n in layer.adapters:
+                layer.adapter_weights[n] = float(w)
+
+
+@contextlib.contextmanager
+def routing_context(model: nn.Module, task_ids: torch.Tensor | list[int] | None = None,
+                    timestep: torch.Tensor | None = None) -> Iterator[RoutingState]:
+    """Set the routing inputs of every adapter layer for the calls inside the block.
+
+    Args:
+        model: a model with injected adapters.
+        task_ids: (B,) task ids, one per sample of each forward batch inside the block.
+        timestep: (B,) diffusion time in [0, 1] (for timestep-aware gates).
+    Yields the ``RoutingState``; after a training forward, ``state.balance_loss`` is the mean
+    router balance loss over MoE layers.
+    """
+    if task_ids is not None and not torch.is_tensor(task_ids):
+        task_ids = torch.tensor(task_ids, dtype=torch.long)
+    state = RoutingState(task_ids=task_ids, timestep=timestep)
+    layers = [layer for _, layer in adapter_layers(model)]
+    for layer in layers:
+        layer.routing = state
+    try:
+        yield state
+    finally:
+        for layer in layers:
+            layer.routing = None
+
+
+def adapter_summary(model: nn.Module) -> dict:
+    """Parameter counts: trainable, adapter, total, and the adapters' share of the model."""
+    total = sum(p.numel() for p in model.parameters())
+    adapter = sum(p.numel() for n, p in model.named_parameters() if ".adapters." in n)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layers = sum(1 for _ in adapter_layers(model))
+    return {"adapted_layers": layers, "adapter_params": adapter, "trainable_params": trainable,
+            "total_params": total, "adapter_share": adapter / max(total - adapter, 1)}
+
+
+def format_summary(summary: dict) -> str:
+    return (f"{summary['adapted_layers']} adapted layers, {summary['adapter_params']:,} adapter parameters "
+            f"({100 * summary['adapter_share']:.2f}% of the {summary['total_params'] - summary['adapter_params']:,}"
+            f" base parameters), {summary['trainable_params']:,} trainable")

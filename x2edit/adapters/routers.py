@@ -1,0 +1,116 @@
+"""Routers: strategy objects that turn (tokens, task ids) into per-token expert gates.
+
+Every router maps ``x: (B, T, K)`` and ``task_ids: (B,)`` to ``gates: (B, T, E)`` (zeros for
+experts not selected) and a router-balance loss. The MoE-LoRA layer multiplies expert e's
+low-rank update by ``gates[..., e]``; it never looks inside the router.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def balance_loss(probs: torch.Tensor, gates: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss, 1.0 when perfectly balanced.
+
+    Args:
+        probs: (M, E) router softmax probabilities.
+        gates: (M, E) the kept gates (non-zero where an expert was selected).
+        top_k: experts selected per row.
+    Returns E * sum_e f_e * P_e with f_e the fraction of routing slots sent to expert e and P_e the
+    mean probability of e. Gradient flows through P_e only (f_e is a count).
+    """
+    num_experts = probs.shape[-1]
+    frac = (gates != 0).float().sum(0) / (gates.shape[0] * top_k)
+    return num_experts * (frac * probs.float().mean(0)).sum()
+
+
+def _top_k(probs: torch.Tensor, top_k: int | None, renormalize: bool) -> torch.Tensor:
+    """Keep the top-k probabilities per row (others set to 0); X2Edit does not renormalise."""
+    if top_k is None or top_k >= probs.shape[-1]:
+        return probs
+    vals, idx = probs.topk(top_k, dim=-1)
+    if renormalize:
+        vals = vals / vals.sum(-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(-1, idx, vals)
+
+
+class TokenTopKRouter(nn.Module):
+    """X2Edit's router: a linear gate on [token hidden state ; learned task embedding], top-k.
+
+    Args:
+        in_features: K, the width of the tokens the adapted linear reads.
+        num_experts: E routed experts.
+        top_k: experts kept per token.
+        num_task_slots: rows of the task embedding table.
+        task_embed_dim: width of the task embedding (0: route on the token alone).
+        renormalize: renormalise kept gate weights to sum to one.
+    """
+
+    def __init__(self, in_features: int, num_experts: int, top_k: int | None, num_task_slots: int = 16,
+                 task_embed_dim: int = 0, renormalize: bool = False):
+        super().__init__()
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.task_embedding = nn.Embedding(num_task_slots, task_embed_dim) if task_embed_dim > 0 else None
+        self.gate = nn.Linear(in_features + task_embed_dim, num_experts)
+        nn.init.normal_(self.gate.weight, std=0.02)
+        nn.init.zeros_(self.gate.bias)
+        if self.task_embedding is not None:
+            nn.init.normal_(self.task_embedding.weight, std=0.02)
+
+    @property
+    def needs_task(self) -> bool:
+        return self.task_embedding is not None
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: (B, T, K); task_ids: (B,)
+        h = x
+        if self.task_embedding is not None:
+            emb = self.task_embedding(task_ids).to(x.dtype)  # (B, D)
+            h = torch.cat([x, emb[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)  # (B, T, K + D)
+        logits = self.gate(h.to(self.gate.weight.dtype)).float()  # (B, T, E), softmax in fp32
+        probs = logits.softmax(-1)
+        gates = _top_k(probs, self.top_k, self.renormalize)
+        aux = balance_loss(probs.flatten(0, 1), gates.flatten(0, 1), self.top_k or self.num_experts)
+        return gates.to(x.dtype), aux
+
+
+class TaskRouter(nn.Module):
+    """One learned expert mix per task: gates are constant over tokens, so the adapter merges.
+
+    Args:
+        num_experts: E routed experts.
+        top_k: experts kept per task (None: dense softmax mix).
+        num_task_slots: rows of the logits table.
+    """
+
+    def __init__(self, num_experts: int, top_k: int | None, num_task_slots: int = 16, renormalize: bool = False):
+        super().__init__()
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        # Small random init so that top-k picks differ between tasks from the start.
+        self.logits = nn.Parameter(torch.randn(num_task_slots, num_experts) * 0.02)
+
+    needs_task = True
+
+    def task_gates(self, task_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) task ids -> (B, E) gates."""
+        return _top_k(self.logits[task_ids].float().softmax(-1), self.top_k, self.renormalize)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.logits[task_ids].float().softmax(-1)  # (B, E)
+        gates = _top_k(probs, self.top_k, self.renormalize)
+        aux = balance_loss(probs, gates, self.top_k or self.num_experts)
+        return gates[:, None, :].expand(-1, x.shape[1], -1).to(x.dtype), aux
+
+
+def build_router(config, in_features: int) -> nn.Module:
+    """The router named by ``config.router`` for a layer reading ``in_features``-wide tokens."""
+    if config.router == "task":
+        return TaskRouter(config.num_experts, config.top_k, config.num_task_slots, config.renormalize)
+    task_dim = in_features if config.task_embed_dim is None else config.task_embed_dim
+    return TokenTopKRouter(in_features, config.num_experts, config.top_k, config.num_task_slots, task_dim,
+                           config.renormalize)
+
+
+__all__ = ["TokenTopKRouter", "TaskRouter", "build_router", "balance_loss"]

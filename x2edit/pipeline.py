@@ -1,0 +1,244 @@
+"""X2EditPipeline: instruction-based editing with task-routed MoE-LoRA on a FLUX-family transformer.
+
+It is diffusers' ``FluxKontextPipeline`` (check_inputs -> encode_prompt -> prepare_latents ->
+timesteps -> denoising loop -> decode, with the source image appended as reference tokens whose
+first position-id coordinate is 1) plus what editing with X2Edit adapters needs:
+
+1. inputs are validated (image mode/size, non-empty instruction, known task) with one-line errors;
+2. the task of each instruction comes from ``task=`` or the task classifier, and is fed to the
+   MoE-LoRA routers through ``routing_context`` for the whole denoising loop;
+3. the output keeps the source's size (rounded to the model's multiple, capped at ``max_area``);
+4. a single sentence encoder may replace CLIP + T5 (the x2edit-tiny layout: all-MiniLM-L6-v2);
+5. ``save_pretrained`` / ``from_pretrained`` carry the adapter (``x2edit_adapter/NAME.safetensors``);
+6. community LoRAs load beside the MoE-LoRA with ``load_lora_weights`` and run in the same fused call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from diffusers import FluxKontextPipeline
+
+from x2edit.adapters import (
+    adapter_config,
+    adapter_layers,
+    adapter_names,
+    load_adapter,
+    load_community_lora,
+    remove_adapter,
+    routing_context,
+    save_adapter,
+    set_adapters,
+)
+from x2edit.adapters.inject import _set_submodule
+from x2edit.images import as_rgb_image
+from x2edit.tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_DIR = "x2edit_adapter"
+MAX_INSTRUCTION_CHARS = 2000
+COMMUNITY = "community"  # AdapterConfig.extra["source"] of LoRAs loaded with load_lora_weights
+
+
+@contextlib.contextmanager
+def _without_adapter_wrappers(model):
+    """Temporarily put the plain base linears back, so the model saves as stock diffusers weights."""
+    wrapped = list(adapter_layers(model))
+    for name, layer in wrapped:
+        if layer.merged:
+            raise ValueError(f"adapters {list(layer.merged)} are merged into {name}: unmerge before saving")
+        _set_submodule(model, name, layer.base_layer)
+    try:
+        yield
+    finally:
+        for name, layer in wrapped:
+            _set_submodule(model, name, layer)
+
+
+class X2EditPipeline(FluxKontextPipeline):
+    """Edit images from instructions with a FLUX-family transformer and X2Edit adapters.
+
+    Components are those of ``FluxKontextPipeline``; ``text_encoder_2``/``tokenizer_2`` may be None,
+    in which case ``text_encoder`` is a sentence encoder whose token states form the text sequence
+    and whose masked mean is the pooled embedding.
+    """
+
+    _optional_components = ["text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor"]
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer, text_encoder_2=None, tokenizer_2=None,
+                 image_encoder=None, feature_extractor=None):
+        super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+                         image_encoder=image_encoder, feature_extractor=feature_extractor)
+        self._task_classifier = None
+
+    # -- tasks -------------------------------------------------------------------------------
+    @property
+    def task_classifier(self):
+        """Callable ``list[str] -> list[str]``; the bundled MiniLM classifier unless one is set."""
+        if self._task_classifier is None:
+            from x2edit.task_classifier import TaskClassifier
+
+            self._task_classifier = TaskClassifier()
+        return self._task_classifier
+
+    def set_task_classifier(self, classifier) -> None:
+        self._task_classifier = classifier
+
+    def resolve_tasks(self, prompts: list[str], task) -> list[int]:
+        """Task ids for the prompts: from ``task`` (a name/id or one per prompt) or the classifier."""
+        if task is None:
+            task = self.task_classifier(prompts)
+        tasks = task if isinstance(task, (list, tuple)) else [task] * len(prompts)
+        if len(tasks) != len(prompts):
+            raise ValueError(f"got {len(tasks)} tasks for {len(prompts)} instructions")
+        return [get_task(t).id for t in tasks]
+
+    # -- text encoding -------------------------------------------------------------------------
+    def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1, prompt_embeds=None,
+                      pooled_prompt_embeds=None, max_sequence_length: int = 512, lora_scale=None):
+        if self.text_encoder_2 is not None:
+            return super().encode_prompt(prompt, prompt_2, device, num_images_per_prompt, prompt_embeds,
+                                         pooled_prompt_embeds, max_sequence_length, lora_scale)
+        device = device or self._execution_device
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else prompt
+            max_len = min(max_sequence_length, self.tokenizer.model_max_length)
+            tok = self.tokenizer(prompt, padding="max_length", max_length=max_len, truncation=True,
+                                 return_tensors="pt")
+            if (tok.attention_mask[:, -1] == 1).any():
+                logger.warning("an instruction was truncated to %d tokens", max_len)
+            enc_device = self.text_encoder.device
+            mask = tok.attention_mask.to(enc_device)
+            states = self.text_encoder(input_ids=tok.input_ids.to(enc_device), attention_mask=mask)[0]  # (B, L, D)
+            m = mask[..., None].to(states.dtype)
+            prompt_embeds = states * m  # padding positions carry nothing
+            pooled_prompt_embeds = (states * m).sum(1) / m.sum(1).clamp(min=1)  # (B, D), sentence-transformers pooling
+        dtype = self.transformer.dtype
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, 0)
+        pooled_prompt_embeds = pooled_prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
+            num_images_per_prompt, 0)
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
+        return prompt_embeds, pooled_prompt_embeds, text_ids
+
+    # -- adapters ------------------------------------------------------------------------------
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default"):
+        """Load an x2edit adapter file (MoE-LoRA or LoRA) into the transformer."""
+        return load_adapter(self.transformer, path, adapter_name)
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
+        """Load a community Flux LoRA (kohya, XLabs, diffusers/PEFT) beside the MoE-LoRA."""
+        adapter_name = adapter_name or f"lora_{len(adapter_names(self.transformer))}"
+        load_community_lora(self.transformer, pretrained_model_name_or_path_or_dict, adapter_name, **kwargs)
+        for _, layer in adapter_layers(self.transformer):
+            if adapter_name in layer.adapters:
+                layer.adapters[adapter_name].config.extra["source"] = COMMUNITY
+
+    def set_adapters(self, adapter_names, adapter_weights=None):
+        set_adapters(self.transformer, adapter_names, adapter_weights)
+
+    def delete_adapters(self, adapter_names):
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            remove_adapter(self.transformer, name)
+
+    def get_list_adapters(self):
+        return {"transformer": adapter_names(self.transformer)}
+
+    def _routes_by_task(self) -> bool:
+        for name in adapter_names(self.transformer):
+            cfg = adapter_config(self.transformer, name)
+            if cfg.kind == "moe_lora":
+                return True
+        return False
+
+    # -- saving --------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Save components as diffusers does, plus each x2edit adapter as ``x2edit_adapter/NAME.safetensors``."""
+        with _without_adapter_wrappers(self.transformer):
+            super().save_pretrained(save_directory, **kwargs)
+        for name in adapter_names(self.transformer):
+            if adapter_config(self.transformer, name).extra.get("source") == COMMUNITY:
+                logger.warning("community LoRA %r is not saved with the pipeline; load it again with "
+                               "load_lora_weights", name)
+                continue
+            save_adapter(self.transformer, Path(save_directory) / ADAPTER_DIR / f"{name}.safetensors", name)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        adapter_dir = Path(pretrained_model_name_or_path) / ADAPTER_DIR
+        if adapter_dir.is_dir():
+            for f in sorted(adapter_dir.glob("*.safetensors")):
+                load_adapter(pipe.transformer, f, f.stem)
+        return pipe
+
+    # -- editing -------------------------------------------------------------------------------
+    def _edit_size(self, image, height, width, max_area) -> tuple[int, int, int]:
+        multiple = self.vae_scale_factor * 2
+        if height is None or width is None:
+            width, height = image.size if image is not None else (self.default_sample_size * self.vae_scale_factor,) * 2
+        if max_area is None:
+            max_area = min(height * width, 1024**2)
+        scale = min(1.0, (max_area / (height * width)) ** 0.5)
+        h, w = int(height * scale) // multiple * multiple, int(width * scale) // multiple * multiple
+        if h == 0 or w == 0:
+            raise ValueError(f"{width}x{height} is smaller than the model's {multiple}-pixel grid")
+        return h, w, h * w
+
+    @torch.no_grad()
+    def __call__(self, image=None, prompt=None, task=None, height: int | None = None, width: int | None = None,
+                 max_area: int | None = None, **kwargs):
+        """Edit ``image`` following ``prompt`` (the instruction).
+
+        Args:
+            image: source image(s): PIL, path, uint8 array, or a list of them (one per prompt). None
+                generates from text alone (as the base text-to-image model).
+            prompt: instruction or list of instructions (non-empty, at most 2000 characters).
+            task: a task name/id, one per prompt, or None to classify each instruction.
+            height, width: output size; default: the source image's size.
+            max_area: cap on height*width (default: min(source area, 1024^2)).
+            **kwargs: everything ``FluxKontextPipeline.__call__`` takes (num_inference_steps,
+                guidance_scale, generator, num_images_per_prompt, output_type, callback_on_step_end,
+                latents, prompt_embeds, ...).
+        """
+        prompts = None
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            for p in prompts:
+                if not isinstance(p, str) or not p.strip():
+                    raise ValueError("the instruction is empty: say what to change, e.g. 'make the car red'")
+                if len(p) > MAX_INSTRUCTION_CHARS:
+                    raise ValueError(f"the instruction has {len(p)} characters; the limit is {MAX_INSTRUCTION_CHARS}")
+        if image is not None and not (torch.is_tensor(image) and image.dim() == 4):
+            if isinstance(image, (list, tuple)):
+                image = [as_rgb_image(im, f"image {i}") for i, im in enumerate(image)]
+            else:
+                image = as_rgb_image(image)
+            first = image[0] if isinstance(image, list) else image
+            height, width, area = self._edit_size(first, height, width, max_area)
+            resize = lambda im: im if im.size == (width, height) else im.resize((width, height))  # noqa: E731
+            image = [resize(im) for im in image] if isinstance(image, list) else resize(image)
+        else:
+            height, width, area = self._edit_size(None, height, width, max_area)
+        kwargs.setdefault("_auto_resize", False)
+
+        routing = contextlib.nullcontext()
+        if self._routes_by_task():
+            if prompts is None:
+                if task is None:
+                    raise ValueError("pass task= when calling with prompt_embeds: there is no instruction to classify")
+                n = kwargs["prompt_embeds"].shape[0] // (kwargs.get("num_images_per_prompt") or 1)
+                prompts = [""] * n
+            ids = self.resolve_tasks(prompts, task)
+            per_prompt = kwargs.get("num_images_per_prompt") or 1
+            task_ids = torch.tensor(ids, dtype=torch.long).repeat_interleave(per_prompt)
+            routing = routing_context(self.transformer, task_ids=task_ids)
+        elif task is not None:
+            get_task(task) if not isinstance(task, (list, tuple)) else [get_task(t) for t in task]
+        with routing:
+            return super().__call__(image=image, prompt=prompt, height=height, width=width, max_area=area, **kwargs)
