@@ -209,16 +209,21 @@ class AdapterLinear(nn.Module):
 
     # -- merging into the base weight ------------------------------------------------------
     @torch.no_grad()
-    def merge(self, name: str, task_id: int | None = None) -> None:
-        """Add adapter ``name``'s update (for ``task_id``) into the base weight, checked finite."""
+    def merged_weight(self, name: str, task_id: int | None = None) -> torch.Tensor:
+        """The base weight with adapter ``name``'s update added (float32), checked finite; writes nothing."""
         if name in self.merged:
             raise ValueError(f"adapter {name!r} is already merged")
         delta = self.adapters[name].delta_weight(task_id) * self.adapter_weights[name]
-        w = self.base_layer.weight
-        merged = w.float() + delta.to(w.device)
+        merged = self.base_layer.weight.float() + delta.to(self.base_layer.weight.device)
         if not torch.isfinite(merged).all():
             raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is corrupt")
-        w.copy_(merged.to(w.dtype))
+        return merged
+
+    @torch.no_grad()
+    def merge(self, name: str, task_id: int | None = None) -> None:
+        """Add adapter ``name``'s update (for ``task_id``) into the base weight, checked finite."""
+        w = self.base_layer.weight
+        w.copy_(self.merged_weight(name, task_id).to(w.dtype))
         self.merged[name] = task_id
 
     @torch.no_grad()

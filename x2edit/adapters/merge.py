@@ -33,16 +33,12 @@ def _resolve_task(adapter_name: str, model: nn.Module, task: str | int | None) -
 def merge_adapter(model: nn.Module, adapter_name: str = "default", task: str | int | None = None) -> None:
     """Fold the adapter (for ``task``) into the base weights; checked finite; undo with ``unmerge_adapter``."""
     tid = _resolve_task(adapter_name, model, task)
-    done = []
-    try:
-        for _, layer in adapter_layers(model):
-            if adapter_name in layer.adapters:
-                layer.merge(adapter_name, tid)
-                done.append(layer)
-    except Exception:
-        for layer in done:  # leave the model as it was
-            layer.unmerge(adapter_name)
-        raise
+    layers = [layer for _, layer in adapter_layers(model) if adapter_name in layer.adapters]
+    # Check every layer before writing any, so a failure leaves the base weights bit-identical.
+    for layer in layers:
+        layer.merged_weight(adapter_name, tid)
+    for layer in layers:
+        layer.merge(adapter_name, tid)
 
 
 def unmerge_adapter(model: nn.Module, adapter_name: str = "default") -> None:

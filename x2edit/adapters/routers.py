@@ -26,6 +26,11 @@ def balance_loss(probs: torch.Tensor, gates: torch.Tensor, top_k: int) -> torch.
     return num_experts * (frac * probs.float().mean(0)).sum()
 
 
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax in at least float32: bf16 router probabilities are too coarse to rank experts."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
+
+
 def _top_k(probs: torch.Tensor, top_k: int | None, renormalize: bool) -> torch.Tensor:
     """Keep the top-k probabilities per row (others set to 0); X2Edit does not renormalise."""
     if top_k is None or top_k >= probs.shape[-1]:
@@ -69,8 +74,7 @@ class TokenTopKRouter(nn.Module):
         if self.task_embedding is not None:
             emb = self.task_embedding(task_ids).to(x.dtype)  # (B, D)
             h = torch.cat([x, emb[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)  # (B, T, K + D)
-        logits = self.gate(h.to(self.gate.weight.dtype)).float()  # (B, T, E), softmax in fp32
-        probs = logits.softmax(-1)
+        probs = _softmax(self.gate(h.to(self.gate.weight.dtype)))  # (B, T, E)
         gates = _top_k(probs, self.top_k, self.renormalize)
         aux = balance_loss(probs.flatten(0, 1), gates.flatten(0, 1), self.top_k or self.num_experts)
         return gates.to(x.dtype), aux
@@ -95,10 +99,10 @@ class TaskRouter(nn.Module):
 
     def task_gates(self, task_ids: torch.Tensor) -> torch.Tensor:
         """(B,) task ids -> (B, E) gates."""
-        return _top_k(self.logits[task_ids].float().softmax(-1), self.top_k, self.renormalize)
+        return _top_k(_softmax(self.logits[task_ids]), self.top_k, self.renormalize)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = self.logits[task_ids].float().softmax(-1)  # (B, E)
+        probs = _softmax(self.logits[task_ids])  # (B, E)
         gates = _top_k(probs, self.top_k, self.renormalize)
         aux = balance_loss(probs, gates, self.top_k or self.num_experts)
         return gates[:, None, :].expand(-1, x.shape[1], -1).to(x.dtype), aux

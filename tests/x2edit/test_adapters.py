@@ -1,0 +1,276 @@
+"""MoE-LoRA math, routing, gradients, injection, save/load, merge/unmerge and export."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import flux_inputs, randomize_adapters
+from safetensors.torch import load_file, save_file
+
+from x2edit.adapters import (
+    AdapterConfig,
+    AdapterLinear,
+    adapter_layers,
+    adapter_summary,
+    balance_loss,
+    export_diffusers_lora,
+    inject_adapters,
+    load_adapter,
+    merge_adapter,
+    routing_context,
+    save_adapter,
+    unmerge_adapter,
+)
+from x2edit.adapters.inject import make_adapter
+from x2edit.testing import tiny_flux_transformer
+
+
+def _layer(config, K=13, N=11, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    layer = AdapterLinear(nn.Linear(K, N))
+    layer.add_adapter("default", make_adapter(config, K, N))
+    layer.to(dtype)
+    with torch.no_grad():
+        for p in layer.adapters["default"].parameters():
+            p.normal_(0, 0.3)
+    return layer
+
+
+def _loop_reference(layer, x, task_ids):
+    """X2Edit-style per-expert loop, written from the definition (no shared code with the layer)."""
+    ad = layer.adapters["default"]
+    cfg, router = ad.config, ad.router
+    B, T, _ = x.shape
+    y = x @ layer.base_layer.weight.T + layer.base_layer.bias
+    if cfg.router == "token_topk":
+        h = x
+        if router.task_embedding is not None:
+            h = torch.cat([x, router.task_embedding.weight[task_ids][:, None, :].expand(B, T, -1)], -1)
+        logits = h @ router.gate.weight.T + router.gate.bias
+    else:
+        logits = router.logits[task_ids][:, None, :].expand(B, T, -1)
+    probs = logits.softmax(-1)
+    k = cfg.top_k or cfg.num_experts
+    top_p, top_i = probs.topk(k, dim=-1)
+    for e in range(cfg.num_experts):
+        chosen = top_i == e  # (B, T, k)
+        sel = chosen.any(-1)
+        if not sel.any():
+            continue
+        w = (top_p * chosen).sum(-1)[sel]  # (n,)
+        xe = x[sel]
+        y[sel] = y[sel] + cfg.scaling * w[:, None] * (xe @ ad.lora_A[e].T @ ad.lora_B[e].T)
+    if cfg.shared_expert:
+        y = y + cfg.scaling * (x @ ad.lora_A[-1].T @ ad.lora_B[-1].T)
+    return y
+
+
+@pytest.mark.parametrize("router,top_k,shared,task_dim", [
+    ("token_topk", 2, True, None), ("token_topk", 1, False, 0), ("token_topk", None, True, 5),
+    ("task", 2, True, None), ("task", None, False, None)])
+def test_moe_lora_matches_per_expert_loop(router, top_k, shared, task_dim):
+    cfg = AdapterConfig(kind="moe_lora", rank=3, alpha=5.0, num_experts=5, top_k=top_k, shared_expert=shared,
+                        router=router, num_task_slots=16, task_embed_dim=task_dim)
+    layer = _layer(cfg)
+    x = torch.randn(3, 7, 13, dtype=torch.float64)
+    task_ids = torch.tensor([4, 0, 14])
+    with routing_context(layer, task_ids=task_ids) as state:
+        y = layer(x)
+    torch.testing.assert_close(y, _loop_reference(layer, x, task_ids), rtol=1e-10, atol=1e-10)
+    assert len(state.aux_losses) == 1
+    # the adapter really contributes
+    assert (y - layer.base_layer(x)).abs().max() > 1e-3
+
+
+def test_plain_lora_layer():
+    cfg = AdapterConfig(kind="lora", rank=4, alpha=8.0)
+    layer = _layer(cfg)
+    x = torch.randn(5, 13, dtype=torch.float64)
+    ad = layer.adapters["default"]
+    expected = layer.base_layer(x) + 2.0 * (x @ ad.lora_A[0].T @ ad.lora_B[0].T)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_top_k_gates_are_sparse_and_not_renormalised():
+    cfg = AdapterConfig(rank=2, num_experts=6, top_k=2, shared_expert=False)
+    router = _layer(cfg).adapters["default"].router
+    x = torch.randn(2, 9, 13, dtype=torch.float64)
+    gates, _ = router(x, torch.tensor([1, 2]))
+    assert ((gates != 0).sum(-1) == 2).all()
+    assert (gates.sum(-1) < 1).all()  # X2Edit keeps the raw top-k softmax weights
+
+
+def test_balance_loss_is_one_when_balanced_and_larger_when_collapsed():
+    E = 4
+    uniform = torch.full((8, E), 1 / E)
+    gates = torch.zeros(8, E)
+    gates[torch.arange(8), torch.arange(8) % E] = 1  # each expert used equally
+    assert balance_loss(uniform, gates, 1).item() == pytest.approx(1.0)
+    collapsed_p = torch.tensor([[0.97, 0.01, 0.01, 0.01]]).expand(8, E)
+    collapsed_g = torch.zeros(8, E)
+    collapsed_g[:, 0] = 1
+    assert balance_loss(collapsed_p, collapsed_g, 1).item() == pytest.approx(4 * 0.97)
+
+
+def test_routing_needs_task_ids_of_the_batch():
+    layer = _layer(AdapterConfig(rank=2, num_experts=3))
+    x = torch.randn(2, 4, 13, dtype=torch.float64)
+    with pytest.raises(ValueError, match="routing_context"):
+        layer(x)
+    with routing_context(layer, task_ids=[1, 2, 3]), pytest.raises(ValueError, match="3 task ids for a batch of 2"):
+        layer(x)
+    assert layer.routing is None  # the context is cleared afterwards
+
+
+@pytest.fixture
+def moe_model():
+    model = tiny_flux_transformer(0)
+    inject_adapters(model, AdapterConfig(rank=4, num_experts=3, top_k=2))
+    randomize_adapters(model)
+    return model
+
+
+def test_injection_presets_and_summary():
+    model = tiny_flux_transformer(0)
+    base_params = sum(p.numel() for p in model.parameters())
+    names = inject_adapters(model, AdapterConfig(kind="lora", rank=2, targets="x2edit"))
+    assert names == ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                     "transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.to_out.0",
+                     "single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+                     "single_transformer_blocks.0.attn.to_v"]
+    s = adapter_summary(model)
+    assert s["adapter_params"] == 7 * 2 * (32 + 32) and s["trainable_params"] == s["adapter_params"]
+    assert s["total_params"] == base_params + s["adapter_params"]
+    model2 = tiny_flux_transformer(0)
+    assert len(inject_adapters(model2, AdapterConfig(kind="lora", rank=2, targets="attn_ff"))) == 17
+    with pytest.raises(ValueError, match="no linear layer"):
+        inject_adapters(tiny_flux_transformer(0), AdapterConfig(kind="lora", rank=2, targets=[r"nothing\.here"]))
+
+
+def test_gradients_reach_only_adapter_parameters(moe_model):
+    with routing_context(moe_model, task_ids=[3, 7]) as state:
+        out = moe_model(**flux_inputs())[0]
+    (out.square().mean() + 0.01 * state.balance_loss).backward()
+    for name, p in moe_model.named_parameters():
+        if ".adapters." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
+def test_save_load_round_trip(moe_model, tmp_path):
+    path = save_adapter(moe_model, tmp_path / "a.safetensors")
+    fresh = tiny_flux_transformer(0)
+    cfg = load_adapter(fresh, path)
+    assert cfg.num_experts == 3 and cfg.rank == 4
+    with routing_context(moe_model, task_ids=[3, 7]):
+        a = moe_model(**flux_inputs())[0]
+    with routing_context(fresh, task_ids=[3, 7]):
+        b = fresh(**flux_inputs())[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _assert_untouched(model):
+    assert not list(adapter_layers(model))
+
+
+def test_load_refuses_bad_files(moe_model, tmp_path):
+    good = save_adapter(moe_model, tmp_path / "good.safetensors")
+    tensors = load_file(good)
+    from safetensors import safe_open
+
+    with safe_open(str(good), "pt") as f:
+        header = f.metadata()
+
+    other_base = tiny_flux_transformer(0, num_layers=2)
+    with pytest.raises(ValueError, match="different base model: num_layers=1 .this model: 2."):
+        load_adapter(other_base, good)
+    _assert_untouched(other_base)
+
+    cases = {
+        "unknown": ({**tensors, "transformer_blocks.0.attn.to_q.extra": torch.zeros(1)}, header, "no place for"),
+        "missing": ({k: v for k, v in tensors.items() if "to_k" not in k}, header, "lacks"),
+        "shape": ({**tensors, "transformer_blocks.0.attn.to_q.lora_A": torch.zeros(5, 4, 32)}, header, "has shape"),
+        "nan": ({**tensors, "transformer_blocks.0.attn.to_q.lora_B": torch.full_like(
+            tensors["transformer_blocks.0.attn.to_q.lora_B"], float("nan"))}, header, "non-finite"),
+        "foreign": (tensors, {}, "not an x2edit adapter"),
+        "badconfig": (tensors, {**header, "config": json.dumps({"rank": 4, "colour": 1})}, "unknown adapter config"),
+    }
+    for name, (t, meta, message) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(t, str(path), metadata=meta)
+        model = tiny_flux_transformer(0)
+        with pytest.raises(ValueError, match=message):
+            load_adapter(model, path)
+        _assert_untouched(model)
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_adapter(tiny_flux_transformer(0), tmp_path / "corrupt.safetensors")
+    with pytest.raises(FileNotFoundError):
+        load_adapter(tiny_flux_transformer(0), tmp_path / "absent.safetensors")
+
+
+def test_save_refuses_non_finite_weights(moe_model, tmp_path):
+    layer = next(layer for _, layer in adapter_layers(moe_model))
+    with torch.no_grad():
+        layer.adapters["default"].lora_B[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        save_adapter(moe_model, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.fixture
+def task_model():
+    model = tiny_flux_transformer(0)
+    inject_adapters(model, AdapterConfig(rank=4, num_experts=4, top_k=2, router="task"))
+    randomize_adapters(model, std=0.2)
+    return model
+
+
+def test_merge_equals_unmerged_and_unmerge_restores(task_model):
+    base = {n: p.detach().clone() for n, p in task_model.named_parameters() if "base_layer" in n}
+    inputs = flux_inputs(batch=2)
+    with routing_context(task_model, task_ids=[4, 4]):
+        unmerged = task_model(**inputs)[0]
+    merge_adapter(task_model, task="color_change")
+    with pytest.raises(ValueError, match="already merged"):
+        merge_adapter(task_model, task="color_change")
+    with routing_context(task_model, task_ids=[4, 4]):
+        merged = task_model(**inputs)[0]
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
+    changed = [n for n, p in task_model.named_parameters() if n in base and not torch.equal(p, base[n])]
+    assert changed  # the base weights really moved
+    unmerge_adapter(task_model)
+    for n, p in task_model.named_parameters():
+        if n in base:
+            torch.testing.assert_close(p, base[n], rtol=1e-6, atol=1e-6)
+
+
+def test_merge_refusals(moe_model, task_model):
+    with pytest.raises(ValueError, match="token-level router"):
+        merge_adapter(moe_model, task="color_change")
+    with pytest.raises(ValueError, match="say which task"):
+        merge_adapter(task_model)
+    layers = [layer for _, layer in adapter_layers(task_model)]
+    before = [layer.base_layer.weight.clone() for layer in layers]
+    with torch.no_grad():
+        layers[-1].adapters["default"].lora_B.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        merge_adapter(task_model, task=0)
+    for layer, w in zip(layers, before):
+        assert torch.equal(layer.base_layer.weight, w) and not layer.merged
+
+
+def test_export_is_a_plain_lora_equal_to_the_task_mixture(task_model, tmp_path):
+    path = export_diffusers_lora(task_model, tmp_path, task="color_change")
+    state = load_file(path)
+    a = state["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
+    assert a.shape == (2 * 4 + 4, 32)  # top-2 experts + shared expert, rank 4 each
+    # Plain LoRA math on one layer equals the MoE layer for that task.
+    name, layer = next(iter(adapter_layers(task_model)))
+    x = torch.randn(1, 5, 32)
+    with routing_context(task_model, task_ids=[4]):
+        moe = layer(x)
+    b = state[f"transformer.{name}.lora_B.weight"]
+    torch.testing.assert_close(layer.base_layer(x) + x @ a.T @ b.T, moe, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from x2edit.task_classifier import LLMTaskClassifier, TaskClassifier
+from x2edit.tasks import TASK_NAMES, TASKS, get_task, task_id
+
+EXPECTED = ["subject_deletion", "subject_addition", "style_change", "background_change", "color_change",
+            "material_change", "action_change", "subject_replacement", "portrait_retouch", "text_change",
+            "tone_transform", "camera_move", "implicit_change", "low_level", "subject_driven"]
+
+
+def test_taxonomy_names_and_stable_ids():
+    assert list(TASK_NAMES) == EXPECTED  # ids are positions: never reorder
+    assert [t.id for t in TASKS] == list(range(15))
+    assert all(t.description and len(t.examples) >= 5 for t in TASKS)
+    assert get_task("color_change").id == 4 == task_id(4) == task_id("color_change")
+
+
+@pytest.mark.parametrize("bad", ["recolor", "", 15, -1, None, True])
+def test_unknown_task_is_refused_with_the_valid_names(bad):
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task(bad)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return TaskClassifier()  # the real all-MiniLM-L6-v2, offline
+
+
+# Paraphrases that appear nowhere in the taxonomy's examples.
+HELD_OUT = [("please erase the small green circle", "subject_deletion"),
+            ("make the whole picture look like an oil painting", "style_change"),
+            ("swap the backdrop for a desert", "background_change"),
+            ("color the square pink", "color_change"),
+            ("make the ball look wooden", "material_change"),
+            ("replace the square with a circle", "subject_replacement"),
+            ("change the letter A to Z", "text_change"),
+            ("zoom into the center", "camera_move"),
+            ("remove the blur", "low_level")]
+
+
+def test_default_classifier_on_unseen_paraphrases(classifier):
+    predicted = classifier.predict([t for t, _ in HELD_OUT])
+    assert predicted == [task for _, task in HELD_OUT]
+
+
+def test_fit_moves_prototypes_and_save_load_round_trips(classifier, tmp_path):
+    clf = TaskClassifier(classifier.encoder, classifier.prototypes.clone())
+    phrase = "quux the frobnicator"
+    clf.fit([phrase, "frobnicate the quux"], ["camera_move", "camera_move"])
+    assert clf.predict([phrase]) == ["camera_move"]
+    clf.save(tmp_path / "clf.safetensors")
+    loaded = TaskClassifier.load(tmp_path / "clf.safetensors", encoder=classifier.encoder)
+    assert torch.equal(loaded.prototypes, clf.prototypes)
+    with pytest.raises(ValueError, match="labels"):
+        clf.fit(["a"], [])
+
+
+def test_llm_answer_parsing():
+    assert LLMTaskClassifier.parse("The task is: Color Change.") == "color_change"
+    assert LLMTaskClassifier.parse("subject_addition, not subject_deletion") == "subject_addition"
+    assert LLMTaskClassifier.parse("I am not sure") is None

@@ -1,0 +1,75 @@
+"""`x2edit edit`: edit one image from an instruction and write the result."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--image", required=True, help="source image file")
+    parser.add_argument("--instruction", required=True, help='what to change, e.g. "make the car red"')
+    parser.add_argument("--out", required=True, help="output image file (.png, .jpg, .webp)")
+    parser.add_argument("--base", default=None, help="registered base model name or local pipeline directory "
+                                                       "(default: x2edit-tiny)")
+    parser.add_argument("--adapter", default=None, help="x2edit adapter file (.safetensors) to load")
+    parser.add_argument("--lora", action="append", default=[], help="community LoRA file to add (repeatable)")
+    parser.add_argument("--task", default=None, help="task name (default: classified from the instruction)")
+    parser.add_argument("--steps", type=int, default=28, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=2.5, help="guidance scale")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+
+
+def run(args) -> int:
+    import torch
+
+    from x2edit.images import load_image
+    from x2edit.registry import DEFAULT_BASE, load_pipeline
+    from x2edit.tasks import get_task
+
+    # Validate everything cheap before loading any model.
+    out = Path(args.out)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--out must end in one of {', '.join(OUTPUT_SUFFIXES)}, got {out.name!r}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output directory does not exist: {out.parent}")
+    image = load_image(args.image)
+    if not args.instruction.strip():
+        raise ValueError("the instruction is empty: say what to change, e.g. 'make the car red'")
+    if args.task is not None:
+        get_task(args.task)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    for f in [args.adapter, *args.lora]:
+        if f is not None and not Path(f).is_file():
+            raise FileNotFoundError(f"adapter file not found: {f}")
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args.base or DEFAULT_BASE, torch_dtype=dtype, device=device)
+    if args.adapter:
+        pipe.load_adapter(args.adapter)
+    for i, f in enumerate(args.lora):
+        pipe.load_lora_weights(f, adapter_name=f"lora_{i}")
+    task = args.task
+    if task is None and pipe._routes_by_task():
+        task = pipe.task_classifier([args.instruction])[0]
+    result = pipe(image=image, prompt=args.instruction, task=task, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, generator=torch.Generator(device="cpu").manual_seed(args.seed)).images[0]
+    # Write to a temporary name and rename: an interrupted run leaves no partial output file.
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    try:
+        result.save(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out} ({result.size[0]}x{result.size[1]}, task={task or '-'}, "
+          f"{time.perf_counter() - t0:.1f} s)")
+    return 0

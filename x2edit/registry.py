@@ -1,0 +1,107 @@
+"""Base models by name (open_clip style): ``list_base_models()``, ``get_base_model(name)``, ``load_pipeline``.
+
+A base is given by a registered name or by a local directory holding a saved pipeline
+(``save_pretrained`` layout). Registered names resolve to a hub id, read by diffusers from the local
+cache or the hub; the embedded ``x2edit-tiny`` resolves to a directory inside this package.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED_DIR = Path(__file__).parent / "models"
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A registered base model.
+
+    Args:
+        name: registry name.
+        source: hub id, or a path relative to ``x2edit/models`` for embedded models.
+        mode: "edit" (source as Kontext reference tokens), "diptych" (Fill model, IC-LoRA) or "t2i".
+        weights_gb: size of all components' weights in bf16 (GB), a floor for memory needed.
+        description: one line.
+    """
+
+    name: str
+    source: str
+    mode: str
+    weights_gb: float
+    description: str
+    embedded: bool = False
+
+    @property
+    def path(self) -> Path | None:
+        return EMBEDDED_DIR / self.source if self.embedded else None
+
+    @property
+    def available(self) -> bool:
+        """Embedded models: whether their files ship in this install; hub models: always (fetched on use)."""
+        return not self.embedded or (self.path / "model_index.json").is_file()
+
+
+# bf16 sizes: FLUX.1 transformer 11.9B params = 23.8 GB, T5-XXL encoder 4.76B = 9.5 GB, CLIP-L 0.12B,
+# VAE 0.08B: about 33.7 GB in all; with model CPU offload a 24 GB GPU runs them one at a time.
+_FLUX_GB = 33.7
+BASE_MODELS: dict[str, BaseModel] = {m.name: m for m in [
+    BaseModel("x2edit-tiny", "x2edit-tiny", "edit", 0.02,
+              "embedded FLUX-architecture model trained on Shape World (edits Shape World scenes only)",
+              embedded=True),
+    BaseModel("flux.1-kontext-dev", "black-forest-labs/FLUX.1-Kontext-dev", "edit", _FLUX_GB,
+              "FLUX.1 Kontext [dev]: in-context editing base; reference tokens marked by position id 1"),
+    BaseModel("flux.1-dev", "black-forest-labs/FLUX.1-dev", "edit", _FLUX_GB,
+              "FLUX.1 [dev] text-to-image base; X2Edit trains its MoE-LoRA on it"),
+    BaseModel("flux.1-fill-dev", "black-forest-labs/FLUX.1-Fill-dev", "diptych", _FLUX_GB,
+              "FLUX.1 Fill [dev] inpainting base, for diptych (IC-LoRA / ICEdit) editing"),
+]}
+
+DEFAULT_BASE = "x2edit-tiny"
+
+
+def list_base_models() -> list[str]:
+    """Names of the registered base models."""
+    return list(BASE_MODELS)
+
+
+def get_base_model(name: str) -> BaseModel:
+    if name not in BASE_MODELS:
+        raise ValueError(f"unknown base model {name!r}: registered are {', '.join(BASE_MODELS)}; "
+                         "or pass a local directory")
+    return BASE_MODELS[name]
+
+
+def resolve_base(name_or_path: str | os.PathLike) -> tuple[str, BaseModel | None]:
+    """(what to pass to from_pretrained, the registry entry or None for a local directory)."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise ValueError(f"{p} is not a saved pipeline (no model_index.json)")
+        return str(p), None
+    if str(name_or_path) not in BASE_MODELS and (os.sep in str(name_or_path) or str(name_or_path).startswith(".")):
+        raise FileNotFoundError(f"base model directory not found: {name_or_path}")
+    model = get_base_model(str(name_or_path))
+    if model.embedded:
+        if not model.available:
+            raise ValueError(f"{model.name} is not bundled in this install of x2edit yet; "
+                             "pass --base with a registered FLUX model or a local pipeline directory")
+        return str(model.path), model
+    return model.source, model
+
+
+def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=None, device: str | None = None):
+    """Load an ``X2EditPipeline`` for a registered name or a local directory."""
+    from x2edit.pipeline import X2EditPipeline
+
+    source, model = resolve_base(name_or_path)
+    if model is not None and model.mode == "diptych":
+        raise ValueError(f"{model.name} is a Fill model for diptych editing, which X2EditPipeline does not run; "
+                         "use flux.1-kontext-dev or flux.1-dev")
+    try:
+        pipe = X2EditPipeline.from_pretrained(source, torch_dtype=torch_dtype)
+    except OSError as e:
+        raise ValueError(f"could not load base model {name_or_path!r} from {source} ({str(e).splitlines()[0]}); "
+                         "without network access, download it elsewhere and pass the local directory") from None
+    return pipe.to(device) if device else pipe
