@@ -34,4 +34,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'x2edit' has no attribute {name!r}")
 
 
-__all__ = ["TASKS", "TASK_NAMES", "Task", "get_task", "task_id", *_LAZY]
+__all__ = ["TASKS", "TASK_NAMES", "Task", "get_task", "task_id", "X2EditPipeline", "list_base_models",
+           "get_base_model", "TaskClassifier", "AdapterConfig", "inject_adapters"]

@@ -36,7 +36,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if img.mode == "F":
             hi = 1.0 if a.max() <= 1.0 else max(float(a.max()), 1.0)
         a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
+        return Image.fromarray(a).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -87,7 +87,7 @@ def tiny_bert_encoder(seed: int = 0, vocab_size: int = 30522):
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=vocab_size, hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=1,
                      num_attention_heads=2, max_position_embeddings=128)
-    return BertModel(cfg, add_pooling_layer=False).eval()
+    return BertModel(cfg).eval()
 
 
 def tiny_kontext_components(seed: int = 0) -> dict:

@@ -29,6 +29,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
+    from x2edit.adapters import read_adapter_header
     from x2edit.images import load_image
     from x2edit.registry import DEFAULT_BASE, load_pipeline
     from x2edit.tasks import get_task
@@ -49,6 +50,8 @@ def run(args) -> int:
     for f in [args.adapter, *args.lora]:
         if f is not None and not Path(f).is_file():
             raise FileNotFoundError(f"adapter file not found: {f}")
+    if args.adapter:
+        read_adapter_header(args.adapter)  # format and config, before loading any model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)

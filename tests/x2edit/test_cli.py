@@ -1,0 +1,90 @@
+"""The `x2edit` command line: help, info, edit end to end on a saved tiny pipeline, bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import randomize_adapters
+from PIL import Image
+
+from x2edit import X2EditPipeline
+from x2edit.adapters import AdapterConfig, inject_adapters, save_adapter
+from x2edit.cli import COMMANDS, main
+from x2edit.testing import tiny_sentence_components
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "x2edit.cli", "--help"], capture_output=True, text=True, check=True)
+    for name in COMMANDS:
+        assert name in out.stdout
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info["base_models"]) == {"x2edit-tiny", "flux.1-kontext-dev", "flux.1-dev", "flux.1-fill-dev"}
+    assert len(info["tasks"]) == 15 and info["versions"]["torch"]
+    assert info["kernel_backend"] in ("auto", "torch", "triton")
+
+
+def test_info_text(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "flux.1-kontext-dev" in out and "subject_deletion" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A saved tiny pipeline directory, and a MoE-LoRA adapter file made for it."""
+    d = tmp_path_factory.mktemp("tiny")
+    pipe = X2EditPipeline(**tiny_sentence_components(0))
+    pipe.save_pretrained(d / "base")
+    inject_adapters(pipe.transformer, AdapterConfig(rank=4, num_experts=3, top_k=2))
+    randomize_adapters(pipe.transformer)
+    save_adapter(pipe.transformer, d / "moe.safetensors")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(d / "src.png")
+    return d
+
+
+def test_edit_end_to_end(tiny_base, capsys):
+    out = tiny_base / "out.png"
+    args = ["edit", "--image", str(tiny_base / "src.png"), "--instruction", "make the square red", "--out", str(out),
+            "--base", str(tiny_base / "base"), "--adapter", str(tiny_base / "moe.safetensors"), "--steps", "2",
+            "--seed", "3"]
+    assert main(args) == 0
+    assert "task=color_change" in capsys.readouterr().out  # classified by the bundled MiniLM classifier
+    first = np.asarray(Image.open(out))
+    assert first.shape == (24, 32, 3)
+    out.unlink()
+    assert main([*args, "--task", "color_change"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), first)  # same seed, same task, same pixels
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"--image": "absent.png"}, "image not found"),
+    ({"--image": "junk.png"}, "not an image"),
+    ({"--instruction": "  "}, "instruction is empty"),
+    ({"--task": "recolor"}, "unknown task"),
+    ({"--out": "out.gif"}, "--out must end in"),
+    ({"--out": "missing_dir/out.png"}, "output directory does not exist"),
+    ({"--base": "x2edit-tiny"}, "not bundled"),
+    ({"--base": "flux.1-fill-dev"}, "diptych"),
+    ({"--base": "nonexistent_dir/"}, "not found"),
+    ({"--adapter": "absent.safetensors"}, "adapter file not found"),
+    ({"--adapter": "junk.png"}, "not a readable safetensors"),
+])
+def test_edit_bad_input_exits_2_with_one_line_and_no_output(tiny_base, capsys, change, message):
+    (tiny_base / "junk.png").write_bytes(b"garbage")
+    opts = {"--image": "src.png", "--instruction": "make it red", "--out": "bad_out.png",
+            "--base": str(tiny_base / "base"), "--steps": "1", **change}
+    argv = ["edit"]
+    for k, v in opts.items():
+        argv += [k, v if k in ("--instruction", "--steps", "--task") or v.startswith(("/", "x2edit", "flux"))
+                 else str(tiny_base / v)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tiny_base / opts["--out"]).exists()
+    assert not list(tiny_base.glob(".*tmp*"))

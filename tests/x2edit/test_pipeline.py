@@ -1,0 +1,201 @@
+"""X2EditPipeline end to end on tiny seeded FLUX components (CLIP+T5 and sentence-encoder layouts)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_adapters
+from diffusers import FluxKontextPipeline
+from PIL import Image
+
+from x2edit import X2EditPipeline
+from x2edit.adapters import AdapterConfig, adapter_names, inject_adapters
+from x2edit.testing import tiny_kontext_components, tiny_sentence_components
+
+KW = dict(num_inference_steps=2, max_sequence_length=16, output_type="np")
+
+
+def _pipe(layout="kontext", router="token_topk", seed=0):
+    comps = tiny_kontext_components(seed) if layout == "kontext" else tiny_sentence_components(seed)
+    pipe = X2EditPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    inject_adapters(pipe.transformer, AdapterConfig(rank=4, num_experts=3, top_k=2, router=router))
+    randomize_adapters(pipe.transformer, std=0.2)
+    return pipe
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("layout", ["kontext", "sentence"])
+def test_edit_keeps_size_is_deterministic_and_routes_by_task(layout, source_image):
+    pipe = _pipe(layout)
+    a = pipe(source_image, "make it red", task="color_change", generator=_gen(0), **KW).images
+    again = pipe(source_image, "make it red", task="color_change", generator=_gen(0), **KW).images
+    other_seed = pipe(source_image, "make it red", task="color_change", generator=_gen(1), **KW).images
+    other_task = pipe(source_image, "make it red", task="style_change", generator=_gen(0), **KW).images
+    assert a.shape == (1, 20, 24, 3) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, again)
+    assert np.abs(a - other_seed).max() > 1e-3
+    assert np.abs(a - other_task).max() > 1e-4  # the task embedding changes the experts' mix
+
+
+def test_output_types_batches_and_images_per_prompt(source_image):
+    pipe = _pipe()
+    pil = pipe(source_image, "make it red", task="color_change", **{**KW, "output_type": "pil"}).images
+    assert isinstance(pil[0], Image.Image) and pil[0].size == (24, 20)
+    pt = pipe(source_image, "make it red", task="color_change", **{**KW, "output_type": "pt"}).images
+    assert pt.shape == (1, 3, 20, 24)
+    latent = pipe(source_image, "make it red", task="color_change", **{**KW, "output_type": "latent"}).images
+    assert latent.shape == (1, (20 // 4) * (24 // 4), 16)  # packed 2x2 latent tokens
+    out = pipe([source_image, source_image], ["make it red", "remove the circle"],
+               task=["color_change", "subject_deletion"], num_images_per_prompt=2, **KW).images
+    assert out.shape == (4, 20, 24, 3)
+
+
+def test_task_classifier_is_used_when_no_task_is_given(source_image):
+    pipe = _pipe()
+    seen = []
+
+    def classifier(instructions):
+        seen.extend(instructions)
+        return ["color_change"] * len(instructions)
+
+    pipe.set_task_classifier(classifier)
+    a = pipe(source_image, "make it red", generator=_gen(0), **KW).images
+    b = pipe(source_image, "make it red", task="color_change", generator=_gen(0), **KW).images
+    assert seen == ["make it red"]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_callback_on_step_end_sees_and_can_change_latents(source_image):
+    pipe = _pipe()
+    steps = []
+
+    def callback(p, i, t, kwargs):
+        steps.append(i)
+        return {"latents": torch.zeros_like(kwargs["latents"])}
+
+    out = pipe(source_image, "make it red", task=0, callback_on_step_end=callback,
+               **{**KW, "num_inference_steps": 3, "output_type": "latent"}).images
+    assert steps == [0, 1, 2]
+    assert torch.count_nonzero(out) == 0
+
+
+def test_save_and_load_round_trip_with_adapter(tmp_path, source_image):
+    pipe = _pipe("sentence")
+    a = pipe(source_image, "make it red", task="color_change", generator=_gen(0), **KW).images
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "x2edit_adapter" / "default.safetensors").is_file()
+    loaded = X2EditPipeline.from_pretrained(tmp_path)
+    assert adapter_names(loaded.transformer) == ["default"]
+    b = loaded(source_image, "make it red", task="color_change", generator=_gen(0), **KW).images
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    # The saved transformer is stock diffusers weights: no adapter keys leaked into it.
+    from diffusers import FluxTransformer2DModel
+
+    plain = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
+    assert not any("adapters" in n or "base_layer" in n for n, _ in plain.named_parameters())
+
+
+def test_exported_lora_loads_in_stock_kontext_pipeline_and_matches(tmp_path, source_image):
+    pipe = _pipe(router="task")
+    ours = pipe(source_image, "make it red", task="color_change", generator=_gen(0), **KW).images
+    from x2edit.adapters import export_diffusers_lora
+
+    export_diffusers_lora(pipe.transformer, tmp_path, task="color_change")
+    stock = FluxKontextPipeline(**tiny_kontext_components(0))
+    stock.set_progress_bar_config(disable=True)
+    before = stock(image=source_image, prompt="make it red", height=20, width=24, max_area=480,
+                   _auto_resize=False, generator=_gen(0), **KW).images
+    stock.load_lora_weights(tmp_path)
+    theirs = stock(image=source_image, prompt="make it red", height=20, width=24, max_area=480,
+                   _auto_resize=False, generator=_gen(0), **KW).images
+    np.testing.assert_allclose(theirs, ours, atol=2e-4)
+    assert np.abs(before - ours).max() > 1e-3  # and the LoRA is what made the difference
+
+
+def test_community_lora_beside_the_moe_lora(tmp_path, source_image):
+    donor = _pipe(router="task", seed=0)
+    from x2edit.adapters import export_diffusers_lora
+
+    export_diffusers_lora(donor.transformer, tmp_path, task="style_change")
+    donor_out = donor(source_image, "x", task="style_change", generator=_gen(0), **KW).images
+
+    # Alone on the base, the community LoRA reproduces the donor's task mixture.
+    plain = X2EditPipeline(**tiny_kontext_components(0))
+    plain.set_progress_bar_config(disable=True)
+    plain.load_lora_weights(tmp_path / "pytorch_lora_weights.safetensors", adapter_name="style")
+    np.testing.assert_allclose(plain(source_image, "x", generator=_gen(0), **KW).images, donor_out, atol=2e-4)
+
+    # Beside a MoE-LoRA: both run; weight 0 switches the LoRA off exactly.
+    pipe = _pipe()
+    moe_only = pipe(source_image, "x", task="color_change", generator=_gen(0), **KW).images
+    pipe.load_lora_weights(tmp_path / "pytorch_lora_weights.safetensors", adapter_name="style")
+    assert pipe.get_list_adapters() == {"transformer": ["default", "style"]}
+    both = pipe(source_image, "x", task="color_change", generator=_gen(0), **KW).images
+    assert np.abs(both - moe_only).max() > 1e-3
+    pipe.set_adapters(["default", "style"], [1.0, 0.0])
+    np.testing.assert_allclose(pipe(source_image, "x", task="color_change", generator=_gen(0), **KW).images,
+                               moe_only, atol=1e-6)
+    pipe.delete_adapters("style")
+    assert pipe.get_list_adapters() == {"transformer": ["default"]}
+
+
+def test_community_lora_refusals(tmp_path):
+    from safetensors.torch import save_file
+
+    pipe = X2EditPipeline(**tiny_kontext_components(0))
+    with pytest.raises(FileNotFoundError):
+        pipe.load_lora_weights(tmp_path / "absent.safetensors")
+    cases = {
+        "other_base.safetensors": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 64),
+                                    "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2)},
+                                   "do not fit"),
+        "no_module.safetensors": ({"transformer.transformer_blocks.7.attn.to_q.lora_A.weight": torch.zeros(2, 32),
+                                   "transformer.transformer_blocks.7.attn.to_q.lora_B.weight": torch.zeros(32, 2)},
+                                  "does not have"),
+        "nan.safetensors": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.full((2, 32), torch.nan),
+                             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2)},
+                            "non-finite"),
+        "half.safetensors": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 32)},
+                             "both lora_A and lora_B"),
+    }
+    for name, (state, message) in cases.items():
+        save_file(state, str(tmp_path / name))
+        with pytest.raises(ValueError, match=message):
+            pipe.load_lora_weights(tmp_path / name)
+        assert adapter_names(pipe.transformer) == []  # nothing half-loaded
+
+
+@pytest.mark.parametrize("prompt,task,message", [
+    ("", "color_change", "instruction is empty"),
+    ("   ", None, "instruction is empty"),
+    ("x" * 2001, "color_change", "limit is 2000"),
+    ("make it red", "recolor", "unknown task"),
+    (["a", "b"], ["color_change"], "got 1 tasks for 2 instructions"),
+])
+def test_bad_instructions_and_tasks(prompt, task, message, source_image):
+    pipe = _pipe()
+    with pytest.raises(ValueError, match=message):
+        pipe([source_image] * (2 if isinstance(prompt, list) else 1), prompt, task=task, **KW)
+
+
+def test_bad_images(source_image, tmp_path):
+    pipe = _pipe()
+    with pytest.raises(ValueError, match="at least 8 pixels"):
+        pipe(Image.new("RGB", (4, 30)), "make it red", task=0, **KW)
+    with pytest.raises(ValueError, match="uint8"):
+        pipe(np.zeros((16, 16, 3), dtype=np.float32), "make it red", task=0, **KW)
+    with pytest.raises(FileNotFoundError):
+        pipe(str(tmp_path / "absent.png"), "make it red", task=0, **KW)
+    # Non-RGB modes are converted, not refused.
+    out = pipe(source_image.convert("CMYK"), "make it red", task=0, **KW).images
+    assert out.shape == (1, 20, 24, 3)
+
+
+def test_large_source_is_capped_at_max_area():
+    pipe = _pipe()
+    img = Image.new("RGB", (64, 48), (200, 10, 10))
+    out = pipe(img, "make it red", task=0, max_area=32 * 24, **KW).images
+    assert out.shape == (1, 24, 32, 3)

@@ -1,0 +1,25 @@
+import pytest
+
+import x2edit
+from x2edit.registry import BASE_MODELS, get_base_model, load_pipeline, resolve_base
+from x2edit.testing import tiny_kontext_components
+
+
+def test_registered_models():
+    assert x2edit.list_base_models() == ["x2edit-tiny", "flux.1-kontext-dev", "flux.1-dev", "flux.1-fill-dev"]
+    kontext = get_base_model("flux.1-kontext-dev")
+    assert kontext.source == "black-forest-labs/FLUX.1-Kontext-dev" and kontext.mode == "edit"
+    assert kontext.weights_gb > 30 and get_base_model("flux.1-fill-dev").mode == "diptych"
+    assert BASE_MODELS["x2edit-tiny"].embedded
+    with pytest.raises(ValueError, match="unknown base model 'sdxl'"):
+        get_base_model("sdxl")
+
+
+def test_local_directory_loads(tmp_path):
+    x2edit.X2EditPipeline(**tiny_kontext_components(0)).save_pretrained(tmp_path)
+    assert resolve_base(tmp_path) == (str(tmp_path), None)
+    pipe = load_pipeline(tmp_path)
+    assert isinstance(pipe, x2edit.X2EditPipeline) and pipe.transformer.config.num_layers == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no model_index.json"):
+        resolve_base(tmp_path / "empty")
