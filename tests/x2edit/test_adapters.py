@@ -274,3 +274,20 @@ def test_export_is_a_plain_lora_equal_to_the_task_mixture(task_model, tmp_path):
         moe = layer(x)
     b = state[f"transformer.{name}.lora_B.weight"]
     torch.testing.assert_close(layer.base_layer(x) + x @ a.T @ b.T, moe, rtol=1e-5, atol=1e-5)
+
+
+def test_x2edit_placement_on_full_size_flux_matches_upstream_parameter_count():
+    """X2Edit's MoE-LoRA on FLUX.1-dev is ~0.99B parameters, ~8.3% of the 11.9B base (meta device: no memory)."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights():
+        model = FluxTransformer2DModel(num_layers=19, num_single_layers=38, attention_head_dim=128,
+                                       num_attention_heads=24, joint_attention_dim=4096,
+                                       pooled_projection_dim=768, guidance_embeds=True)
+        inject_adapters(model, AdapterConfig(kind="moe_lora", rank=64, num_experts=12, top_k=2,
+                                             shared_expert=True, targets="x2edit"))
+    s = adapter_summary(model)
+    assert s["adapted_layers"] == 19 * 4 + 38 * 3
+    assert 0.98e9 < s["adapter_params"] < 1.0e9
+    assert 0.080 < s["adapter_share"] < 0.086
