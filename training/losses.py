@@ -1,0 +1,126 @@
+"""Training objectives: FLUX flow matching and X2Edit's contrastive loss on internal representations.
+
+The router balance loss is produced by the MoE layers themselves (``RoutingState.balance_loss``);
+the trainer weights and adds it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+# -- flow matching ---------------------------------------------------------------------------
+
+
+def sample_sigmas(batch: int, scheme: str = "logit_normal", shift: float = 1.0, logit_mean: float = 0.0,
+                  logit_std: float = 1.0, mode_scale: float = 1.29, generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B,) noise levels sigma in (0, 1) for rectified-flow training.
+
+    u is drawn by SD3/FLUX's density (``scheme``: "logit_normal", "mode" or "uniform", via diffusers),
+    then shifted toward noise as FLUX's scheduler does: sigma = shift*u / (1 + (shift-1)*u).
+    """
+    u = compute_density_for_timestep_sampling(scheme if scheme != "uniform" else "none", batch, logit_mean,
+                                              logit_std, mode_scale, device="cpu", generator=generator)
+    sigma = shift * u / (1 + (shift - 1) * u)
+    return sigma.clamp(1e-4, 1 - 1e-4).to(device)
+
+
+def flow_matching_pair(x0: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy input and velocity target for clean latents ``x0`` (B, ...).
+
+    x_sigma = (1 - sigma) x0 + sigma * noise; the model predicts v = noise - x0 (FLUX convention,
+    which the pipeline's Euler scheduler integrates from sigma=1 to 0).
+    """
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu").to(x0.device)
+    s = sigmas.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * noise, noise - x0
+
+
+def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor,
+                       weighting: str = "none") -> torch.Tensor:
+    """Mean squared error between predicted and target velocity, weighted per sample (SD3 schemes)."""
+    w = compute_loss_weighting_for_sd3(weighting, sigmas.float()).view(-1, *([1] * (pred.dim() - 1)))
+    return (w * (pred.float() - target.float()) ** 2).mean()
+
+
+# -- contrastive loss on internal representations --------------------------------------------
+
+
+def _gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All processes' rows, this process's keeping its gradient; returns (all rows, offset of ours)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z, 0
+    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, z.detach().contiguous())
+    rank = dist.get_rank()
+    parts[rank] = z
+    return torch.cat(parts), rank * z.shape[0]
+
+
+def contrastive_loss(features: torch.Tensor, task_ids: torch.Tensor, temperature: float = 0.5,
+                     pool: str = "flatten", gather: bool = True) -> torch.Tensor | None:
+    """X2Edit's supervised contrastive loss over one block's hidden states.
+
+    Args:
+        features: (B, T, C) hidden states of one block for this process's batch.
+        task_ids: (B,) task id of each sample; positives are other samples of the same task.
+        temperature: T in exp(-d^2 / T).
+        pool: "flatten" (X2Edit: the whole (T*C) map per sample) or "mean" (mean over tokens).
+        gather: compare against the samples of all processes (if torch.distributed is running).
+    Returns the mean over anchors that have at least one positive of
+        -log( sum_pos exp(-d^2/T) / sum_{j != i} exp(-d^2/T) ),  d = || z_i - z_j ||, z unit-norm;
+    or None when no anchor has a positive (such anchors only add a constant: X2Edit's pitfall).
+    """
+    z = features.flatten(1) if pool == "flatten" else features.mean(1)
+    z = F.normalize(z.float(), dim=-1)  # (B, D)
+    if gather:
+        all_z, offset = _gather_with_grad(z)
+        all_tasks, _ = _gather_with_grad(task_ids.to(z.device))
+    else:
+        all_z, offset, all_tasks = z, 0, task_ids.to(z.device)
+    anchors = torch.arange(offset, offset + z.shape[0], device=z.device)
+    d2 = (2 - 2 * z @ all_z.T).clamp(min=0)  # (B, N) squared distances of unit vectors
+    logits = -d2 / temperature
+    not_self = torch.ones_like(logits, dtype=torch.bool)
+    not_self[torch.arange(z.shape[0]), anchors] = False
+    positive = (task_ids.to(z.device)[:, None] == all_tasks[None, :]) & not_self
+    valid = positive.any(1)
+    if not valid.any():
+        return None
+    log_all = torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1)
+    log_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)
+    return (log_all - log_pos)[valid].mean()
+
+
+class BlockOutputs:
+    """Collects the image-stream outputs of chosen FLUX double blocks during a forward pass.
+
+    ``FluxTransformerBlock.forward`` returns (encoder_hidden_states, hidden_states); the second is the
+    image stream (B, T_img, C). Use as a context manager around the forward; ``outputs`` then holds
+    one tensor per block, in block order.
+    """
+
+    def __init__(self, transformer, blocks: str | list[int] = "all"):
+        n = len(transformer.transformer_blocks)
+        self.indices = list(range(n)) if blocks == "all" else [i % n for i in blocks]
+        self.transformer, self.outputs, self._handles = transformer, [], []
+
+    def _hook(self, module, args, output):
+        self.outputs.append(output[1])
+
+    def __enter__(self):
+        self.outputs = []
+        self._handles = [self.transformer.transformer_blocks[i].register_forward_hook(self._hook)
+                         for i in self.indices]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
