@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "edit": ("x2edit.commands.edit", "edit an image from an instruction"),
     "info": ("x2edit.commands.info", "versions, devices, registered base models and tasks"),
+    "train": ("training.cli", "train a MoE-LoRA editing adapter (or pretrain a base) with flow matching"),
     "build-data": ("data_pipeline.cli", "build, score, filter and shard editing pairs (Shape World by default)"),
 }
 

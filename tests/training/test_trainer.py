@@ -1,0 +1,124 @@
+"""The trainer on a tiny pixel-space FLUX model and Shape World, CPU: modes, resume, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from training.config import load_config
+from training.trainer import Trainer, TrainingError, batch_indices
+from x2edit.adapters import adapter_names, read_adapter_header
+
+TINY = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
+        "axes_dims_rope": [4, 6, 6]}
+
+
+def _config(tmp_path, **over):
+    base = {"mode": "t2i", "output_dir": str(tmp_path / "run"), "steps": 4, "batch_size": 4, "checkpoint_every": 2,
+            "validate_every": 0, "log_every": 1, "data": {"resolution": 32}, "model": {"transformer": TINY,
+            "max_text_tokens": 16}, "optim": {"lr": 1e-3}}
+    items = [f"{k}={json.dumps(v)}" for k, v in over.items()]
+    import yaml
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return load_config(path, items)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny base pretrained for a few t2i steps (a saved pipeline directory)."""
+    tmp = tmp_path_factory.mktemp("base")
+    out = Trainer(_config(tmp, steps=3, checkpoint_every=0)).train()
+    assert (out / "pipeline" / "model_index.json").is_file()
+    return out / "pipeline"
+
+
+def _edit_config(tmp_path, base_dir, **over):
+    return _config(tmp_path, mode="edit", **{"model.base": str(base_dir),
+                   "adapter": {"rank": 4, "num_experts": 3, "top_k": 2}, **over})
+
+
+def test_t2i_pretraining_learns_and_saves(tmp_path):
+    losses = []
+    Trainer(_config(tmp_path, steps=30, checkpoint_every=0, batch_size=8)).train(
+        on_step=lambda s, p: losses.append(p["loss"]))
+    assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) < sum(losses[:5])  # it learns
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 30
+
+
+def test_edit_training_writes_adapter_with_all_losses(tmp_path, base_dir):
+    parts = []
+    out = Trainer(_edit_config(tmp_path, base_dir, steps=2, checkpoint_every=0, batch_size=6,
+                               **{"data.tasks": ["color_change", "subject_deletion"]})).train(
+        on_step=lambda s, p: parts.append(p))
+    assert {"flow_matching", "balance", "contrastive"} <= set(parts[0])  # 3 samples per task: partners exist
+    header = read_adapter_header(out / "adapter.safetensors")
+    assert header["config"].num_experts == 3 and header["user"]["steps"] == 2
+
+
+def test_task_router_exports_a_lora_per_task(tmp_path, base_dir):
+    out = Trainer(_edit_config(tmp_path, base_dir, steps=1, checkpoint_every=0,
+                               **{"adapter.router": "task"})).train()
+    assert len(list((out / "lora_per_task").glob("*/pytorch_lora_weights.safetensors"))) == 15
+
+
+def test_resume_continues_exactly(tmp_path, base_dir):
+    straight = []
+    Trainer(_edit_config(tmp_path / "a", base_dir, steps=4)).train(on_step=lambda s, p: straight.append(p["loss"]))
+    first = []
+    Trainer(_edit_config(tmp_path / "b", base_dir, steps=2)).train(on_step=lambda s, p: first.append(p["loss"]))
+    resumed = []
+    Trainer(_edit_config(tmp_path / "b", base_dir, steps=4)).train(
+        resume="latest", on_step=lambda s, p: resumed.append(p["loss"]))
+    assert first + resumed == straight
+
+
+def test_resume_refuses_another_config(tmp_path, base_dir):
+    Trainer(_edit_config(tmp_path, base_dir, steps=2)).train()
+    with pytest.raises(TrainingError, match="different config"):
+        Trainer(_edit_config(tmp_path, base_dir, steps=4, **{"optim.lr": 0.5})).train(resume="latest")
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        Trainer(_edit_config(tmp_path / "fresh", base_dir, steps=2)).train(resume="latest")
+
+
+def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, base_dir):
+    trainer = Trainer(_edit_config(tmp_path, base_dir, steps=6))
+    real = trainer.compute_loss
+
+    def poisoned(batch, step):
+        loss, parts = real(batch, step)
+        if step == 3:
+            return loss * float("nan"), {**parts, "loss": float("nan")}
+        return loss, parts
+
+    trainer.compute_loss = poisoned
+    with pytest.raises(TrainingError, match=r"loss is nan at step 3; last good checkpoint: .*step_0000002"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"colour": 1}, "unknown config key 'colour'"),
+    ({"optim": {"lr": "fast"}}, "optim.lr: expected float"),
+    ({"adapter": {"rank": 0}}, "rank must be a positive integer"),
+    ({"mode": "video"}, "mode must be"),
+    ({"mode": "edit"}, "needs model.base"),
+])
+def test_config_errors_before_training(tmp_path, over, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **over)
+
+
+def test_batch_indices_are_a_pure_function_of_step():
+    a = batch_indices(5, 4, rank=1, world=2, size=10, seed=0)
+    assert a == batch_indices(5, 4, rank=1, world=2, size=10, seed=0)
+    epoch = [i for s in range(5) for r in range(2) for i in batch_indices(s, 1, r, 2, 10, 0)]
+    assert sorted(epoch) == list(range(10))  # one epoch covers every sample once
+    assert batch_indices(0, 3, 0, 1, 2**40, 0) == [0, 1, 2]
+
+
+def test_adapter_names_after_edit_training(tmp_path, base_dir):
+    trainer = Trainer(_edit_config(tmp_path, base_dir, steps=1, checkpoint_every=0))
+    assert adapter_names(trainer.transformer) == ["default"]

@@ -1,0 +1,234 @@
+"""`x2edit train` configuration: nested dataclasses loaded from YAML plus ``key=value`` overrides.
+
+Unknown keys and wrong types are refused before anything is built, with the dotted key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from x2edit.adapters import AdapterConfig
+
+
+@dataclass
+class ModelConfig:
+    """The base model.
+
+    Args:
+        base: registered name or saved-pipeline directory to start from; None builds a new model
+            from ``transformer`` + ``vae_factor`` + ``text_encoder`` (base pretraining).
+        transformer: FluxTransformer2DModel config for a new model.
+        vae_factor: pixel-space VAE factor for a new model.
+        text_encoder: sentence-encoder directory for a new model; None = bundled all-MiniLM-L6-v2.
+        max_text_tokens: text tokens per prompt.
+        gradient_checkpointing: recompute block activations in backward.
+    """
+
+    base: str | None = None
+    transformer: dict = field(default_factory=dict)
+    vae_factor: int = 4
+    text_encoder: str | None = None
+    max_text_tokens: int = 32
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training data.
+
+    Args:
+        source: "shapeworld" (pairs generated on the fly, deterministic per index) or a reader
+            config for ``training.data`` (e.g. {"format": "x2edit", "path": "shards/"}).
+        resolution: image side for Shape World / bucket area side for readers.
+        filters: score filter expressions for readers, e.g. ["oracle >= 0.9"].
+        tasks: restrict to these tasks (None: all).
+        validation_pairs: held-out Shape World pairs per task rendered in validation grids.
+    """
+
+    source: str | dict = "shapeworld"
+    resolution: int = 64
+    filters: list = field(default_factory=list)
+    tasks: list | None = None
+    validation_pairs: int = 1
+
+
+@dataclass
+class LossConfig:
+    """Objective weights and flow-matching settings (X2Edit: contrastive T=0.5, weight 0.1)."""
+
+    timestep_sampling: str = "logit_normal"
+    shift: float = 1.0
+    weighting: str = "none"
+    balance_weight: float = 0.01
+    contrastive_weight: float = 0.1
+    contrastive_temperature: float = 0.5
+    contrastive_pool: str = "flatten"
+    contrastive_blocks: str | list = "all"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 0
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+    ema_decay: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs.
+
+    Args:
+        mode: "t2i" (pretrain the whole transformer as text-to-image) or "edit" (train an adapter on
+            the frozen base, source image as reference tokens).
+        output_dir: checkpoints, logs, validation grids and the final model/adapter.
+        steps: optimizer steps; batch_size: samples per step and process.
+        checkpoint_every / validate_every / log_every: in steps (0 disables).
+        mixed_precision: "no", "bf16" or "fp16" (accelerate).
+    """
+
+    mode: str = "edit"
+    output_dir: str = "runs/x2edit"
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 8
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    validate_every: int = 500
+    log_every: int = 10
+    mixed_precision: str = "no"
+    num_threads: int | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    # Keys that may change between a checkpoint and its resume without changing what is learned.
+    RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = (
+        "steps", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every", "output_dir", "num_threads")
+
+    def __post_init__(self):
+        if self.mode not in ("t2i", "edit"):
+            raise ValueError(f"mode must be 't2i' or 'edit', got {self.mode!r}")
+        if self.batch_size < 1 or self.steps < 1:
+            raise ValueError("batch_size and steps must be >= 1")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.mode == "t2i" and self.model.base is None and not self.model.transformer:
+            raise ValueError("t2i pretraining from scratch needs model.transformer (a FluxTransformer2DModel config)")
+        if self.mode == "edit" and self.model.base is None:
+            raise ValueError("edit training needs model.base: the frozen base model to adapt")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides what is learned (not run length, paths or logging)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_type(value, tp, key: str):
+    """Validate (and lightly coerce: int -> float, list -> tuple) ``value`` against annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(value, arg, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{key}: {value!r} matches none of {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ValueError(f"{key}: expected None")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ValueError(f"{key}: expected a list, got {type(value).__name__}")
+    base = origin or tp
+    if base is typing.Any:
+        return value
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise ValueError(f"{key}: expected {getattr(base, '__name__', base)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key {prefix}{unknown[0]!r}; valid keys under "
+                         f"{prefix.rstrip('.') or 'the top level'}: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ValueError(f"override {key}: {p} is not a section")
+    d[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["optim.lr=3e-4", "adapter.rank=16"]`` -> nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(out, key.strip(), yaml.safe_load(raw))
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config and apply ``key=value`` overrides; all errors name the offending key."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {e}") from None
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(TrainConfig, data, "")
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(config.to_dict(), default=list)), sort_keys=False))

@@ -1,0 +1,471 @@
+"""The trainer behind `x2edit train`: flow matching on a FLUX-architecture transformer, on accelerate.
+
+Two modes share one loop:
+- "t2i": pretrain the whole transformer as a text-to-image model (how x2edit-tiny's base is made);
+- "edit": X2Edit: a (MoE-)LoRA on the frozen base; the source image enters as Kontext-style
+  reference tokens; loss = flow matching + balance_weight * router balance + contrastive_weight *
+  contrastive loss on the double blocks' image-stream outputs, grouped by task.
+
+Exact resume: the data order and the noise of step s are pure functions of (seed, s, rank), and
+checkpoints hold the trainable weights, optimizer, LR schedule and EMA, so "stop at k, resume" gives
+the same losses as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.config import TrainConfig, save_config
+from training.losses import (
+    BlockOutputs,
+    contrastive_loss,
+    flow_matching_loss,
+    flow_matching_pair,
+    sample_sigmas,
+)
+from x2edit.adapters import (
+    adapter_summary,
+    export_diffusers_lora,
+    format_summary,
+    inject_adapters,
+    routing_context,
+    save_adapter,
+)
+from x2edit.tasks import TASK_NAMES, get_task
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, bad resume); the message names the step and checkpoint."""
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+class ShapeWorldSource:
+    """Shape World pairs generated on the fly: item i is ``ShapeWorld.sample(seed=i)``, train split.
+
+    In t2i mode item i is a (scene image, caption): the source scene for even i, the target for odd i.
+    """
+
+    def __init__(self, resolution: int, mode: str, tasks: list[str] | None = None):
+        from data_pipeline.shapeworld import ShapeWorld
+
+        self.world, self.mode = ShapeWorld(resolution=resolution), mode
+        self.tasks = [get_task(t).name for t in tasks] if tasks else None
+
+    def __len__(self) -> int:
+        return 2**40  # effectively endless; indices never repeat in a run
+
+    def __getitem__(self, i: int) -> dict:
+        task = self.tasks[i % len(self.tasks)] if self.tasks else None
+        pair = self.world.sample(seed=i // 2 if self.mode == "t2i" else i, task=task)
+        if self.mode == "t2i":
+            caption = pair.captions[i % 2]
+            return {"source": None, "target": pair.source if i % 2 == 0 else pair.target, "text": caption,
+                    "task": None}
+        return {"source": pair.source, "target": pair.target, "text": pair.instruction,
+                "task": get_task(pair.task).id}
+
+
+class ReaderSource:
+    """A map-style view of ``training.data`` readers (build-data shards, upstream X2Edit shards, ...)."""
+
+    def __init__(self, spec: dict, config: TrainConfig):
+        from training import data as readers
+
+        self.samples = readers.load_samples(spec, filters=config.data.filters, resolution=config.data.resolution)
+        if config.data.tasks:
+            keep = {get_task(t).name for t in config.data.tasks}
+            self.samples = [s for s in self.samples if s.task in keep]
+        if not self.samples:
+            raise ValueError(f"no training samples left from {spec} after filters {config.data.filters} "
+                             f"and tasks {config.data.tasks}")
+        self.mode = config.mode
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        task = get_task(s.task).id if s.task is not None else None
+        if self.mode == "edit" and task is None:
+            raise ValueError(f"sample {s.key} has no task label; edit training routes by task")
+        return {"source": np.asarray(s.source) if self.mode == "edit" else None, "target": np.asarray(s.target),
+                "text": s.instruction, "task": task}
+
+
+def make_source(config: TrainConfig):
+    src = config.data.source
+    if src == "shapeworld":
+        return ShapeWorldSource(config.data.resolution, config.mode, config.data.tasks)
+    if isinstance(src, dict):
+        return ReaderSource(src, config)
+    raise ValueError(f"data.source must be 'shapeworld' or a reader mapping, got {src!r}")
+
+
+def batch_indices(step: int, batch: int, rank: int, world: int, size: int, seed: int) -> list[int]:
+    """Indices of the samples of ``step`` on process ``rank``: a pure function, so resume is exact."""
+    start = (step * world + rank) * batch
+    if size >= 2**40:
+        return list(range(start, start + batch))
+    out = []
+    for p in range(start, start + batch):
+        epoch, pos = divmod(p, size)
+        perm = np.random.default_rng([seed, epoch]).permutation(size)
+        out.append(int(perm[pos]))
+    return out
+
+
+# -- model -------------------------------------------------------------------------------------
+
+
+def build_new_pipeline(config: TrainConfig):
+    """A new pixel-space FLUX-architecture pipeline with the bundled MiniLM text encoder (t2i from scratch)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import AutoModel, AutoTokenizer
+
+    from x2edit.pipeline import X2EditPipeline
+    from x2edit.pixel_vae import PixelShuffleVAE
+    from x2edit.testing import minilm_path
+
+    torch.manual_seed(config.seed)
+    text_path = config.model.text_encoder or minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(text_path)
+    tokenizer.model_max_length = config.model.max_text_tokens
+    text_encoder = AutoModel.from_pretrained(text_path).eval()
+    vae = PixelShuffleVAE(factor=config.model.vae_factor)
+    tcfg = dict(config.model.transformer)
+    expected_in = 4 * vae.config.latent_channels
+    if tcfg.setdefault("in_channels", expected_in) != expected_in:
+        raise ValueError(f"model.transformer.in_channels must be 4 x latent channels = {expected_in}")
+    tcfg.setdefault("joint_attention_dim", text_encoder.config.hidden_size)
+    tcfg.setdefault("pooled_projection_dim", text_encoder.config.hidden_size)
+    try:
+        transformer = FluxTransformer2DModel(**tcfg)
+    except TypeError as e:
+        raise ValueError(f"model.transformer: {e}") from None
+    return X2EditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                          tokenizer=tokenizer, transformer=transformer)
+
+
+def load_base_pipeline(config: TrainConfig):
+    if config.model.base is None:
+        return build_new_pipeline(config)
+    from x2edit.registry import load_pipeline
+
+    pipe = load_pipeline(config.model.base)
+    pipe.tokenizer.model_max_length = min(pipe.tokenizer.model_max_length, config.model.max_text_tokens)
+    return pipe
+
+
+# -- trainer -----------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs one training configuration. ``Trainer(config).train(resume=None|"latest"|path)``."""
+
+    def __init__(self, config: TrainConfig):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.pipe = load_base_pipeline(config)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.transformer = self.pipe.transformer
+        for module in (self.pipe.text_encoder, self.pipe.vae):
+            module.requires_grad_(False)
+        if config.mode == "edit":
+            torch.manual_seed(config.seed)  # adapter and router initialisation
+            inject_adapters(self.transformer, config.adapter)
+        else:
+            self.transformer.requires_grad_(True)
+        if config.model.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.pipe.to(self.accelerator.device)
+        self.params = [p for p in self.transformer.parameters() if p.requires_grad]
+        self.source = make_source(config)
+        self.optimizer = self._make_optimizer()
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler("constant_with_warmup", self.optimizer,
+                                          num_warmup_steps=config.optim.warmup_steps)
+        self.ema = None
+        if config.optim.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=config.optim.ema_decay)
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.transformer, self.optimizer, self.lr_scheduler)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+
+    def _make_optimizer(self):
+        o = self.config.optim
+        if o.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ImportError("optim.use_8bit_adam needs bitsandbytes: pip install 'x2edit[train]'") from None
+            cls = bnb.optim.AdamW8bit
+        else:
+            cls = torch.optim.AdamW
+        return cls(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    # -- batches -----------------------------------------------------------------------------
+    def _images_to_tokens(self, images: list[np.ndarray], reference: bool):
+        """uint8 (H, W, 3) images -> packed latents (B, T, C) and their position ids (T, 3)."""
+        pipe, device = self.pipe, self.accelerator.device
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        z = pipe._encode_vae_image(x, generator=None)  # (B, C, h, w), shifted and scaled as the pipeline does
+        b, c, h, w = z.shape
+        tokens = pipe._pack_latents(z, b, c, h, w)  # (B, h/2 * w/2, 4C)
+        ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, tokens.dtype)
+        if reference:
+            ids[..., 0] = 1  # Kontext: reference tokens are marked by position-id coordinate 1
+        return tokens, ids
+
+    def batch(self, step: int) -> dict:
+        acc = self.accelerator
+        idx = batch_indices(step, self.config.batch_size, acc.process_index, acc.num_processes,
+                            len(self.source), self.config.seed)
+        items = [self.source[i] for i in idx]
+        return {"source": [it["source"] for it in items], "target": [it["target"] for it in items],
+                "text": [it["text"] for it in items],
+                "task": None if items[0]["task"] is None else torch.tensor([it["task"] for it in items])}
+
+    # -- one step ----------------------------------------------------------------------------
+    def compute_loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        cfg, device = self.config, self.accelerator.device
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7919 + self.accelerator.process_index)
+        with torch.no_grad():
+            x0, latent_ids = self._images_to_tokens(batch["target"], reference=False)
+            prompt_embeds, pooled, text_ids = self.pipe.encode_prompt(batch["text"], device=device,
+                                                                       max_sequence_length=cfg.model.max_text_tokens)
+            ref = None
+            if cfg.mode == "edit":
+                ref, ref_ids = self._images_to_tokens(batch["source"], reference=True)
+        sigmas = sample_sigmas(len(x0), cfg.loss.timestep_sampling, cfg.loss.shift, generator=g, device=device)
+        xt, target = flow_matching_pair(x0, sigmas, generator=g)
+        hidden, img_ids = xt, latent_ids
+        if ref is not None:
+            hidden, img_ids = torch.cat([xt, ref], 1), torch.cat([latent_ids, ref_ids], 0)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        guidance = torch.full((len(x0),), 1.0, device=device) if unwrapped.config.guidance_embeds else None
+        want_contrast = cfg.mode == "edit" and cfg.loss.contrastive_weight > 0 and batch["task"] is not None
+        blocks = BlockOutputs(unwrapped, cfg.loss.contrastive_blocks) if want_contrast else None
+        with routing_context(unwrapped, task_ids=batch["task"]) as routing, (blocks or _Null()):
+            pred = self.model(hidden_states=hidden, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
+                              encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids,
+                              return_dict=False)[0][:, : x0.shape[1]]
+        fm = flow_matching_loss(pred, target, sigmas, cfg.loss.weighting)
+        loss, parts = fm, {"flow_matching": fm.item()}
+        if routing.balance_loss is not None and cfg.loss.balance_weight > 0:
+            loss = loss + cfg.loss.balance_weight * routing.balance_loss
+            parts["balance"] = routing.balance_loss.item()
+        if blocks is not None:
+            terms = [contrastive_loss(h, batch["task"].to(device), cfg.loss.contrastive_temperature,
+                                      cfg.loss.contrastive_pool) for h in blocks.outputs]
+            terms = [t for t in terms if t is not None]
+            if terms:
+                con = torch.stack(terms).mean()
+                loss = loss + cfg.loss.contrastive_weight * con
+                parts["contrastive"] = con.item()
+        parts["loss"] = loss.item()
+        return loss, parts
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        if not self.accelerator.is_main_process:
+            return self.out
+        d = self.out / "checkpoints" / f"step_{self.step:07d}"
+        tmp = d.with_name(d.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainable = {n: p.detach().cpu().contiguous() for n, p in
+                     self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        state = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        torch.save(state, tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step,
+                                                            "fingerprint": self.config.fingerprint()}))
+        shutil.rmtree(d, ignore_errors=True)
+        tmp.rename(d)  # a checkpoint directory exists only once complete
+        done = sorted(p for p in (self.out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+        for old in done[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old)
+        self.last_checkpoint = d
+        return d
+
+    def load_checkpoint(self, resume: str) -> None:
+        d = Path(resume)
+        if resume == "latest":
+            found = sorted(p for p in (self.out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+            if not found:
+                raise TrainingError(f"--resume latest: no checkpoint under {self.out / 'checkpoints'}")
+            d = found[-1]
+        if not (d / "trainer_state.json").is_file():
+            raise TrainingError(f"{d} is not a checkpoint directory")
+        state = json.loads((d / "trainer_state.json").read_text())
+        if state["fingerprint"] != self.config.fingerprint():
+            raise TrainingError(f"checkpoint {d} was made with a different config (fingerprint {state['fingerprint']}"
+                                f" != {self.config.fingerprint()}); only {list(TrainConfig.RESUMABLE_CHANGES)} "
+                                "may change on resume")
+        weights = load_file(str(d / "trainable.safetensors"))
+        model = self.accelerator.unwrap_model(self.model)
+        missing = model.load_state_dict(weights, strict=False)
+        if missing.unexpected_keys:
+            raise TrainingError(f"checkpoint {d} has weights this model lacks: {missing.unexpected_keys[:3]}")
+        opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.lr_scheduler.load_state_dict(opt["lr_scheduler"])
+        if self.ema is not None and "ema" in opt:
+            self.ema.load_state_dict(opt["ema"])
+        self.step, self.last_checkpoint = state["step"], d
+
+    # -- validation --------------------------------------------------------------------------
+    def validate(self) -> dict:
+        from data_pipeline.shapeworld import ShapeWorld
+        from training.evaluation import edit_grid, evaluate_pairs, psnr
+
+        cfg = self.config
+        world = ShapeWorld(resolution=cfg.data.resolution)
+        pairs = list(world.eval_pairs(n_per_task=cfg.data.validation_pairs))
+        out_dir = self.out / "validation"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.transformer.eval()
+        if cfg.mode == "edit":
+            table, _, outputs = evaluate_pairs(self.pipe, pairs, steps=20, seed=cfg.seed)
+            metrics = {"val/edit_gain_db": table["mean"]["edit_gain_db"]}
+        else:
+            from types import SimpleNamespace
+
+            # t2i: generate the target scene from its caption (no reference image).
+            prompts = [SimpleNamespace(source=np.full_like(p.target, 255), target=p.target, task=p.task,
+                                       instruction=p.captions[1], mask=p.mask) for p in pairs]
+            outputs = []
+            for p in prompts:
+                img = self.pipe(prompt=p.instruction, height=p.target.shape[0], width=p.target.shape[1],
+                                num_inference_steps=20, output_type="np",
+                                generator=torch.Generator().manual_seed(cfg.seed)).images[0]
+                outputs.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+            pairs = prompts
+            metrics = {"val/psnr": float(np.mean([psnr(o, p.target) for o, p in zip(outputs, pairs)]))}
+        edit_grid(pairs, outputs).save(out_dir / f"step_{self.step:07d}.png")
+        self.transformer.train()
+        return metrics
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self, resume: str | None = None, on_step=None) -> Path:
+        """Train to ``config.steps``; returns the output directory. ``on_step(step, parts)`` sees each loss."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.accelerator
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_checkpoint(resume)
+        if acc.is_main_process:
+            save_config(cfg, self.out / "config.yaml")
+            logger.info(format_summary(adapter_summary(self.transformer)) if cfg.mode == "edit" else
+                        f"{sum(p.numel() for p in self.params):,} trainable parameters")
+        writer = _Metrics(self.out, acc.is_main_process)
+        self.transformer.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not acc.is_main_process, desc=f"train {cfg.mode}")
+        t0 = time.perf_counter()
+        while self.step < cfg.steps:
+            batch = self.batch(self.step)
+            loss, parts = self.compute_loss(batch, self.step)
+            if not math.isfinite(parts["loss"]):
+                raise TrainingError(f"loss is {parts['loss']} at step {self.step}; last good checkpoint: "
+                                    f"{self.last_checkpoint or 'none (none saved yet)'}")
+            acc.backward(loss)
+            if cfg.optim.max_grad_norm:
+                acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.step(self.params)
+            self.step += 1
+            if on_step is not None:
+                on_step(self.step, parts)
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+            if cfg.log_every and self.step % cfg.log_every == 0:
+                writer.log(self.step, {**{f"train/{k}": v for k, v in parts.items()},
+                                       "train/samples_per_s": cfg.batch_size * acc.num_processes * cfg.log_every
+                                       / (time.perf_counter() - t0)})
+                t0 = time.perf_counter()
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if cfg.validate_every and self.step % cfg.validate_every == 0 and acc.is_main_process:
+                writer.log(self.step, self.validate())
+        bar.close()
+        writer.close()
+        self.save_final()
+        return self.out
+
+    def save_final(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        if self.ema is not None:
+            self.ema.copy_to(self.params)
+        cfg = self.config
+        if cfg.mode == "t2i":
+            self.pipe.save_pretrained(self.out / "pipeline")
+            return
+        save_adapter(self.transformer, self.out / "adapter.safetensors",
+                     metadata={"steps": self.step, "config_fingerprint": cfg.fingerprint()})
+        if cfg.adapter.mergeable:
+            for task in TASK_NAMES:
+                export_diffusers_lora(self.transformer, self.out / "lora_per_task" / task, task=task)
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Metrics:
+    """metrics.jsonl always; TensorBoard too when the tensorboard package is installed."""
+
+    def __init__(self, out: Path, active: bool):
+        self.active, self.path, self.tb = active, out / "metrics.jsonl", None
+        if active:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
