@@ -1,0 +1,58 @@
+"""Fixtures for the kernel tests: device, fresh random seeds, backend and layout switches.
+
+Every test draws fresh random inputs; the seed is printed in failure messages and can be pinned
+with X2EDIT_TEST_SEED=<int> to reproduce a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# pytest puts tests/ on sys.path (rootdir conftest), where the folder tests/kernels would be
+# imported as a namespace package named `kernels` in place of the editable-installed one. A
+# regular package anywhere on sys.path wins over a namespace package, so make the repo importable.
+sys.path.append(str(Path(__file__).resolve().parents[2]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels import use_backend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def seed() -> int:
+    pinned = os.environ.get("X2EDIT_TEST_SEED")
+    return int(pinned) if pinned else int.from_bytes(os.urandom(4), "little")
+
+
+@pytest.fixture
+def gen(seed) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+@pytest.fixture
+def triton_backend():
+    """Run the test on the Triton path (compiled on CUDA, interpreted on CPU)."""
+    pytest.importorskip("triton")
+    with use_backend("triton"):
+        yield
+
+
+@pytest.fixture(params=["dense", "grouped"])
+def layout(request, monkeypatch):
+    """Rank-space layout of the Triton path: all experts dense, or tokens grouped with tile skipping.
+
+    At test sizes E * r is small, so "grouped" lowers the dense limit to force that path.
+    """
+    pytest.importorskip("triton")
+    from kernels import triton_lora
+
+    if request.param == "grouped":
+        monkeypatch.setattr(triton_lora, "DENSE_RANK_LIMIT", 0)
+    else:
+        monkeypatch.setattr(triton_lora, "DENSE_RANK_LIMIT", 1 << 30)
+    return request.param

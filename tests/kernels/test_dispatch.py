@@ -1,0 +1,99 @@
+"""The dispatch point: backend setting, environment variable, auto choice and refusals."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels import dispatch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_import_does_not_import_triton():
+    proc = run_python(
+        "import sys, kernels; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
+    )
+    assert proc.returncode == 0, proc.stderr
+    # and the torch path does not need it either
+    code = (
+        "import sys, torch, kernels\n"
+        "x = torch.randn(3, 4); w = torch.randn(5, 4); A = torch.randn(1, 2, 4); B = torch.randn(1, 5, 2)\n"
+        "kernels.lora_linear(x, w, None, A, B)\n"
+        "assert 'triton' not in sys.modules\n"
+    )
+    proc = run_python(code, X2EDIT_KERNELS="auto")
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("value,expected", [("torch", "torch"), ("TRITON", "triton"), ("", "auto")])
+def test_environment_variable_sets_the_default(value, expected):
+    proc = run_python("import kernels; print(kernels.get_backend())", X2EDIT_KERNELS=value)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected
+
+
+def test_bad_environment_variable_is_a_clear_error():
+    proc = run_python("import kernels", X2EDIT_KERNELS="cuda")
+    assert proc.returncode != 0 and "X2EDIT_KERNELS" in proc.stderr and "choose one of" in proc.stderr
+
+
+def test_set_and_use_backend_restore_the_previous_setting():
+    before = kernels.get_backend()
+    with kernels.use_backend("torch"):
+        assert kernels.get_backend() == "torch"
+        with kernels.use_backend("triton"):
+            assert kernels.get_backend() == "triton"
+        assert kernels.get_backend() == "torch"
+    assert kernels.get_backend() == before
+    with pytest.raises(ValueError, match="choose one of"):
+        kernels.set_backend("cuda")
+    with pytest.raises(RuntimeError), kernels.use_backend("torch"):
+        raise RuntimeError("boom")
+    assert kernels.get_backend() == before
+
+
+def test_auto_takes_torch_for_cpu_tensors_and_triton_for_cuda():
+    with kernels.use_backend("auto"):
+        assert kernels.resolve_backend(torch.randn(2)) == "torch"
+        assert kernels.resolve_backend(torch.randn(2, dtype=torch.float64)) == "torch"
+        if torch.cuda.is_available() and kernels.triton_available():
+            assert kernels.resolve_backend(torch.randn(2, device="cuda")) == "triton"
+            assert kernels.resolve_backend(torch.randn(2, device="cuda", dtype=torch.float64)) == "torch"
+
+
+def test_forcing_triton_where_it_cannot_run_is_refused(monkeypatch):
+    x = torch.randn(2)
+    with kernels.use_backend("triton"):
+        monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+        with pytest.raises(ImportError, match=r"x2edit\[triton\]"):
+            kernels.resolve_backend(x)
+        monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+        with pytest.raises(RuntimeError, match="supports"):
+            kernels.resolve_backend(x.double())
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            kernels.resolve_backend(x)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert kernels.resolve_backend(x) == "triton"
+
+
+def test_torch_backend_is_the_reference():
+    x, w, b = torch.randn(4, 6), torch.randn(3, 6), torch.randn(3)
+    A, B, g = torch.randn(2, 2, 6), torch.randn(2, 3, 2), torch.rand(4, 2)
+    with kernels.use_backend("torch"):
+        y = kernels.lora_linear(x, w, b, A, B, g, 0.5)
+    torch.testing.assert_close(y, kernels.lora_linear_reference(x, w, b, A, B, g, 0.5), atol=0, rtol=0)
