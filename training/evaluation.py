@@ -30,8 +30,8 @@ def edit_metrics(output: np.ndarray, source: np.ndarray, target: np.ndarray, mas
     return {
         "edit_gain_db": psnr(output, target) - psnr(source, target),
         "psnr": psnr(output, target),
-        "err_in": float(inside.mean()) if inside.size else float("nan"),
-        "err_out": float(outside.mean()) if outside.size else float("nan"),
+        "err_in": float(inside.mean()) if inside.size else None,
+        "err_out": float(outside.mean()) if outside.size else None,  # global edits: no outside
     }
 
 
@@ -40,28 +40,36 @@ def summarize(rows: list[dict]) -> dict:
     by_task = defaultdict(list)
     for r in rows:
         by_task[r["task"]].append(r)
+    def mean(values):  # None where a metric does not apply (err_out of a global edit)
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        return float(np.mean(values)) if values else None
+
+    keys = ("edit_gain_db", "psnr", "err_in", "err_out")
     table = {}
     for task in [t for t in TASK_NAMES if t in by_task]:
         rs = by_task[task]
-        table[task] = {k: float(np.nanmean([r[k] for r in rs])) for k in ("edit_gain_db", "psnr", "err_in", "err_out")}
+        table[task] = {k: mean([r[k] for r in rs]) for k in keys}
         table[task]["n"] = len(rs)
     if table:
-        table["mean"] = {k: float(np.nanmean([v[k] for v in table.values()])) for k in
-                         ("edit_gain_db", "psnr", "err_in", "err_out")}
+        table["mean"] = {k: mean([v[k] for v in table.values()]) for k in keys}
         table["mean"]["n"] = len(rows)
     return table
 
 
 @torch.no_grad()
-def run_edits(pipe, pairs, steps: int = 20, seed: int = 0, batch_size: int = 16, use_task_labels: bool = True,
+def run_edits(pipe, pairs, steps: int = 20, seed: int = 0, batch_size: int = 16, tasks: list[str] | None = None,
               guidance_scale: float = 1.0) -> list[np.ndarray]:
-    """Edit each Shape World pair with ``pipe``; returns uint8 outputs in order."""
+    """Edit each Shape World pair with ``pipe``; returns uint8 outputs in order.
+
+    Args:
+        tasks: task per pair for the router; None lets the pipeline classify each instruction.
+    """
     outputs = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         h, w = chunk[0].source.shape[:2]
         images = pipe(image=[Image.fromarray(p.source) for p in chunk], prompt=[p.instruction for p in chunk],
-                      task=[p.task for p in chunk] if use_task_labels else None, height=h, width=w,
+                      task=None if tasks is None else tasks[i:i + batch_size], height=h, width=w,
                       num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",
                       generator=[torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]).images
         outputs.extend((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
@@ -107,8 +115,11 @@ def edit_grid(pairs, outputs, scale: int = 2, text_width: int = 220) -> Image.Im
 
 def format_table(table: dict) -> str:
     """Markdown table of a ``summarize`` result."""
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
     lines = ["| task | edit gain (dB) | PSNR | err in | err out | n |", "|---|---:|---:|---:|---:|---:|"]
     for task, m in table.items():
-        lines.append(f"| {task} | {m['edit_gain_db']:+.2f} | {m['psnr']:.2f} | {m['err_in']:.3f} | "
-                     f"{m['err_out']:.3f} | {m['n']} |")
+        lines.append(f"| {task} | {f(m['edit_gain_db'], '+.2f')} | {f(m['psnr'], '.2f')} | {f(m['err_in'], '.3f')} | "
+                     f"{f(m['err_out'], '.3f')} | {m['n']} |")
     return "\n".join(lines)

