@@ -215,6 +215,11 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+def config_from_dict(data: dict) -> TrainConfig:
+    """A checked ``TrainConfig`` from a nested dict (as YAML would give)."""
+    return _build(TrainConfig, data, "")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config and apply ``key=value`` overrides; all errors name the offending key."""
     data = {}
@@ -226,8 +231,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{path} is not valid YAML: {e}") from None
-    data = _merge(data, parse_overrides(overrides or []))
-    return _build(TrainConfig, data, "")
+    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

@@ -13,6 +13,7 @@ the same losses as an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -67,9 +68,14 @@ class ShapeWorldSource:
     def __len__(self) -> int:
         return 2**40  # effectively endless; indices never repeat in a run
 
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (one source per run): t2i reads both scenes of a pair
+    def _pair(self, seed: int, task: str | None):
+        return self.world.sample(seed=seed, task=task)
+
     def __getitem__(self, i: int) -> dict:
-        task = self.tasks[i % len(self.tasks)] if self.tasks else None
-        pair = self.world.sample(seed=i // 2 if self.mode == "t2i" else i, task=task)
+        seed = i // 2 if self.mode == "t2i" else i
+        task = self.tasks[seed % len(self.tasks)] if self.tasks else None
+        pair = self._pair(seed, task)
         if self.mode == "t2i":
             caption = pair.captions[i % 2]
             return {"source": None, "target": pair.source if i % 2 == 0 else pair.target, "text": caption,

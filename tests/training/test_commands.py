@@ -1,6 +1,7 @@
 """bundle -> load by path -> `x2edit demo` and `x2edit eval` on a tiny trained model (few steps)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from test_trainer import _config
@@ -19,11 +20,13 @@ def bundled(tmp_path_factory):
     edit = Trainer(_config(tmp / "e", mode="edit", steps=2, checkpoint_every=0, **{
         "model.base": str(base / "pipeline"), "data.resolution": 64,
         "adapter": {"rank": 2, "num_experts": 3, "top_k": 2, "task_embed_dim": 8}})).train()
-    return bundle(str(base / "pipeline"), str(edit / "adapter.safetensors"), str(tmp / "tiny"),
+    path = bundle(str(base / "pipeline"), str(edit / "adapter.safetensors"), str(tmp / "tiny"),
                   max_text_tokens=16, classifier_samples=150)
+    return SimpleNamespace(path=path, base=base / "pipeline")
 
 
 def test_bundle_has_no_sentence_encoder_and_loads_by_path(bundled):
+    bundled = bundled.path
     assert not (bundled / "text_encoder").exists() and (bundled / "task_classifier.safetensors").is_file()
     pipe = load_pipeline(bundled)
     assert adapter_names(pipe.transformer) == ["default"]
@@ -34,7 +37,7 @@ def test_bundle_has_no_sentence_encoder_and_loads_by_path(bundled):
 
 
 def test_demo_writes_grid_and_metrics(bundled, tmp_path, capsys):
-    assert main(["demo", "--base", str(bundled), "--out", str(tmp_path), "--n-per-task", "1", "--steps", "2"]) == 0
+    assert main(["demo", "--base", str(bundled.path), "--out", str(tmp_path), "--n-per-task", "1", "--steps", "2"]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len([k for k in metrics if k not in ("mean", "classifier_accuracy", "routing", "steps")]) == 15
     assert 0 <= metrics["classifier_accuracy"] <= 1 and metrics["mean"]["n"] == 15
@@ -43,7 +46,24 @@ def test_demo_writes_grid_and_metrics(bundled, tmp_path, capsys):
 
 
 def test_eval_shapeworld(bundled, tmp_path):
-    assert main(["eval", "--base", str(bundled), "--out", str(tmp_path), "--n-per-task", "1", "--steps", "1"]) == 0
+    assert main(["eval", "--base", str(bundled.path), "--out", str(tmp_path), "--n-per-task", "1", "--steps", "1"]) == 0
     rows = (tmp_path / "rows.jsonl").read_text().splitlines()
     assert len(rows) == 15 and "edit_gain_db" in json.loads(rows[0])
-    assert main(["eval", "--base", str(bundled), "--out", str(tmp_path), "--adapter", "nope.safetensors"]) == 2
+    assert main(["eval", "--base", str(bundled.path), "--out", str(tmp_path), "--adapter", "nope.safetensors"]) == 2
+
+
+def test_ablation_benchmark_smoke(bundled, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    import ablation_shapeworld
+
+    assert ablation_shapeworld.main(["--base", str(bundled.base), "--out", str(tmp_path), "--steps", "2",
+                                     "--batch-size", "4", "--seeds", "0", "--n-per-task", "1", "--eval-steps", "1",
+                                     "--variants", "lora", "moe+con"]) == 0
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    assert set(result["edit_gain_db"]) == {"lora", "moe+con"} and result["lora_rank"] >= 1
+    params = result["cost"]
+    assert abs(params["lora"]["trainable_params"] / params["moe+con"]["trainable_params"] - 1) < 0.15
+    assert "| mean |" in (tmp_path / "ablation.md").read_text()

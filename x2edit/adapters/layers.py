@@ -76,6 +76,9 @@ class LoRA(nn.Module):
         """(A (E, r, K), B (E, N, r), gates (..., E) or None for all-ones, scale)."""
         return self.lora_A, self.lora_B, None, self.scaling
 
+    # No router: nothing needs the gradient of a gate.
+    sparse_gates = True
+
     def delta_weight(self, task_id: int | None = None) -> torch.Tensor:
         """(N, K) weight update this adapter adds (float32)."""
         return self.scaling * (self.lora_B[0].float() @ self.lora_A[0].float())
@@ -98,6 +101,12 @@ class MoELoRA(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(rows, out_features, config.rank))  # (E[+1], N, r)
         _init_lora_pair(self.lora_A.data, self.lora_B.data)
         self.router = build_router(config, in_features)
+
+    @property
+    def sparse_gates(self) -> bool:
+        """True when top-k zeroes some gates: their gradient is discarded by the router's scatter, so
+        the kernel may skip unselected experts in backward too."""
+        return self.config.top_k is not None and self.config.top_k < self.config.num_experts
 
     def _with_shared(self, gates: torch.Tensor) -> torch.Tensor:
         if self.lora_A.shape[0] == self.num_routed:
@@ -187,6 +196,7 @@ class AdapterLinear(nn.Module):
         names = [n for n in self.active_adapters if n not in self.merged and self.adapter_weights[n] != 0]
         if not names:
             return self.base_layer(x)
+        sparse = all(self.adapters[n].sparse_gates for n in names)
         terms = []
         for n in names:
             A, B, gates, scale = self.adapters[n].factors(x, self.routing)
@@ -205,7 +215,8 @@ class AdapterLinear(nn.Module):
                 Bs.append(B_)
                 Gs.append(g.to(x.dtype) * s if g is not None else x.new_full((*lead, A_.shape[0]), s))
             A, B, gates, scale = torch.cat(As), torch.cat(Bs), torch.cat(Gs, dim=-1), 1.0
-        return kernels.lora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, gates, scale)
+        return kernels.lora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, gates, scale,
+                                   sparse_gate_grad=sparse)
 
     # -- merging into the base weight ------------------------------------------------------
     @torch.no_grad()
