@@ -132,3 +132,27 @@ def tiny_sentence_components(seed: int = 0) -> dict:
     comps["text_encoder_2"] = None
     comps["tokenizer_2"] = None
     return comps
+
+
+def randomize_adapters(model, adapter_name: str = "default", std: float = 0.1, seed: int = 0) -> None:
+    """Give every parameter of ``adapter_name`` random values (fresh adapters are exact no-ops: B = 0),
+    so that tests comparing "with adapter" to "without" cannot pass trivially."""
+    from x2edit.adapters import adapter_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for p in layer.adapters[adapter_name].parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def tiny_flux_inputs(batch: int = 2, img_tokens: int = 16, txt_tokens: int = 8, seed: int = 0) -> dict:
+    """Keyword arguments for a forward of ``tiny_flux_transformer()``."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, img_tokens, 4 * LATENT_CHANNELS, generator=g),
+        encoder_hidden_states=torch.randn(batch, txt_tokens, TEXT_DIM, generator=g),
+        pooled_projections=torch.randn(batch, TEXT_DIM, generator=g),
+        timestep=torch.full((batch,), 0.5), guidance=torch.full((batch,), 3.5),
+        img_ids=torch.zeros(img_tokens, 3), txt_ids=torch.zeros(txt_tokens, 3), return_dict=False,
+    )

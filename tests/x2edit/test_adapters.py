@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from conftest import flux_inputs, randomize_adapters
 from safetensors.torch import load_file, save_file
 
 from x2edit.adapters import (
@@ -23,7 +22,7 @@ from x2edit.adapters import (
     unmerge_adapter,
 )
 from x2edit.adapters.inject import make_adapter
-from x2edit.testing import tiny_flux_transformer
+from x2edit.testing import randomize_adapters, tiny_flux_inputs, tiny_flux_transformer
 
 
 def _layer(config, K=13, N=11, seed=0, dtype=torch.float64):
@@ -150,7 +149,7 @@ def test_injection_presets_and_summary():
 
 def test_gradients_reach_only_adapter_parameters(moe_model):
     with routing_context(moe_model, task_ids=[3, 7]) as state:
-        out = moe_model(**flux_inputs())[0]
+        out = moe_model(**tiny_flux_inputs())[0]
     (out.square().mean() + 0.01 * state.balance_loss).backward()
     for name, p in moe_model.named_parameters():
         if ".adapters." in name:
@@ -165,9 +164,9 @@ def test_save_load_round_trip(moe_model, tmp_path):
     cfg = load_adapter(fresh, path)
     assert cfg.num_experts == 3 and cfg.rank == 4
     with routing_context(moe_model, task_ids=[3, 7]):
-        a = moe_model(**flux_inputs())[0]
+        a = moe_model(**tiny_flux_inputs())[0]
     with routing_context(fresh, task_ids=[3, 7]):
-        b = fresh(**flux_inputs())[0]
+        b = fresh(**tiny_flux_inputs())[0]
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -230,7 +229,7 @@ def task_model():
 
 def test_merge_equals_unmerged_and_unmerge_restores(task_model):
     base = {n: p.detach().clone() for n, p in task_model.named_parameters() if "base_layer" in n}
-    inputs = flux_inputs(batch=2)
+    inputs = tiny_flux_inputs(batch=2)
     with routing_context(task_model, task_ids=[4, 4]):
         unmerged = task_model(**inputs)[0]
     merge_adapter(task_model, task="color_change")

@@ -6,13 +6,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import randomize_adapters
 from PIL import Image
 
 from x2edit import X2EditPipeline
 from x2edit.adapters import AdapterConfig, inject_adapters, save_adapter
 from x2edit.cli import COMMANDS, main
-from x2edit.testing import tiny_sentence_components
+from x2edit.testing import randomize_adapters, tiny_sentence_components
 
 
 def test_help_lists_every_command():

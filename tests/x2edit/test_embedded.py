@@ -30,7 +30,6 @@ def test_loads_offline_with_its_moe_lora(tiny):
 
 def test_edits_held_out_pairs_better_than_copying(tiny):
     from data_pipeline.shapeworld import ShapeWorld
-
     from training.evaluation import edit_metrics, run_edits
 
     pairs = list(ShapeWorld(resolution=64).eval_pairs(n_per_task=1))

@@ -3,13 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_adapters
 from diffusers import FluxKontextPipeline
 from PIL import Image
 
 from x2edit import X2EditPipeline
 from x2edit.adapters import AdapterConfig, adapter_names, inject_adapters
-from x2edit.testing import tiny_kontext_components, tiny_sentence_components
+from x2edit.testing import randomize_adapters, tiny_kontext_components, tiny_sentence_components
 
 KW = dict(num_inference_steps=2, max_sequence_length=16, output_type="np")
 
