@@ -198,3 +198,17 @@ def test_large_source_is_capped_at_max_area():
     img = Image.new("RGB", (64, 48), (200, 10, 10))
     out = pipe(img, "make it red", task=0, max_area=32 * 24, **KW).images
     assert out.shape == (1, 24, 32, 3)
+
+
+def test_triton_kernel_path_gives_the_same_edit(source_image):
+    """The adapter layers reach the fused Triton kernels through the one dispatch point
+    (interpreter on CPU, compiled on CUDA) and get the torch reference's result."""
+    pytest.importorskip("triton")
+    import kernels
+
+    pipe = _pipe()
+    with kernels.use_backend("torch"):
+        ref = pipe(source_image, "make it red", task="color_change", generator=_gen(0), **KW).images
+    with kernels.use_backend("triton"):
+        fused = pipe(source_image, "make it red", task="color_change", generator=_gen(0), **KW).images
+    np.testing.assert_allclose(fused, ref, atol=1e-4)
