@@ -2,7 +2,7 @@ import pytest
 
 import x2edit
 from x2edit.registry import BASE_MODELS, get_base_model, load_pipeline, resolve_base
-from x2edit.testing import tiny_kontext_components
+from x2edit.testing import tiny_flux_transformer, tiny_kontext_components
 
 
 def test_registered_models():
@@ -23,3 +23,21 @@ def test_local_directory_loads(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no model_index.json"):
         resolve_base(tmp_path / "empty")
+
+
+def test_saved_pixel_space_pipeline_loads_in_a_fresh_process(tmp_path):
+    """diffusers loads custom components only from modules already imported: x2edit must see to it."""
+    import subprocess
+    import sys
+
+    from x2edit.pixel_vae import PixelShuffleVAE
+
+    comps = tiny_kontext_components(0)
+    comps["vae"] = PixelShuffleVAE(factor=2, in_channels=3)
+    comps["transformer"] = tiny_flux_transformer(0, in_channels=48)  # 4 x (3 x 2 x 2) pixel channels
+    x2edit.X2EditPipeline(**comps).save_pretrained(tmp_path)
+    code = ("from x2edit.registry import load_pipeline; "
+            f"p = load_pipeline({str(tmp_path)!r}); print(type(p.vae).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("PixelShuffleVAE")
