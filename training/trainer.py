@@ -186,7 +186,8 @@ class Trainer:
 
         self.config = config
         self.out = Path(config.output_dir)
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        # cpu=True without CUDA: accelerate then runs several CPU processes (torchrun / MPI) over gloo.
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.pipe = load_base_pipeline(config)
