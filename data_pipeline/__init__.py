@@ -1,1 +1,10 @@
-"""data_pipeline package."""
+"""``x2edit build-data``: sources -> task sampler -> experts -> instruction writers -> scorers ->
+filters -> WebDataset shards, on a local or a Ray engine; and Shape World, its offline world.
+
+    from data_pipeline.shapeworld import ShapeWorld          # exact editing pairs for every task
+    from data_pipeline.shards import read_shards, read_index  # read what build-data wrote
+    from data_pipeline.config import load_config
+    from data_pipeline.runner import build                    # what the CLI runs
+
+See docs/build_data.md.
+"""

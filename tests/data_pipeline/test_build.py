@@ -210,6 +210,7 @@ def test_parquet_source_skips_corrupt_images(tmp_path, caplog):
     rows = {"image": [_png(s) for s, _ in pairs], "edited": [_png(t) for _, t in pairs],
             "prompt": [f"invert square {i}" for i in range(6)], "kind": ["color_change"] * 6}
     rows["image"][2] = b"definitely not an image"
+    rows["kind"][4] = "teleportation"  # not a task: dropped with the reason
     pq.write_table(pa.table(rows), tmp_path / "pairs.parquet")
     cfg = _rescore_config(tmp_path, {"type": "parquet_source", "path": str(tmp_path / "pairs.parquet"),
                                      "instruction_column": "prompt", "task_column": "kind",
@@ -217,12 +218,13 @@ def test_parquet_source_skips_corrupt_images(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="data_pipeline"):
         assert _cli("--out", str(tmp_path / "out"), "--config", str(cfg), "--workers", "1") == 0
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["totals"] == {"generated": 6, "kept": 5, "dropped": 1, "skipped_corrupt": 1}
+    assert stats["totals"] == {"generated": 6, "kept": 4, "dropped": 2, "skipped_corrupt": 1}
+    assert stats["drop_reasons"] == {"parquet_source: corrupt source image": 1, "task_sampler: unknown task": 1}
     assert "pairs.parquet:2" in stats["corrupt_inputs"][0]["source_id"]
     assert "cannot identify image" in stats["corrupt_inputs"][0]["reason"]
     assert any("corrupt input pairs.parquet:2" in r.message for r in caplog.records)
     samples = list(read_shards(tmp_path / "out"))
-    assert len(samples) == 5 and all(s.task == "color_change" for s in samples)
+    assert len(samples) == 4 and all(s.task == "color_change" for s in samples)
     assert all(s.scores["changed_ratio"] == pytest.approx(64 / 576, abs=2 / 576) for s in samples)
     assert np.array_equal(samples[0].target, pairs[0][1])
 
@@ -256,3 +258,13 @@ def test_progress_bar_and_table(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "pair/s" in captured.err and "kept=" in captured.err and "dropped=" in captured.err
     assert "task" in captured.out and "generated" in captured.out and "mean oracle_psnr" in captured.out
+
+
+def test_training_reader_loads_the_shards(default_run):
+    """The training issue's reader (format "x2edit") reads what build-data wrote, all 15 tasks."""
+    data = pytest.importorskip("training.data")
+    reader = data.build_reader({"format": "x2edit", "path": str(default_run), "filters": ["oracle_psnr >= 40"]})
+    samples = list(reader)
+    assert len(samples) == read_index(default_run).filter(read_index(default_run)["kept"]).num_rows
+    assert {s.task for s in samples} == set(TASK_NAMES)
+    assert reader.stats.kept == len(samples)

@@ -13,7 +13,14 @@ from data_pipeline.sample import Sample
 from data_pipeline.shapeworld import ShapeWorld
 from data_pipeline.stages.base import build_params
 from data_pipeline.stages.filters import Rule, ThresholdFilter
-from data_pipeline.stages.scorers import ClipScorer, OracleScorer, PixelScorer, VlmJudge, clip_scores, viescore
+from data_pipeline.stages.scorers import (
+    ClipScorer,
+    OracleScorer,
+    PixelScorer,
+    VlmJudge,
+    clip_scores,
+    viescore,
+)
 
 
 def _stage(cls, **params):

@@ -1,0 +1,1 @@
+"""Engines run shard jobs: ``local`` (processes over shards) and ``ray`` (Ray Data)."""
