@@ -14,13 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from data_pipeline.metrics import psnr
 from x2edit.tasks import TASK_NAMES
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images (capped at 100 dB for identical images)."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def edit_metrics(output: np.ndarray, source: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict:

@@ -13,6 +13,7 @@ the same losses as an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -347,8 +348,9 @@ class Trainer:
 
     # -- validation --------------------------------------------------------------------------
     def validate(self) -> dict:
+        from data_pipeline.metrics import psnr
         from data_pipeline.shapeworld import ShapeWorld
-        from training.evaluation import edit_grid, evaluate_pairs, psnr
+        from training.evaluation import edit_grid, evaluate_pairs
 
         cfg = self.config
         world = ShapeWorld(resolution=cfg.data.resolution)
@@ -361,18 +363,13 @@ class Trainer:
                                                tasks=[p.task for p in pairs])
             metrics = {"val/edit_gain_db": table["mean"]["edit_gain_db"]}
         else:
-            from types import SimpleNamespace
-
-            # t2i: generate the target scene from its caption (no reference image).
-            prompts = [SimpleNamespace(source=np.full_like(p.target, 255), target=p.target, task=p.task,
-                                       instruction=p.captions[1], mask=p.mask) for p in pairs]
-            outputs = []
-            for p in prompts:
-                img = self.pipe(prompt=p.instruction, height=p.target.shape[0], width=p.target.shape[1],
-                                num_inference_steps=20, output_type="np",
-                                generator=torch.Generator().manual_seed(cfg.seed)).images[0]
-                outputs.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
-            pairs = prompts
+            # t2i: generate each target scene from its caption; the grid shows a blank "source".
+            pairs = [dataclasses.replace(p, source=np.full_like(p.target, 255), instruction=p.captions[1])
+                     for p in pairs]
+            h, w = pairs[0].target.shape[:2]
+            images = self.pipe(prompt=[p.instruction for p in pairs], height=h, width=w, num_inference_steps=20,
+                               output_type="np", generator=torch.Generator().manual_seed(cfg.seed)).images
+            outputs = list((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
             metrics = {"val/psnr": float(np.mean([psnr(o, p.target) for o, p in zip(outputs, pairs)]))}
         edit_grid(pairs, outputs).save(out_dir / f"step_{self.step:07d}.png")
         self.transformer.train()

@@ -122,3 +122,14 @@ def test_batch_indices_are_a_pure_function_of_step():
 def test_adapter_names_after_edit_training(tmp_path, base_dir):
     trainer = Trainer(_edit_config(tmp_path, base_dir, steps=1, checkpoint_every=0))
     assert adapter_names(trainer.transformer) == ["default"]
+
+
+@pytest.mark.parametrize("mode", ["t2i", "edit"])
+def test_validation_writes_grid_and_metric(tmp_path, base_dir, mode):
+    over = {"steps": 1, "checkpoint_every": 0, "validate_every": 1}
+    cfg = _config(tmp_path, **over) if mode == "t2i" else _edit_config(tmp_path, base_dir, **over)
+    out = Trainer(cfg).train()
+    assert (out / "validation" / "step_0000001.png").stat().st_size > 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    key = "val/psnr" if mode == "t2i" else "val/edit_gain_db"
+    assert any(key in row and row[key] == row[key] for row in logged)  # present and not NaN
