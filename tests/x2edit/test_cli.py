@@ -68,7 +68,7 @@ def test_edit_end_to_end(tiny_base, capsys):
     ({"--task": "recolor"}, "unknown task"),
     ({"--out": "out.gif"}, "--out must end in"),
     ({"--out": "missing_dir/out.png"}, "output directory does not exist"),
-    ({"--base": "x2edit-tiny"}, "not bundled"),
+    ({"--steps": "0"}, "--steps must be >= 1"),
     ({"--base": "flux.1-fill-dev"}, "diptych"),
     ({"--base": "nonexistent_dir/"}, "not found"),
     ({"--adapter": "absent.safetensors"}, "adapter file not found"),

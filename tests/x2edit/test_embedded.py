@@ -32,8 +32,8 @@ def test_edits_held_out_pairs_of_every_task(tiny):
     """Runs offline on one held-out pair per task and gives finite images and a full metrics table.
     (Its quality is measured by `x2edit eval`, reported in the README; not asserted here.)"""
     import numpy as np
-    from data_pipeline.shapeworld import ShapeWorld
 
+    from data_pipeline.shapeworld import ShapeWorld
     from training.evaluation import edit_metrics, run_edits, summarize
 
     pairs = list(ShapeWorld(resolution=64).eval_pairs(n_per_task=1))
@@ -41,3 +41,18 @@ def test_edits_held_out_pairs_of_every_task(tiny):
     assert all(o.shape == (64, 64, 3) and o.dtype == np.uint8 for o in outputs)
     table = summarize([{"task": p.task, **edit_metrics(o, p.source, p.target, p.mask)} for p, o in zip(pairs, outputs)])
     assert len(table) == 16 and np.isfinite(table["mean"]["edit_gain_db"])
+
+
+def test_cli_edit_uses_the_embedded_default(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from data_pipeline.shapeworld import ShapeWorld
+    from x2edit.cli import main
+
+    pair = ShapeWorld(resolution=64).sample(seed=0, split="eval")
+    Image.fromarray(pair.source).save(tmp_path / "src.png")
+    assert main(["edit", "--image", str(tmp_path / "src.png"), "--instruction", pair.instruction,
+                 "--out", str(tmp_path / "out.png"), "--steps", "2"]) == 0  # no --base: x2edit-tiny
+    assert np.asarray(Image.open(tmp_path / "out.png")).shape == (64, 64, 3)
+    assert "task=" in capsys.readouterr().out
