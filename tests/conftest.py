@@ -9,19 +9,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Triton kernels run through the interpreter when there is no GPU. This must be set before
 # triton is first imported anywhere in the test session.
-try:
-    import torch
+import torch  # noqa: E402
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-except ImportError:  # pragma: no cover
-    pass
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
 
     if torch.cuda.is_available():
         return

@@ -245,7 +245,8 @@ class X2EditPipeline(FluxKontextPipeline):
             per_prompt = kwargs.get("num_images_per_prompt") or 1
             task_ids = torch.tensor(ids, dtype=torch.long).repeat_interleave(per_prompt)
             routing = routing_context(self.transformer, task_ids=task_ids)
-        elif task is not None:
-            get_task(task) if not isinstance(task, (list, tuple)) else [get_task(t) for t in task]
+        elif task is not None:  # no router to feed, but an unknown task name is still an error
+            for t in task if isinstance(task, (list, tuple)) else [task]:
+                get_task(t)
         with routing:
             return super().__call__(image=image, prompt=prompt, height=height, width=width, max_area=area, **kwargs)
