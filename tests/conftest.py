@@ -18,7 +18,6 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
