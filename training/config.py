@@ -27,6 +27,9 @@ class ModelConfig:
             from ``transformer`` + ``vae_factor`` + ``text_encoder`` (base pretraining).
         transformer: FluxTransformer2DModel config for a new model.
         vae_factor: pixel-space VAE factor for a new model.
+        prediction_type: what a new model's transformer predicts: "sample" (x0; best for pixel-space
+            patches as wide as the model) or "flow" (FLUX's velocity). A base's own scheduler says which
+            for adapters trained on it.
         text_encoder: sentence-encoder directory for a new model; None = bundled all-MiniLM-L6-v2.
         max_text_tokens: text tokens per prompt.
         gradient_checkpointing: recompute block activations in backward.
@@ -35,6 +38,7 @@ class ModelConfig:
     base: str | None = None
     transformer: dict = field(default_factory=dict)
     vae_factor: int = 4
+    prediction_type: str = "sample"
     text_encoder: str | None = None
     max_text_tokens: int = 32
     gradient_checkpointing: bool = False
@@ -128,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.mode == "t2i" and self.model.base is None and not self.model.transformer:
             raise ValueError("t2i pretraining from scratch needs model.transformer (a FluxTransformer2DModel config)")
+        if self.model.prediction_type not in ("sample", "flow"):
+            raise ValueError(f"model.prediction_type must be 'sample' or 'flow', got {self.model.prediction_type!r}")
         if self.mode == "edit" and self.model.base is None:
             raise ValueError("edit training needs model.base: the frozen base model to adapt")
 

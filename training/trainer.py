@@ -42,6 +42,7 @@ from x2edit.adapters import (
     routing_context,
     save_adapter,
 )
+from x2edit.schedulers import SIGMA_FLOOR, prediction_type, velocity_from_sample
 from x2edit.tasks import TASK_NAMES, get_task
 
 logger = logging.getLogger(__name__)
@@ -139,11 +140,12 @@ def batch_indices(step: int, batch: int, rank: int, world: int, size: int, seed:
 
 def build_new_pipeline(config: TrainConfig):
     """A new pixel-space FLUX-architecture pipeline with the bundled MiniLM text encoder (t2i from scratch)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import AutoModel, AutoTokenizer
 
     from x2edit.pipeline import X2EditPipeline
     from x2edit.pixel_vae import PixelShuffleVAE
+    from x2edit.schedulers import FlowMatchSampleScheduler
     from x2edit.testing import minilm_path
 
     torch.manual_seed(config.seed)
@@ -152,6 +154,7 @@ def build_new_pipeline(config: TrainConfig):
     tokenizer.model_max_length = config.model.max_text_tokens
     text_encoder = AutoModel.from_pretrained(text_path).eval()
     vae = PixelShuffleVAE(factor=config.model.vae_factor)
+    scheduler = FlowMatchSampleScheduler(prediction_type=config.model.prediction_type)
     tcfg = dict(config.model.transformer)
     expected_in = 4 * vae.config.latent_channels
     if tcfg.setdefault("in_channels", expected_in) != expected_in:
@@ -162,7 +165,7 @@ def build_new_pipeline(config: TrainConfig):
         transformer = FluxTransformer2DModel(**tcfg)
     except TypeError as e:
         raise ValueError(f"model.transformer: {e}") from None
-    return X2EditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+    return X2EditPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                           tokenizer=tokenizer, transformer=transformer)
 
 
@@ -194,6 +197,7 @@ class Trainer:
         self.pipe = load_base_pipeline(config)
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer = self.pipe.transformer
+        self.prediction = prediction_type(self.pipe.scheduler)  # a property of the base model
         for module in (self.pipe.text_encoder, self.pipe.vae):
             module.requires_grad_(False)
         if config.mode == "edit":
@@ -279,6 +283,8 @@ class Trainer:
             pred = self.model(hidden_states=hidden, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
                               encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids,
                               return_dict=False)[0][:, : x0.shape[1]]
+        if self.prediction == "sample":  # the model predicts x0; the loss stays on the velocity (JiT)
+            pred = velocity_from_sample(xt, pred, sigmas, floor=SIGMA_FLOOR)
         fm = flow_matching_loss(pred, target, sigmas, cfg.loss.weighting)
         loss, parts = fm, {"flow_matching": fm.item()}
         if routing.balance_loss is not None and cfg.loss.balance_weight > 0:

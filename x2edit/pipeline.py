@@ -37,6 +37,7 @@ from x2edit.adapters import (
 from x2edit.adapters.inject import _set_submodule
 from x2edit.images import as_rgb_image
 from x2edit.pixel_vae import PixelShuffleVAE  # noqa: F401 (diffusers loads saved components only from imported modules)
+from x2edit.schedulers import FlowMatchSampleScheduler  # noqa: F401 (same reason)
 from x2edit.tasks import get_task
 
 logger = logging.getLogger(__name__)

@@ -49,6 +49,37 @@ def test_t2i_pretraining_learns_and_saves(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 30
 
 
+@pytest.mark.parametrize("prediction", ["sample", "flow"])
+def test_prediction_type_is_saved_with_the_base_and_followed_by_adapters(tmp_path, prediction):
+    from x2edit.schedulers import prediction_type
+
+    base = Trainer(_config(tmp_path / "base", steps=1, checkpoint_every=0,
+                           **{"model.prediction_type": prediction})).train() / "pipeline"
+    assert f'"prediction_type": "{prediction}"' in (base / "scheduler" / "scheduler_config.json").read_text()
+    trainer = Trainer(_edit_config(tmp_path / "edit", base, steps=1, checkpoint_every=0))
+    assert trainer.prediction == prediction_type(trainer.pipe.scheduler) == prediction
+
+
+def test_sample_prediction_loss_is_the_velocity_error(tmp_path, base_dir, monkeypatch):
+    """An x0-predicting model is scored on the velocity it implies: a perfect x0 gives zero loss."""
+    import training.trainer as tr
+
+    trainer = Trainer(_edit_config(tmp_path, base_dir, steps=1, checkpoint_every=0, **{"loss.contrastive_weight": 0,
+                                                                                        "loss.balance_weight": 0}))
+    assert trainer.prediction == "sample"
+    captured = {}
+    real_pair = tr.flow_matching_pair
+
+    def pair(x0, sigmas, generator=None):
+        captured["x0"] = x0
+        return real_pair(x0, sigmas, generator=generator)
+
+    monkeypatch.setattr(tr, "flow_matching_pair", pair)
+    monkeypatch.setattr(trainer.model, "forward", lambda **kw: (captured["x0"].clone(),))  # "predicts" the true x0
+    loss, parts = trainer.compute_loss(trainer.batch(0), 0)
+    assert parts["flow_matching"] < 1e-8
+
+
 def test_edit_training_writes_adapter_with_all_losses(tmp_path, base_dir):
     parts = []
     out = Trainer(_edit_config(tmp_path, base_dir, steps=2, checkpoint_every=0, batch_size=6,
@@ -105,6 +136,7 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, base_dir):
     ({"adapter": {"rank": 0}}, "rank must be a positive integer"),
     ({"mode": "video"}, "mode must be"),
     ({"mode": "edit"}, "needs model.base"),
+    ({"model.prediction_type": "epsilon"}, "prediction_type must be"),
 ])
 def test_config_errors_before_training(tmp_path, over, message):
     with pytest.raises(ValueError, match=message):
