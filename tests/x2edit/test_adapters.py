@@ -147,6 +147,14 @@ def test_injection_presets_and_summary():
         inject_adapters(tiny_flux_transformer(0), AdapterConfig(kind="lora", rank=2, targets=[r"nothing\.here"]))
 
 
+@pytest.mark.parametrize("name", ["eval", "to", "", "a.b", 3])
+def test_bad_adapter_names_are_refused_before_any_layer_is_wrapped(name):
+    model = tiny_flux_transformer(0)
+    with pytest.raises(ValueError, match="invalid adapter name"):
+        inject_adapters(model, AdapterConfig(kind="lora", rank=2), adapter_name=name)
+    assert not any(isinstance(m, AdapterLinear) for m in model.modules())
+
+
 def test_gradients_reach_only_adapter_parameters(moe_model):
     with routing_context(moe_model, task_ids=[3, 7]) as state:
         out = moe_model(**tiny_flux_inputs())[0]

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from x2edit.adapters.config import AdapterConfig
-from x2edit.adapters.layers import AdapterLinear, LoRA, MoELoRA, RoutingState
+from x2edit.adapters.layers import AdapterLinear, LoRA, MoELoRA, RoutingState, check_adapter_name
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
@@ -45,6 +45,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str =
     """
     patterns = [re.compile(p) for p in config.target_patterns]
     targets = []
+    check_adapter_name(adapter_name)  # before any layer is wrapped
     for name, module in list(model.named_modules()):
         if not any(p.fullmatch(name) for p in patterns):
             continue

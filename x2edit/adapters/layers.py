@@ -148,6 +148,13 @@ def _pad_rank(A: torch.Tensor, B: torch.Tensor, rank: int):
     return F.pad(A, (0, 0, 0, rank - r)), F.pad(B, (0, rank - r))
 
 
+def check_adapter_name(name) -> None:
+    """Adapter names key a ModuleDict: no dots, not empty, and not one of nn.Module's own attributes."""
+    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict, name):
+        raise ValueError(f"invalid adapter name {name!r}: use a non-empty name without dots that is not an "
+                         "nn.Module attribute (e.g. not 'eval', 'train' or 'to')")
+
+
 class AdapterLinear(nn.Module):
     """A frozen ``nn.Linear`` plus named adapters, computed in one fused call.
 
@@ -177,6 +184,7 @@ class AdapterLinear(nn.Module):
     bias = property(lambda self: self.base_layer.bias)
 
     def add_adapter(self, name: str, adapter: nn.Module) -> None:
+        check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded here; pick another adapter_name")
         w = self.base_layer.weight
