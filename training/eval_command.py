@@ -1,10 +1,16 @@
 """`x2edit eval`: benchmark an editing model.
 
-Shape World (exact targets): per task, edit gain in dB = PSNR(output, target) - PSNR(source, target)
-and the mean error inside / outside the edited region, on the fixed held-out split.
+Shape World (exact targets, the default): per task, edit gain in dB = PSNR(output, target) -
+PSNR(source, target) and the mean error inside / outside the edited region, on the fixed held-out split.
 
     x2edit eval --out DIR [--base NAME|DIR] [--adapter FILE] [--n-per-task K] [--steps N]
                 [--routing labels|classifier]
+
+Real images (``--folder``, GEdit-Bench form; see training/folder_eval.py and docs/eval.md): L1 to
+the source (and target), CLIP-I / CLIP-T and a VLM judge's SC / PQ / O, per task.
+
+    x2edit eval --out DIR --folder CASES [--base NAME|DIR] [--adapter FILE | --outputs IMAGES]
+                [--clip WEIGHTS] [--judge VLM_DIR] [--steps N] [--seed S] [--guidance G]
 """
 
 from __future__ import annotations
@@ -15,19 +21,41 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", required=True, help="output directory for metrics.json, rows.jsonl, grid.png")
-    parser.add_argument("--base", default="x2edit-tiny", help="registered name or pipeline directory")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory for metrics.json, rows.jsonl, grid.png (folder mode: table.md and outputs/)",
+    )
+    parser.add_argument(
+        "--base", default=None, help="registered name or pipeline directory (default: x2edit-tiny)"
+    )
     parser.add_argument("--adapter", default=None, help="x2edit adapter file to load on the base")
     parser.add_argument("--n-per-task", type=int, default=20, help="held-out Shape World pairs per task")
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=64, help="Shape World image size")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--routing", choices=["labels", "classifier"], default="labels",
-                        help="route the MoE-LoRA with the true task labels or the instruction classifier")
+    parser.add_argument(
+        "--routing",
+        choices=["labels", "classifier"],
+        default="labels",
+        help="route the MoE-LoRA with the true task labels or the instruction classifier",
+    )
+    folder = parser.add_argument_group("real images (GEdit-Bench form; see docs/eval.md)")
+    folder.add_argument(
+        "--folder", default=None, help="folder with cases.jsonl: score these edits instead of Shape World"
+    )
+    folder.add_argument(
+        "--outputs", default=None, help="score DIR/<id>.png made by any model instead of editing"
+    )
+    folder.add_argument("--guidance", type=float, default=2.5, help="guidance scale of the edits")
+    folder.add_argument("--clip", default=None, help="local open_clip weights file: adds CLIP-I and CLIP-T")
+    folder.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip")
+    folder.add_argument("--judge", default=None, help="local VLM directory (e.g. Qwen2.5-VL): adds SC, PQ, O")
 
 
-def evaluate_shapeworld(pipe, n_per_task: int = 20, resolution: int = 64, steps: int = 28, seed: int = 0,
-                        routing: str = "labels"):
+def evaluate_shapeworld(
+    pipe, n_per_task: int = 20, resolution: int = 64, steps: int = 28, seed: int = 0, routing: str = "labels"
+):
     """(per-task table, per-pair rows, pairs, outputs) of ``pipe`` on the held-out Shape World split."""
     from data_pipeline.shapeworld import ShapeWorld
     from training.evaluation import edit_metrics, run_edits, summarize
@@ -35,16 +63,22 @@ def evaluate_shapeworld(pipe, n_per_task: int = 20, resolution: int = 64, steps:
     pairs = list(ShapeWorld(resolution=resolution).eval_pairs(n_per_task=n_per_task))
     tasks = [p.task for p in pairs] if routing == "labels" else None
     outputs = run_edits(pipe, pairs, steps=steps, seed=seed, tasks=tasks)
-    rows = [{"task": p.task, "instruction": p.instruction, **edit_metrics(o, p.source, p.target, p.mask)}
-            for p, o in zip(pairs, outputs)]
+    rows = [
+        {"task": p.task, "instruction": p.instruction, **edit_metrics(o, p.source, p.target, p.mask)}
+        for p, o in zip(pairs, outputs)
+    ]
     return summarize(rows), rows, pairs, outputs
 
 
 def run(args) -> int:
+    if args.folder is not None:
+        from training.folder_eval import run as run_folder
+
+        return run_folder(args)
     import torch
 
     from training.evaluation import edit_grid, format_table
-    from x2edit.registry import load_pipeline
+    from x2edit.registry import DEFAULT_BASE, load_pipeline
 
     if args.n_per_task < 1 or args.steps < 1:
         raise ValueError("--n-per-task and --steps must be >= 1")
@@ -53,12 +87,17 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.base, torch_dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(
+        args.base or DEFAULT_BASE,
+        torch_dtype=torch.float32,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
     pipe.set_progress_bar_config(disable=True)
     if args.adapter:
-        pipe.load_adapter(args.adapter, adapter_name="eval")
-    table, rows, pairs, outputs = evaluate_shapeworld(pipe, args.n_per_task, args.resolution, args.steps, args.seed,
-                                                      args.routing)
+        pipe.load_adapter(args.adapter, adapter_name="evaluated")
+    table, rows, pairs, outputs = evaluate_shapeworld(
+        pipe, args.n_per_task, args.resolution, args.steps, args.seed, args.routing
+    )
     (out / "metrics.json").write_text(json.dumps(table, indent=2))
     with (out / "rows.jsonl").open("w") as f:
         for r in rows:
