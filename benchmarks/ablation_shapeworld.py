@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 MOE = {"kind": "moe_lora", "rank": 8, "num_experts": 6, "top_k": 2, "shared_expert": True, "task_embed_dim": 64,
-       "targets": "attn_ff"}
+       "targets": "x2edit"}
 VARIANTS = {
-    "lora": ({"kind": "lora", "targets": "attn_ff"}, 0.0),  # rank chosen to match the MoE-LoRA's parameters
+    "lora": ({"kind": "lora", "targets": "x2edit"}, 0.0),  # rank chosen to match the MoE-LoRA's parameters
     "moe": ({**MOE, "router": "token_topk"}, 0.0),
     "moe+con": ({**MOE, "router": "token_topk"}, 0.1),
     "moe_task+con": ({**MOE, "router": "task"}, 0.1),
@@ -38,7 +38,7 @@ def matched_lora_rank(base: str) -> int:
     from x2edit.registry import load_pipeline
 
     counts = {}
-    for kind, cfg in (("moe", AdapterConfig(**MOE)), ("lora1", AdapterConfig(kind="lora", rank=1, targets="attn_ff"))):
+    for kind, cfg in (("moe", AdapterConfig(**MOE)), ("lora1", AdapterConfig(kind="lora", rank=1, targets="x2edit"))):
         t = load_pipeline(base).transformer
         inject_adapters(t, cfg)
         counts[kind] = adapter_summary(t)["adapter_params"]

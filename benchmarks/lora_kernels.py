@@ -2,9 +2,9 @@
 
 Needs a CUDA GPU and triton; refuses (exit status 2) without them.
 
-    python benchmarks/kernels.py --out results/kernels            # full run (~10 minutes on an H100)
-    python benchmarks/kernels.py --out results/kernels --quick    # one token count, fewer rows
-    python benchmarks/kernels.py --out results/kernels --no-e2e   # linears only
+    python benchmarks/lora_kernels.py --out results/kernels            # full run (~10 minutes on an H100)
+    python benchmarks/lora_kernels.py --out results/kernels --quick    # one token count, fewer rows
+    python benchmarks/lora_kernels.py --out results/kernels --no-e2e   # linears only
 
 Writes OUT/kernels.json (every measurement plus the environment) and OUT/kernels.md (a table of
 times and ratios to the base matmul, with the targets of issue 5).
@@ -43,15 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# Run as a script, Python puts benchmarks/ first on sys.path, where this file (kernels.py) would
-# shadow the `kernels` package: import the package from the repository root instead.
-HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import kernels  # noqa: E402
-from kernels import lora_linear, lora_linear_reference, moe_lora_loop_reference, use_backend  # noqa: E402
+import kernels
+from kernels import lora_linear, lora_linear_reference, moe_lora_loop_reference, use_backend
 
 # The linears of FLUX.1 (inner dim 3072, MLP ratio 4): name -> (in_features K, out_features N).
 FLUX_LINEARS = {
@@ -468,13 +461,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         print(
-            "benchmarks/kernels.py needs a CUDA GPU (the Triton kernels and CUDA-event timing run only "
+            "benchmarks/lora_kernels.py needs a CUDA GPU (the Triton kernels and CUDA-event timing run only "
             "there); no CUDA device is visible to torch. Nothing was measured.",
             file=sys.stderr,
         )
         return 2
     if not kernels.triton_available():
-        print("benchmarks/kernels.py needs triton: pip install 'x2edit[triton]'", file=sys.stderr)
+        print("benchmarks/lora_kernels.py needs triton: pip install 'x2edit[triton]'", file=sys.stderr)
         return 2
 
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py: refuses without a GPU; its rows, tables and end-to-end line work in small.
+"""benchmarks/lora_kernels.py: refuses without a GPU; its rows, tables and end-to-end line work in small.
 
 The real measurements need CUDA. Here the same functions run on CPU at tiny sizes with a wall-clock
 timer (Triton through the interpreter), so that a GPU run does not fail on a bug in the script.
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "kernels.py"
+SCRIPT = ROOT / "benchmarks" / "lora_kernels.py"
 
 
 @pytest.fixture(scope="module")
