@@ -27,9 +27,9 @@ class ModelConfig:
             from ``transformer`` + ``vae_factor`` + ``text_encoder`` (base pretraining).
         transformer: FluxTransformer2DModel config for a new model.
         vae_factor: pixel-space VAE factor for a new model.
-        prediction_type: what a new model's transformer predicts: "sample" (x0; best for pixel-space
-            patches as wide as the model) or "flow" (FLUX's velocity). A base's own scheduler says which
-            for adapters trained on it.
+        prediction_type: what a new model's transformer predicts: "flow" (FLUX's velocity) or "sample"
+            (x0, as JiT argues for pixel patches as wide as the model; see x2edit/schedulers.py). A base's
+            own scheduler says which for adapters trained on it.
         text_encoder: sentence-encoder directory for a new model; None = bundled all-MiniLM-L6-v2.
         max_text_tokens: text tokens per prompt.
         gradient_checkpointing: recompute block activations in backward.
@@ -38,7 +38,7 @@ class ModelConfig:
     base: str | None = None
     transformer: dict = field(default_factory=dict)
     vae_factor: int = 4
-    prediction_type: str = "sample"
+    prediction_type: str = "flow"
     text_encoder: str | None = None
     max_text_tokens: int = 32
     gradient_checkpointing: bool = False

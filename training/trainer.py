@@ -140,7 +140,7 @@ def batch_indices(step: int, batch: int, rank: int, world: int, size: int, seed:
 
 def build_new_pipeline(config: TrainConfig):
     """A new pixel-space FLUX-architecture pipeline with the bundled MiniLM text encoder (t2i from scratch)."""
-    from diffusers import FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import AutoModel, AutoTokenizer
 
     from x2edit.pipeline import X2EditPipeline
@@ -154,7 +154,9 @@ def build_new_pipeline(config: TrainConfig):
     tokenizer.model_max_length = config.model.max_text_tokens
     text_encoder = AutoModel.from_pretrained(text_path).eval()
     vae = PixelShuffleVAE(factor=config.model.vae_factor)
-    scheduler = FlowMatchSampleScheduler(prediction_type=config.model.prediction_type)
+    # FLUX's own scheduler for velocity models, so the saved pipeline loads in stock diffusers
+    sample = config.model.prediction_type == "sample"
+    scheduler = FlowMatchSampleScheduler() if sample else FlowMatchEulerDiscreteScheduler()
     tcfg = dict(config.model.transformer)
     expected_in = 4 * vae.config.latent_channels
     if tcfg.setdefault("in_channels", expected_in) != expected_in:
