@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "edit": ("x2edit.commands.edit", "edit an image from an instruction"),
     "info": ("x2edit.commands.info", "versions, devices, registered base models and tasks"),
     "demo": ("training.demo", "run the embedded x2edit-tiny on held-out Shape World edits of all 15 tasks"),
-    "eval": ("training.eval_command", "Shape World benchmark (exact targets) for any base + adapter"),
+    "eval": ("training.eval_command", "benchmark edits: Shape World (exact targets) or real images (GEdit-Bench form)"),
     "train": ("training.cli", "train a MoE-LoRA editing adapter (or pretrain a base) with flow matching"),
     "build-data": ("data_pipeline.cli", "build, score, filter and shard editing pairs (Shape World by default)"),
 }
