@@ -55,10 +55,16 @@ class DataConfig:
         filters: score filter expressions for readers, e.g. ["oracle >= 0.9"].
         tasks: restrict to these tasks (None: all).
         validation_pairs: held-out Shape World pairs per task rendered in validation grids.
+        buckets: readers only: batch by aspect-ratio buckets of about ``resolution``^2 pixels (each
+            batch from one bucket; in edit mode with the contrastive loss, built from same-task pairs)
+            instead of fitting every pair to one ``resolution`` square.
+        max_aspect: the most elongated bucket kept (long side / short side).
     """
 
     source: str | dict = "shapeworld"
     resolution: int = 64
+    buckets: bool = False
+    max_aspect: float = 2.0
     filters: list = field(default_factory=list)
     tasks: list | None = None
     validation_pairs: int = 1
@@ -132,6 +138,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.mode == "t2i" and self.model.base is None and not self.model.transformer:
             raise ValueError("t2i pretraining from scratch needs model.transformer (a FluxTransformer2DModel config)")
+        if self.data.buckets and not isinstance(self.data.source, dict):
+            raise ValueError("data.buckets needs a reader source (Shape World scenes are all square)")
         if self.model.prediction_type not in ("sample", "flow"):
             raise ValueError(f"model.prediction_type must be 'sample' or 'flow', got {self.model.prediction_type!r}")
         if self.mode == "edit" and self.model.base is None:

@@ -87,19 +87,33 @@ class ShapeWorldSource:
 
 
 class ReaderSource:
-    """A map-style view of ``training.data`` readers (build-data shards, upstream X2Edit shards, ...)."""
+    """A map-style view of ``training.data`` readers (build-data shards, upstream X2Edit shards, ...).
 
-    def __init__(self, spec: dict, config: TrainConfig):
+    With ``data.buckets`` each pair is fitted to its aspect-ratio bucket and ``batches`` plans which
+    indices form each batch (one bucket per batch); otherwise all pairs share one square size.
+    """
+
+    def __init__(self, spec: dict, config: TrainConfig, multiple: int = 16):
         from training import data as readers
+        from training.buckets import BucketBatchSampler, make_buckets
 
-        self.samples = readers.load_samples(spec, filters=config.data.filters, resolution=config.data.resolution)
-        if config.data.tasks:
-            keep = {get_task(t).name for t in config.data.tasks}
+        d = config.data
+        buckets = make_buckets(d.resolution**2, multiple, d.max_aspect) if d.buckets else None
+        self.samples = readers.load_samples(spec, filters=d.filters, resolution=None if buckets else d.resolution,
+                                            buckets=buckets)
+        if d.tasks:
+            keep = {get_task(t).name for t in d.tasks}
             self.samples = [s for s in self.samples if s.task in keep]
         if not self.samples:
-            raise ValueError(f"no training samples left from {spec} after filters {config.data.filters} "
-                             f"and tasks {config.data.tasks}")
+            raise ValueError(f"no training samples left from {spec} after filters {d.filters} and tasks {d.tasks}")
         self.mode = config.mode
+        self.batches = None
+        if buckets:
+            contrastive = config.mode == "edit" and config.loss.contrastive_weight > 0
+            self.batches = EpochBatches(BucketBatchSampler(
+                [s.source.size for s in self.samples], buckets, config.batch_size,
+                tasks=[s.task for s in self.samples], balanced_tasks=contrastive and config.batch_size >= 2,
+                seed=config.seed, drop_last=True))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -113,12 +127,38 @@ class ReaderSource:
                 "text": s.instruction, "task": task}
 
 
-def make_source(config: TrainConfig):
+class EpochBatches:
+    """The n-th batch of an endless run of a ``BucketBatchSampler``'s epochs: a pure function of n,
+    so resuming at a step draws the same batches as the uninterrupted run."""
+
+    def __init__(self, sampler):
+        self.sampler, self._lengths = sampler, []
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        plan = list(self.sampler)  # cached per epoch by the sampler
+        if not plan:
+            raise ValueError("no full batch fits in any aspect-ratio bucket: lower batch_size or add data")
+        return plan
+
+    def __getitem__(self, n: int) -> list[int]:
+        epoch = 0
+        while True:
+            if epoch == len(self._lengths):
+                self._lengths.append(len(self._plan(epoch)))
+            if n < self._lengths[epoch]:
+                return list(self._plan(epoch)[n])
+            n -= self._lengths[epoch]
+            epoch += 1
+
+
+def make_source(config: TrainConfig, multiple: int = 16):
+    """The training data of ``config``; ``multiple``: the model's pixel grid (bucket sides divide by it)."""
     src = config.data.source
     if src == "shapeworld":
         return ShapeWorldSource(config.data.resolution, config.mode, config.data.tasks)
     if isinstance(src, dict):
-        return ReaderSource(src, config)
+        return ReaderSource(src, config, multiple)
     raise ValueError(f"data.source must be 'shapeworld' or a reader mapping, got {src!r}")
 
 
@@ -211,7 +251,7 @@ class Trainer:
             self.transformer.enable_gradient_checkpointing()
         self.pipe.to(self.accelerator.device)
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
-        self.source = make_source(config)
+        self.source = make_source(config, multiple=self.pipe.vae_scale_factor * 2)
         self.optimizer = self._make_optimizer()
         from diffusers.optimization import get_scheduler
 
@@ -254,8 +294,11 @@ class Trainer:
 
     def batch(self, step: int) -> dict:
         acc = self.accelerator
-        idx = batch_indices(step, self.config.batch_size, acc.process_index, acc.num_processes,
-                            len(self.source), self.config.seed)
+        if getattr(self.source, "batches", None) is not None:  # aspect-ratio buckets
+            idx = self.source.batches[step * acc.num_processes + acc.process_index]
+        else:
+            idx = batch_indices(step, self.config.batch_size, acc.process_index, acc.num_processes,
+                                len(self.source), self.config.seed)
         items = [self.source[i] for i in idx]
         return {"source": [it["source"] for it in items], "target": [it["target"] for it in items],
                 "text": [it["text"] for it in items],

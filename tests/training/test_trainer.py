@@ -168,3 +168,44 @@ def test_validation_writes_grid_and_metric(tmp_path, base_dir, mode):
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     key = "val/psnr" if mode == "t2i" else "val/edit_gain_db"
     assert any(key in row and row[key] == row[key] for row in logged)  # present and not NaN
+
+
+def _mixed_aspect_jsonl(tmp_path, n=12):
+    """A JSONL dataset of n pairs, half landscape (48x32) and half portrait (32x48), two tasks."""
+    import numpy as np
+    from PIL import Image
+
+    lines = []
+    for i in range(n):
+        size = (48, 32) if i % 2 else (32, 48)
+        for kind, value in (("s", 40), ("t", 200)):
+            Image.fromarray(np.full((size[1], size[0], 3), value + i, np.uint8)).save(tmp_path / f"{kind}{i}.png")
+        lines.append({"image_path": f"t{i}.png", "control_path": f"s{i}.png", "caption": f"edit {i}",
+                      "task": ["color_change", "subject_deletion"][(i // 2) % 2]})
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    return {"format": "jsonl", "path": str(tmp_path / "data.jsonl")}
+
+
+def test_aspect_ratio_buckets_batch_one_size_and_resume_draws_the_same(tmp_path, base_dir):
+    spec = _mixed_aspect_jsonl(tmp_path)
+    over = {"steps": 4, "checkpoint_every": 0, "batch_size": 2, "data.source": spec, "data.resolution": 40,
+            "data.buckets": True}
+    trainer = Trainer(_edit_config(tmp_path / "a", base_dir, **over))
+    sizes = set()
+    for step in range(8):  # more than one epoch (6 full batches)
+        batch = trainer.batch(step)
+        shapes = {im.shape for im in batch["source"] + batch["target"]}
+        assert len(shapes) == 1  # one bucket per batch, source and target fitted alike
+        sizes |= shapes
+        assert len(set(batch["task"].tolist())) == 1  # contrastive loss on: batches of same-task pairs
+    assert len(sizes) == 2 and all(h % 16 == 0 and w % 16 == 0 for h, w, _ in sizes) and \
+        any(h > w for h, w, _ in sizes)
+    again = Trainer(_edit_config(tmp_path / "b", base_dir, **over))  # a resumed run rebuilds the plan
+    assert [again.batch(s)["text"] for s in (7, 3)] == [trainer.batch(s)["text"] for s in (7, 3)]
+    trainer.train()  # and the model trains on mixed sizes
+    assert (tmp_path / "a" / "run" / "adapter.safetensors").is_file()
+
+
+def test_buckets_need_a_reader_source(tmp_path):
+    with pytest.raises(ValueError, match="data.buckets needs a reader source"):
+        _config(tmp_path, **{"data.buckets": True})
