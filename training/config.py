@@ -149,9 +149,34 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of everything that decides what is learned (not run length, paths or logging)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES}
+        """Hash of everything that decides what is learned (not run length, paths or logging).
+
+        Settings at their default value are left out, so a release that adds a setting (at a
+        default that keeps the old behaviour) still resumes the checkpoints of earlier runs.
+        """
+        d = {k: v for k, v in _without_defaults(self).items() if k not in self.RESUMABLE_CHANGES}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _without_defaults(obj) -> dict:
+    """A dataclass as a dict of the fields that differ from their defaults (nested dataclasses alike)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            nested = _without_defaults(value)
+            if nested:
+                out[f.name] = nested
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if value != default:
+            out[f.name] = value
+    return out
 
 
 def _check_type(value, tp, key: str):

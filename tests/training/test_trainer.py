@@ -118,6 +118,25 @@ def test_resume_refuses_another_config(tmp_path, base_dir):
         Trainer(_edit_config(tmp_path / "fresh", base_dir, steps=2)).train(resume="latest")
 
 
+def test_fingerprint_leaves_out_settings_at_their_default(tmp_path):
+    """A new setting at its default (as after an upgrade) keeps the fingerprint; a change does not."""
+    import dataclasses
+
+    from training.config import DataConfig
+
+    cfg = _config(tmp_path)
+    assert cfg.fingerprint() == _config(tmp_path, **{"data.buckets": False, "model.prediction_type": "flow"}).fingerprint()
+    assert cfg.fingerprint() != _config(tmp_path, **{"model.prediction_type": "sample"}).fingerprint()
+    assert cfg.fingerprint() != _config(tmp_path, **{"optim.betas": [0.9, 0.99]}).fingerprint()
+
+    @dataclasses.dataclass
+    class NewerDataConfig(DataConfig):  # a later release adds a setting
+        jitter: float = 0.0
+
+    newer = dataclasses.replace(cfg, data=NewerDataConfig(**dataclasses.asdict(cfg.data)))
+    assert newer.fingerprint() == cfg.fingerprint()
+
+
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, base_dir):
     trainer = Trainer(_edit_config(tmp_path, base_dir, steps=6))
     real = trainer.compute_loss
