@@ -27,9 +27,9 @@ class ModelConfig:
             from ``transformer`` + ``vae_factor`` + ``text_encoder`` (base pretraining).
         transformer: FluxTransformer2DModel config for a new model.
         vae_factor: pixel-space VAE factor for a new model.
-        prediction_type: what a new model's transformer predicts: "flow" (FLUX's velocity) or "sample"
-            (x0, as JiT argues for pixel patches as wide as the model; see x2edit/schedulers.py). A base's
-            own scheduler says which for adapters trained on it.
+        prediction_type: how a new model's output is read: "flow" (FLUX's velocity), "sample" (x0, as
+            JiT argues for pixel patches as wide as the model) or "edm" (EDM-preconditioned x0); see
+            x2edit/schedulers.py. A base's own scheduler says which for adapters trained on it.
         text_encoder: sentence-encoder directory for a new model; None = bundled all-MiniLM-L6-v2.
         max_text_tokens: text tokens per prompt.
         gradient_checkpointing: recompute block activations in backward.
@@ -140,8 +140,9 @@ class TrainConfig:
             raise ValueError("t2i pretraining from scratch needs model.transformer (a FluxTransformer2DModel config)")
         if self.data.buckets and not isinstance(self.data.source, dict):
             raise ValueError("data.buckets needs a reader source (Shape World scenes are all square)")
-        if self.model.prediction_type not in ("sample", "flow"):
-            raise ValueError(f"model.prediction_type must be 'sample' or 'flow', got {self.model.prediction_type!r}")
+        if self.model.prediction_type not in ("flow", "sample", "edm"):
+            raise ValueError(f"model.prediction_type must be 'flow', 'sample' or 'edm', got "
+                             f"{self.model.prediction_type!r}")
         if self.mode == "edit" and self.model.base is None:
             raise ValueError("edit training needs model.base: the frozen base model to adapt")
 

@@ -42,7 +42,7 @@ from x2edit.adapters import (
     routing_context,
     save_adapter,
 )
-from x2edit.schedulers import SIGMA_FLOOR, prediction_type, velocity_from_sample
+from x2edit.schedulers import SIGMA_FLOOR, predicted_sample, prediction_type, velocity_from_sample
 from x2edit.tasks import TASK_NAMES, get_task
 
 logger = logging.getLogger(__name__)
@@ -195,8 +195,9 @@ def build_new_pipeline(config: TrainConfig):
     text_encoder = AutoModel.from_pretrained(text_path).eval()
     vae = PixelShuffleVAE(factor=config.model.vae_factor)
     # FLUX's own scheduler for velocity models, so the saved pipeline loads in stock diffusers
-    sample = config.model.prediction_type == "sample"
-    scheduler = FlowMatchSampleScheduler() if sample else FlowMatchEulerDiscreteScheduler()
+    flow = config.model.prediction_type == "flow"
+    scheduler = FlowMatchEulerDiscreteScheduler() if flow else FlowMatchSampleScheduler(
+        prediction_type=config.model.prediction_type)
     tcfg = dict(config.model.transformer)
     expected_in = 4 * vae.config.latent_channels
     if tcfg.setdefault("in_channels", expected_in) != expected_in:
@@ -328,8 +329,10 @@ class Trainer:
             pred = self.model(hidden_states=hidden, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
                               encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids,
                               return_dict=False)[0][:, : x0.shape[1]]
-        if self.prediction == "sample":  # the model predicts x0; the loss stays on the velocity (JiT)
-            pred = velocity_from_sample(xt, pred, sigmas, floor=SIGMA_FLOOR)
+        if self.prediction != "flow":  # the output implies x0; the loss stays on the velocity (as JiT)
+            x0_hat = predicted_sample(pred, xt, sigmas, self.prediction,
+                                      getattr(self.pipe.scheduler.config, "sigma_data", 0.5))
+            pred = velocity_from_sample(xt, x0_hat, sigmas, floor=SIGMA_FLOOR)
         fm = flow_matching_loss(pred, target, sigmas, cfg.loss.weighting)
         loss, parts = fm, {"flow_matching": fm.item()}
         if routing.balance_loss is not None and cfg.loss.balance_weight > 0:

@@ -1,14 +1,21 @@
-"""A FLUX flow-matching scheduler for models that predict the clean sample instead of the velocity.
+"""A FLUX flow-matching scheduler for transformers that do not predict the velocity.
 
-FLUX transformers predict the rectified-flow velocity v = noise - x0. In pixel space with large
-patches (x2edit-tiny: 8x8x3 = 192 values per token, as wide as the model) that target is hard: the
-network must carry the full-dimensional noise from input to output. Predicting the clean sample x0
-("x-prediction", Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise") only asks for
-points on the low-dimensional image manifold, and an editing model can copy unchanged reference
-patches straight through. The transformer is the stock ``FluxTransformer2DModel``; only the meaning
-of its output changes, which this scheduler (saved in the pipeline's ``scheduler/``) records as
-``prediction_type="sample"`` and converts back to a velocity for the usual Euler step, so every Flux
-pipeline samples such a model unchanged.
+FLUX transformers predict the rectified-flow velocity v = noise - x0 of x_sigma = (1 - sigma) x0 +
+sigma * noise. In pixel space with large patches (x2edit-tiny: 8x8x3 = 192 values per token, as wide
+as the model) that target is hard at high noise: the network must carry the full-dimensional noise
+from input to output. Two other readings of the same stock ``FluxTransformer2DModel``'s output F:
+
+- ``"sample"``: F is x0 ("x-prediction", Li & He 2025, "Back to Basics: Let Denoising Generative
+  Models Denoise"): only points on the image manifold are predicted; but near sigma = 0 the network
+  must rebuild every detail it is handed.
+- ``"edm"``: x0 = c_skip(sigma) x_sigma + c_out(sigma) F, Karras et al. 2022's preconditioning
+  written for the flow-matching path: c_skip -> 1 as sigma -> 0 (details pass through, as in
+  velocity models) and -> 0 at sigma = 1 (F is then x0 / sigma_data, as in x-prediction), with
+  F's target of unit variance at every sigma.
+
+The scheduler records the reading as ``prediction_type`` in the pipeline's ``scheduler/`` and turns
+the output back into a velocity for the usual Euler step, so every Flux pipeline samples such a
+model unchanged. Training (``x2edit train``) reads the same setting from the base's scheduler.
 """
 
 from __future__ import annotations
@@ -21,10 +28,38 @@ from diffusers.configuration_utils import register_to_config
 # the component's module (as pixel_vae.py's ModelMixin import serves the VAE).
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
-PREDICTION_TYPES = ("flow", "sample")
+PREDICTION_TYPES = ("flow", "sample", "edm")
 # Training turns a predicted x0 into a velocity as (x_sigma - x0) / max(sigma, SIGMA_FLOOR); the floor
 # keeps the loss weight 1/sigma^2 bounded near clean images (JiT clips the same way).
 SIGMA_FLOOR = 0.05
+
+
+def _per_sample(sigma, like: torch.Tensor) -> torch.Tensor:
+    """sigma (scalar or (B,)) as a tensor that broadcasts over ``like`` (B, ...)."""
+    s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    return s.view(-1, *([1] * (like.dim() - 1))) if s.dim() == 1 else s
+
+
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) for x_sigma = (1 - sigma) x0 + sigma * noise and data of std ``sigma_data``.
+
+    x0_hat = c_skip x_sigma + c_out F minimises the variance of F's target (EDM, with the signal
+    scale a = 1 - sigma): c_skip = a sd^2 / (a^2 sd^2 + sigma^2), c_out = sigma sd / sqrt(a^2 sd^2 + sigma^2).
+    """
+    a, sd2 = 1 - sigma, sigma_data**2
+    total = a * a * sd2 + sigma * sigma
+    return a * sd2 / total, sigma * sigma_data / total.sqrt()
+
+
+def predicted_sample(model_output: torch.Tensor, x_sigma: torch.Tensor, sigma, prediction: str,
+                     sigma_data: float = 0.5) -> torch.Tensor:
+    """x0 implied by the transformer's output F for a model of ``prediction`` type ("sample"/"edm")."""
+    if prediction == "sample":
+        return model_output
+    if prediction == "edm":
+        c_skip, c_out = edm_coefficients(_per_sample(sigma, x_sigma), sigma_data)
+        return c_skip * x_sigma + c_out * model_output
+    raise ValueError(f"no x0 reading for prediction type {prediction!r}")
 
 
 def velocity_from_sample(x_sigma: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
@@ -33,16 +68,17 @@ def velocity_from_sample(x_sigma: torch.Tensor, x0: torch.Tensor, sigma: torch.T
 
     ``sigma`` is a scalar or per-sample (B,) tensor broadcast over the remaining dims of ``x_sigma``.
     """
-    s = torch.as_tensor(sigma, dtype=x_sigma.dtype, device=x_sigma.device)
-    if s.dim() == 1:
-        s = s.view(-1, *([1] * (x_sigma.dim() - 1)))
-    return (x_sigma - x0) / s.clamp(min=max(floor, 1e-6))
+    return (x_sigma - x0) / _per_sample(sigma, x_sigma).clamp(min=max(floor, 1e-6))
 
 
 class FlowMatchSampleScheduler(FlowMatchEulerDiscreteScheduler):
-    """``FlowMatchEulerDiscreteScheduler`` whose ``step`` takes the model's x0 prediction.
+    """``FlowMatchEulerDiscreteScheduler`` for x0-predicting ("sample") or preconditioned ("edm") models.
 
-    Euler on v = (x - x0) / sigma gives x_next = x0 + (sigma_next / sigma) (x - x0): exact along the
+    Args (beyond the parent's):
+        prediction_type: "sample", "edm" or "flow" (the parent's behaviour).
+        sigma_data: the data's standard deviation for "edm" (0.5: EDM's choice for images in [-1, 1]).
+
+    With the implied x0, Euler on v = (x - x0) / sigma gives x_next = x0 + (sigma_next / sigma) (x - x0): exact along the
     straight path through the predicted x0, and well defined at every step since the current sigma of
     a step is never 0.
     """
@@ -53,7 +89,7 @@ class FlowMatchSampleScheduler(FlowMatchEulerDiscreteScheduler):
                  max_image_seq_len: int = 4096, invert_sigmas: bool = False, shift_terminal: float | None = None,
                  use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
                  time_shift_type: str = "exponential", stochastic_sampling: bool = False,
-                 prediction_type: str = "sample"):
+                 prediction_type: str = "sample", sigma_data: float = 0.5):
         # The parent's parameters are spelled out: diffusers reads a scheduler's config keys from its
         # __init__ signature when loading scheduler_config.json.
         if prediction_type not in PREDICTION_TYPES:
@@ -68,14 +104,17 @@ class FlowMatchSampleScheduler(FlowMatchEulerDiscreteScheduler):
             return super().step(model_output, timestep, sample, *args, per_token_timesteps=per_token_timesteps,
                                 **kwargs)
         if per_token_timesteps is not None:
-            raise NotImplementedError("per-token timesteps are not supported with prediction_type='sample'")
+            raise NotImplementedError(f"per-token timesteps are not supported with prediction_type="
+                                      f"{self.config.prediction_type!r}")
         if self.step_index is None:
             self._init_step_index(timestep)
         sigma = self.sigmas[self.step_index].to(torch.float32)
-        velocity = velocity_from_sample(sample.float(), model_output.float(), sigma).to(model_output.dtype)
+        x0 = predicted_sample(model_output.float(), sample.float(), sigma, self.config.prediction_type,
+                              self.config.sigma_data)
+        velocity = velocity_from_sample(sample.float(), x0, sigma).to(model_output.dtype)
         return super().step(velocity, timestep, sample, *args, **kwargs)
 
 
 def prediction_type(scheduler) -> str:
-    """What a pipeline's transformer predicts: "flow" (velocity, every FLUX checkpoint) or "sample"."""
+    """What a pipeline's transformer predicts: "flow" (velocity, every FLUX checkpoint), "sample" or "edm"."""
     return getattr(scheduler.config, "prediction_type", None) or "flow"

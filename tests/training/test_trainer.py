@@ -49,38 +49,48 @@ def test_t2i_pretraining_learns_and_saves(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 30
 
 
-@pytest.mark.parametrize("prediction", ["sample", "flow"])
+@pytest.mark.parametrize("prediction", ["sample", "edm", "flow"])
 def test_prediction_type_is_saved_with_the_base_and_followed_by_adapters(tmp_path, prediction):
     from x2edit.schedulers import prediction_type
 
     base = Trainer(_config(tmp_path / "base", steps=1, checkpoint_every=0,
                            **{"model.prediction_type": prediction})).train() / "pipeline"
     scheduler_config = (base / "scheduler" / "scheduler_config.json").read_text()
-    assert ('"prediction_type": "sample"' in scheduler_config) == (prediction == "sample")
+    assert (f'"prediction_type": "{prediction}"' in scheduler_config) == (prediction != "flow")
     trainer = Trainer(_edit_config(tmp_path / "edit", base, steps=1, checkpoint_every=0))
     assert trainer.prediction == prediction_type(trainer.pipe.scheduler) == prediction
 
 
-def test_sample_prediction_loss_is_the_velocity_error(tmp_path, monkeypatch):
-    """An x0-predicting model is scored on the velocity it implies: a perfect x0 gives zero loss."""
+@pytest.mark.parametrize("prediction", ["sample", "edm"])
+def test_x0_readings_are_scored_on_the_velocity_they_imply(tmp_path, monkeypatch, prediction):
+    """A model whose output implies the true x0 has zero loss (and a wrong reading would not)."""
     import training.trainer as tr
+    from x2edit.schedulers import edm_coefficients
 
     base = Trainer(_config(tmp_path / "base", steps=1, checkpoint_every=0,
-                           **{"model.prediction_type": "sample"})).train() / "pipeline"
+                           **{"model.prediction_type": prediction})).train() / "pipeline"
     trainer = Trainer(_edit_config(tmp_path, base, steps=1, checkpoint_every=0, **{"loss.contrastive_weight": 0,
                                                                                         "loss.balance_weight": 0}))
-    assert trainer.prediction == "sample"
+    assert trainer.prediction == prediction
     captured = {}
     real_pair = tr.flow_matching_pair
 
     def pair(x0, sigmas, generator=None):
-        captured["x0"] = x0
-        return real_pair(x0, sigmas, generator=generator)
+        captured.update(x0=x0, sigmas=sigmas)
+        captured["xt"], target = real_pair(x0, sigmas, generator=generator)
+        return captured["xt"], target
+
+    def exact(**kw):
+        x0, xt, s = captured["x0"], captured["xt"], captured["sigmas"].view(-1, 1, 1)
+        if prediction == "sample":
+            return (x0.clone(),)
+        c_skip, c_out = edm_coefficients(s, 0.5)
+        return ((x0 - c_skip * xt) / c_out,)
 
     monkeypatch.setattr(tr, "flow_matching_pair", pair)
-    monkeypatch.setattr(trainer.model, "forward", lambda **kw: (captured["x0"].clone(),))  # "predicts" the true x0
+    monkeypatch.setattr(trainer.model, "forward", exact)
     loss, parts = trainer.compute_loss(trainer.batch(0), 0)
-    assert parts["flow_matching"] < 1e-8
+    assert parts["flow_matching"] < 1e-6
 
 
 def test_edit_training_writes_adapter_with_all_losses(tmp_path, base_dir):

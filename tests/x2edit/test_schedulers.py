@@ -4,7 +4,13 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from x2edit.schedulers import FlowMatchSampleScheduler, prediction_type, velocity_from_sample
+from x2edit.schedulers import (
+    FlowMatchSampleScheduler,
+    edm_coefficients,
+    predicted_sample,
+    prediction_type,
+    velocity_from_sample,
+)
 
 
 def _run(scheduler, model, x, steps=8):
@@ -33,6 +39,34 @@ def test_an_exact_x0_model_lands_on_x0_from_any_noise():
     target = torch.linspace(-1, 1, 48).view(1, 4, 12)
     out = _run(FlowMatchSampleScheduler(), lambda x, s: target, torch.randn(1, 4, 12))
     torch.testing.assert_close(out, target, rtol=0, atol=1e-5)
+
+
+def test_an_exact_edm_model_lands_on_x0_from_any_noise():
+    """F = (x0 - c_skip x) / c_out at the current sigma: the preconditioned reading recovers x0 exactly."""
+    target = torch.linspace(-1, 1, 48).view(1, 4, 12)
+
+    def model(x, sigma):
+        c_skip, c_out = edm_coefficients(sigma, 0.5)
+        return (target - c_skip * x) / c_out
+
+    out = _run(FlowMatchSampleScheduler(prediction_type="edm"), model, torch.randn(1, 4, 12))
+    torch.testing.assert_close(out, target, rtol=0, atol=1e-4)
+
+
+def test_edm_coefficients_pass_details_at_low_noise_and_predict_x0_at_high_noise():
+    c_skip, c_out = edm_coefficients(torch.tensor([1e-4, 1.0]), 0.5)
+    torch.testing.assert_close(c_skip, torch.tensor([1.0, 0.0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(c_out, torch.tensor([0.0, 0.5]), atol=1e-3, rtol=0)
+    torch.manual_seed(0)  # F's target has unit variance at every sigma for data of std sigma_data
+    x0, noise = 0.5 * torch.randn(100_000), torch.randn(100_000)
+    for sigma in (0.05, 0.5, 0.95):
+        s = torch.tensor(sigma)
+        c_skip, c_out = edm_coefficients(s, 0.5)
+        assert abs(float(((x0 - c_skip * ((1 - s) * x0 + s * noise)) / c_out).std()) - 1) < 0.02
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(predicted_sample(x, torch.zeros(2, 3), torch.tensor([0.3, 0.6]), "sample"), x)
+    with pytest.raises(ValueError, match="no x0 reading"):
+        predicted_sample(x, x, 0.5, "flow")
 
 
 def test_flow_prediction_type_is_the_stock_scheduler():
