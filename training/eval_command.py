@@ -94,7 +94,7 @@ def run(args) -> int:
     )
     pipe.set_progress_bar_config(disable=True)
     if args.adapter:
-        pipe.load_adapter(args.adapter, adapter_name="evaluated")
+        pipe.load_adapter(args.adapter, adapter_name="evaluated", replace=True)
     table, rows, pairs, outputs = evaluate_shapeworld(
         pipe, args.n_per_task, args.resolution, args.steps, args.seed, args.routing
     )

@@ -467,7 +467,7 @@ def run(args) -> int:
         pipe = load_pipeline(args.base or DEFAULT_BASE, torch_dtype=dtype, device=device)
         pipe.set_progress_bar_config(disable=True)
         if args.adapter:
-            pipe.load_adapter(args.adapter, adapter_name="evaluated")
+            pipe.load_adapter(args.adapter, adapter_name="evaluated", replace=True)
         outputs_dir = out / "outputs"
         skipped = make_outputs(pipe, cases, outputs_dir, args.steps, args.seed, args.guidance, verbose=True)
         del pipe  # the scorers' models load next

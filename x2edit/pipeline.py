@@ -130,9 +130,18 @@ class X2EditPipeline(FluxKontextPipeline):
         return prompt_embeds, pooled_prompt_embeds, text_ids
 
     # -- adapters ------------------------------------------------------------------------------
-    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default"):
-        """Load an x2edit adapter file (MoE-LoRA or LoRA) into the transformer."""
-        return load_adapter(self.transformer, path, adapter_name)
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", replace: bool = False):
+        """Load an x2edit adapter file (MoE-LoRA or LoRA) into the transformer.
+
+        replace: then remove the pipeline's other x2edit adapters (e.g. x2edit-tiny's own), so this one
+            alone edits; community LoRAs stay. Nothing is removed if loading fails.
+        """
+        others = [n for n in adapter_names(self.transformer) if n != adapter_name
+                  and adapter_config(self.transformer, n).extra.get("source") != COMMUNITY] if replace else []
+        config = load_adapter(self.transformer, path, adapter_name)
+        for name in others:
+            remove_adapter(self.transformer, name)
+        return config
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
         """Load a community Flux LoRA (kohya, XLabs, diffusers/PEFT) beside the MoE-LoRA."""

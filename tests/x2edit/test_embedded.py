@@ -56,3 +56,26 @@ def test_cli_edit_uses_the_embedded_default(tmp_path, capsys):
                  "--out", str(tmp_path / "out.png"), "--steps", "2"]) == 0  # no --base: x2edit-tiny
     assert np.asarray(Image.open(tmp_path / "out.png")).shape == (64, 64, 3)
     assert "task=" in capsys.readouterr().out
+
+
+def test_cli_adapter_replaces_the_embedded_one(tmp_path, tiny):
+    """`x2edit edit --adapter FILE` on the default base edits with FILE alone (it used to clash)."""
+    import numpy as np
+    from PIL import Image
+
+    from data_pipeline.shapeworld import ShapeWorld
+    from x2edit.adapters import adapter_names, save_adapter
+    from x2edit.cli import main
+
+    save_adapter(tiny.transformer, tmp_path / "mine.safetensors", "default")
+    pair = ShapeWorld(resolution=64).sample(seed=1, split="eval")
+    Image.fromarray(pair.source).save(tmp_path / "src.png")
+    assert main(["edit", "--image", str(tmp_path / "src.png"), "--instruction", pair.instruction, "--adapter",
+                 str(tmp_path / "mine.safetensors"), "--out", str(tmp_path / "out.png"), "--steps", "2"]) == 0
+    assert np.asarray(Image.open(tmp_path / "out.png")).shape == (64, 64, 3)
+    fresh = load_pipeline("x2edit-tiny")
+    with pytest.raises(ValueError):  # a failed load removes nothing
+        fresh.load_adapter(tmp_path / "src.png", adapter_name="other", replace=True)
+    assert adapter_names(fresh.transformer) == ["default"]
+    fresh.load_adapter(tmp_path / "mine.safetensors", adapter_name="mine", replace=True)
+    assert adapter_names(fresh.transformer) == ["mine"]

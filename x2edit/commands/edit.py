@@ -58,7 +58,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     pipe = load_pipeline(args.base or DEFAULT_BASE, torch_dtype=dtype, device=device)
     if args.adapter:
-        pipe.load_adapter(args.adapter)
+        pipe.load_adapter(args.adapter, adapter_name="cli", replace=True)  # in place of the base's own
     for i, f in enumerate(args.lora):
         pipe.load_lora_weights(f, adapter_name=f"lora_{i}")
     task = args.task
