@@ -29,7 +29,7 @@ def denoise_table(base: str, sigmas: list[float], n: int = 16, seed: int = 0) ->
     from data_pipeline.shapeworld import ShapeWorld
     from training.losses import flow_matching_pair
     from x2edit.registry import load_pipeline
-    from x2edit.schedulers import predicted_sample, prediction_type
+    from x2edit.schedulers import predicted_sample, prediction_type, sigma_data_of
 
     pipe = load_pipeline(base)
     kind = prediction_type(pipe.scheduler)
@@ -47,8 +47,7 @@ def denoise_table(base: str, sigmas: list[float], n: int = 16, seed: int = 0) ->
         xt, _ = flow_matching_pair(x0, s, generator=torch.Generator().manual_seed(seed))
         out = pipe.transformer(hidden_states=xt, timestep=s, pooled_projections=pooled, encoder_hidden_states=text,
                                txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
-        x0_hat = xt - sigma * out if kind == "flow" else predicted_sample(
-            out, xt, s, kind, getattr(pipe.scheduler.config, "sigma_data", 0.5))
+        x0_hat = predicted_sample(out, xt, s, kind, sigma_data_of(pipe.scheduler))
         rows[str(sigma)] = {"input_db": psnr(xt, x0), "x0_hat_db": psnr(x0_hat, x0)}
     return {"prediction_type": kind, "by_sigma": rows}
 

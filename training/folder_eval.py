@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from x2edit.files import atomic_path
+
 CASES_FILE = "cases.jsonl"
 UNLABELED = "unlabeled"  # group of cases without a task
 RESERVED_GROUPS = ("all", "skipped")  # keys of metrics.json that are not groups
@@ -170,22 +172,13 @@ def load_rgb(path: Path, what: str) -> tuple[np.ndarray | None, str | None]:
 
 
 def _save_png(image, path: Path) -> None:
-    # Write to a temporary name and rename: an interrupted run leaves no half-written output.
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        image.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:  # an interrupted run leaves no half-written output
+        image.save(tmp, format="PNG")
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def make_outputs(

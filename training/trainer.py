@@ -42,7 +42,13 @@ from x2edit.adapters import (
     routing_context,
     save_adapter,
 )
-from x2edit.schedulers import SIGMA_FLOOR, predicted_sample, prediction_type, velocity_from_sample
+from x2edit.schedulers import (
+    SIGMA_FLOOR,
+    predicted_sample,
+    prediction_type,
+    sigma_data_of,
+    velocity_from_sample,
+)
 from x2edit.tasks import TASK_NAMES, get_task
 
 logger = logging.getLogger(__name__)
@@ -241,6 +247,7 @@ class Trainer:
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer = self.pipe.transformer
         self.prediction = prediction_type(self.pipe.scheduler)  # a property of the base model
+        self.sigma_data = sigma_data_of(self.pipe.scheduler)
         for module in (self.pipe.text_encoder, self.pipe.vae):
             module.requires_grad_(False)
         if config.mode == "edit":
@@ -330,8 +337,7 @@ class Trainer:
                               encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids,
                               return_dict=False)[0][:, : x0.shape[1]]
         if self.prediction != "flow":  # the output implies x0; the loss stays on the velocity (as JiT)
-            x0_hat = predicted_sample(pred, xt, sigmas, self.prediction,
-                                      getattr(self.pipe.scheduler.config, "sigma_data", 0.5))
+            x0_hat = predicted_sample(pred, xt, sigmas, self.prediction, self.sigma_data)
             pred = velocity_from_sample(xt, x0_hat, sigmas, floor=SIGMA_FLOOR)
         fm = flow_matching_loss(pred, target, sigmas, cfg.loss.weighting)
         loss, parts = fm, {"flow_matching": fm.item()}

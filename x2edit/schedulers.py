@@ -53,13 +53,15 @@ def edm_coefficients(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tens
 
 def predicted_sample(model_output: torch.Tensor, x_sigma: torch.Tensor, sigma, prediction: str,
                      sigma_data: float = 0.5) -> torch.Tensor:
-    """x0 implied by the transformer's output F for a model of ``prediction`` type ("sample"/"edm")."""
+    """x0 implied by the transformer's output F under each reading ("flow", "sample" or "edm")."""
+    if prediction == "flow":
+        return x_sigma - _per_sample(sigma, x_sigma) * model_output
     if prediction == "sample":
         return model_output
     if prediction == "edm":
         c_skip, c_out = edm_coefficients(_per_sample(sigma, x_sigma), sigma_data)
         return c_skip * x_sigma + c_out * model_output
-    raise ValueError(f"no x0 reading for prediction type {prediction!r}")
+    raise ValueError(f"unknown prediction type {prediction!r}: expected one of {PREDICTION_TYPES}")
 
 
 def velocity_from_sample(x_sigma: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
@@ -113,6 +115,11 @@ class FlowMatchSampleScheduler(FlowMatchEulerDiscreteScheduler):
                               self.config.sigma_data)
         velocity = velocity_from_sample(sample.float(), x0, sigma).to(model_output.dtype)
         return super().step(velocity, timestep, sample, *args, **kwargs)
+
+
+def sigma_data_of(scheduler) -> float:
+    """The data std an "edm" scheduler preconditions for (0.5 when it does not say)."""
+    return getattr(scheduler.config, "sigma_data", None) or 0.5
 
 
 def prediction_type(scheduler) -> str:

@@ -65,8 +65,10 @@ def test_edm_coefficients_pass_details_at_low_noise_and_predict_x0_at_high_noise
         assert abs(float(((x0 - c_skip * ((1 - s) * x0 + s * noise)) / c_out).std()) - 1) < 0.02
     x = torch.randn(2, 3)
     torch.testing.assert_close(predicted_sample(x, torch.zeros(2, 3), torch.tensor([0.3, 0.6]), "sample"), x)
-    with pytest.raises(ValueError, match="no x0 reading"):
-        predicted_sample(x, x, 0.5, "flow")
+    x_sigma, sigma = torch.randn(2, 3), torch.tensor([0.3, 0.6])
+    torch.testing.assert_close(predicted_sample(x, x_sigma, sigma, "flow"), x_sigma - sigma[:, None] * x)
+    with pytest.raises(ValueError, match="unknown prediction type"):
+        predicted_sample(x, x, 0.5, "epsilon")
 
 
 def test_flow_prediction_type_is_the_stock_scheduler():

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from x2edit.adapters.config import AdapterConfig
 from x2edit.adapters.inject import adapter_config, adapter_layers, inject_adapters, remove_adapter
+from x2edit.files import atomic_path
 
 FORMAT = "x2edit-adapter"
 FORMAT_VERSION = "1"
@@ -57,9 +58,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if metadata:
         header["user"] = json.dumps(metadata, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=header)
-    os.replace(tmp, path)  # no half-written adapter file, ever
+    with atomic_path(path) as tmp:  # no half-written adapter file, ever
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=header)
     return path
 
 

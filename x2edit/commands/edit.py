@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ def run(args) -> int:
     import torch
 
     from x2edit.adapters import read_adapter_header
+    from x2edit.files import atomic_path
     from x2edit.images import load_image
     from x2edit.registry import DEFAULT_BASE, load_pipeline
     from x2edit.tasks import get_task
@@ -66,13 +66,8 @@ def run(args) -> int:
         task = pipe.task_classifier([args.instruction])[0]
     result = pipe(image=image, prompt=args.instruction, task=task, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, generator=torch.Generator(device="cpu").manual_seed(args.seed)).images[0]
-    # Write to a temporary name and rename: an interrupted run leaves no partial output file.
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    try:
+    with atomic_path(out) as tmp:  # an interrupted run leaves no partial output file
         result.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {out} ({result.size[0]}x{result.size[1]}, task={task or '-'}, "
           f"{time.perf_counter() - t0:.1f} s)")
     return 0
