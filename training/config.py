@@ -59,6 +59,10 @@ class DataConfig:
             batch from one bucket; in edit mode with the contrastive loss, built from same-task pairs)
             instead of fitting every pair to one ``resolution`` square.
         max_aspect: the most elongated bucket kept (long side / short side).
+        self_reference: t2i only: the fraction of steps whose batch also carries each target image as
+            Kontext reference tokens (in-context pretraining: FLUX.1 Kontext's base learns generation
+            both with and without an image in context). It teaches the frozen base to read reference
+            tokens, which the editing adapter then only has to redirect; 0 is plain text-to-image.
     """
 
     source: str | dict = "shapeworld"
@@ -68,6 +72,7 @@ class DataConfig:
     filters: list = field(default_factory=list)
     tasks: list | None = None
     validation_pairs: int = 1
+    self_reference: float = 0.0
 
 
 @dataclass
@@ -140,6 +145,10 @@ class TrainConfig:
             raise ValueError("t2i pretraining from scratch needs model.transformer (a FluxTransformer2DModel config)")
         if self.data.buckets and not isinstance(self.data.source, dict):
             raise ValueError("data.buckets needs a reader source (Shape World scenes are all square)")
+        if not 0.0 <= self.data.self_reference <= 1.0:
+            raise ValueError(f"data.self_reference is a fraction of steps in [0, 1], got {self.data.self_reference}")
+        if self.data.self_reference and self.mode != "t2i":
+            raise ValueError("data.self_reference is for t2i pretraining; edit batches carry their source")
         if self.model.prediction_type not in ("flow", "sample", "edm"):
             raise ValueError(f"model.prediction_type must be 'flow', 'sample' or 'edm', got "
                              f"{self.model.prediction_type!r}")

@@ -42,6 +42,7 @@ from x2edit.adapters import (
     routing_context,
     save_adapter,
 )
+from x2edit.adapters.residual import adapters_disabled, residual_sample
 from x2edit.schedulers import (
     SIGMA_FLOOR,
     predicted_sample,
@@ -250,9 +251,13 @@ class Trainer:
         self.sigma_data = sigma_data_of(self.pipe.scheduler)
         for module in (self.pipe.text_encoder, self.pipe.vae):
             module.requires_grad_(False)
+        self.residual = config.mode == "edit" and config.adapter.reading == "residual"
+        if self.residual and self.prediction != "flow":
+            raise ValueError(f"adapter.reading: residual needs a flow (velocity) base; {config.model.base} reads "
+                             f"its output as {self.prediction!r}")
         if config.mode == "edit":
             torch.manual_seed(config.seed)  # adapter and router initialisation
-            inject_adapters(self.transformer, config.adapter)
+            inject_adapters(self.transformer, config.adapter, ADAPTER_NAME)
         else:
             self.transformer.requires_grad_(True)
         if config.model.gradient_checkpointing:
@@ -323,6 +328,9 @@ class Trainer:
             ref = None
             if cfg.mode == "edit":
                 ref, ref_ids = self._images_to_tokens(batch["source"], reference=True)
+            elif cfg.data.self_reference and torch.rand((), generator=g).item() < cfg.data.self_reference:
+                ref, ref_ids = x0, latent_ids.clone()  # the image itself in context (Kontext pretraining)
+                ref_ids[..., 0] = 1
         sigmas = sample_sigmas(len(x0), cfg.loss.timestep_sampling, cfg.loss.shift, generator=g, device=device)
         xt, target = flow_matching_pair(x0, sigmas, generator=g)
         hidden, img_ids = xt, latent_ids
@@ -332,11 +340,17 @@ class Trainer:
         guidance = torch.full((len(x0),), 1.0, device=device) if unwrapped.config.guidance_embeds else None
         want_contrast = cfg.mode == "edit" and cfg.loss.contrastive_weight > 0 and batch["task"] is not None
         blocks = BlockOutputs(unwrapped, cfg.loss.contrastive_blocks) if want_contrast else None
-        with routing_context(unwrapped, task_ids=batch["task"]) as routing, (blocks or _Null()):
-            pred = self.model(hidden_states=hidden, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
-                              encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids,
-                              return_dict=False)[0][:, : x0.shape[1]]
-        if self.prediction != "flow":  # the output implies x0; the loss stays on the velocity (as JiT)
+        call = dict(hidden_states=hidden, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
+                    encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)
+        with routing_context(unwrapped, task_ids=batch["task"]) as routing:
+            with blocks or _Null():
+                pred = self.model(**call)[0][:, : x0.shape[1]]
+            if self.residual:  # the base's own output, for the change the adapter makes to it
+                with torch.no_grad(), adapters_disabled(unwrapped, [ADAPTER_NAME]):
+                    base_pred = self.model(**call)[0][:, : x0.shape[1]]
+        if self.residual:
+            pred = velocity_from_sample(xt, residual_sample(pred, base_pred, ref), sigmas, floor=SIGMA_FLOOR)
+        elif self.prediction != "flow":  # the output implies x0; the loss stays on the velocity (as JiT)
             x0_hat = predicted_sample(pred, xt, sigmas, self.prediction, self.sigma_data)
             pred = velocity_from_sample(xt, x0_hat, sigmas, floor=SIGMA_FLOOR)
         fm = flow_matching_loss(pred, target, sigmas, cfg.loss.weighting)
@@ -494,11 +508,14 @@ class Trainer:
         if cfg.mode == "t2i":
             self.pipe.save_pretrained(self.out / "pipeline")
             return
-        save_adapter(self.transformer, self.out / "adapter.safetensors",
+        save_adapter(self.transformer, self.out / "adapter.safetensors", ADAPTER_NAME,
                      metadata={"steps": self.step, "config_fingerprint": cfg.fingerprint()})
         if cfg.adapter.mergeable:
             for task in TASK_NAMES:
                 export_diffusers_lora(self.transformer, self.out / "lora_per_task" / task, task=task)
+
+
+ADAPTER_NAME = "default"  # the name of the adapter being trained (as saved by save_adapter)
 
 
 class _Null:

@@ -10,7 +10,9 @@ first position-id coordinate is 1) plus what editing with X2Edit adapters needs:
 3. the output keeps the source's size (rounded to the model's multiple, capped at ``max_area``);
 4. a single sentence encoder may replace CLIP + T5 (the x2edit-tiny layout: all-MiniLM-L6-v2);
 5. ``save_pretrained`` / ``from_pretrained`` carry the adapter (``x2edit_adapter/NAME.safetensors``);
-6. community LoRAs load beside the MoE-LoRA with ``load_lora_weights`` and run in the same fused call.
+6. community LoRAs load beside the MoE-LoRA with ``load_lora_weights`` and run in the same fused call;
+7. adapters with the residual reading (``x2edit.adapters.residual``) are read as the change they make
+   to the source, by wrapping the transformer for the call; the loop and scheduler stay stock.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from x2edit.adapters import (
     load_adapter,
     load_community_lora,
     remove_adapter,
+    residual_adapters,
+    residual_reading,
     routing_context,
     save_adapter,
     set_adapters,
@@ -37,7 +41,7 @@ from x2edit.adapters import (
 from x2edit.adapters.inject import _set_submodule
 from x2edit.images import as_rgb_image
 from x2edit.pixel_vae import PixelShuffleVAE  # noqa: F401 (diffusers loads saved components only from imported modules)
-from x2edit.schedulers import FlowMatchSampleScheduler  # noqa: F401 (same reason)
+from x2edit.schedulers import FlowMatchSampleScheduler, prediction_type  # noqa: F401 (same reason)
 from x2edit.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -258,5 +262,13 @@ class X2EditPipeline(FluxKontextPipeline):
         elif task is not None:  # no router to feed, but an unknown task name is still an error
             for t in task if isinstance(task, (list, tuple)) else [task]:
                 get_task(t)
-        with routing:
+        reading = contextlib.nullcontext()
+        if residual_adapters(self.transformer):
+            if prediction_type(self.scheduler) != "flow":
+                raise ValueError("a residual-reading adapter needs a flow (velocity) base; this base's scheduler reads "
+                                 f"its output as {prediction_type(self.scheduler)!r}")
+            if image is None:
+                raise ValueError("this pipeline's adapter edits a source image (residual reading): pass image=")
+            reading = residual_reading(self.transformer)
+        with routing, reading:
             return super().__call__(image=image, prompt=prompt, height=height, width=width, max_area=area, **kwargs)

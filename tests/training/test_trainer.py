@@ -93,6 +93,44 @@ def test_x0_readings_are_scored_on_the_velocity_they_imply(tmp_path, monkeypatch
     assert parts["flow_matching"] < 1e-6
 
 
+def test_residual_reading_starts_from_the_source(tmp_path, base_dir, monkeypatch):
+    """A fresh residual adapter implies x0 = source, so the loss sees the velocity (x_t - source) / sigma;
+    the trained adapter file records the reading, and residual adapters are not exported as plain LoRAs."""
+    import training.trainer as tr
+
+    trainer = Trainer(_edit_config(tmp_path, base_dir, steps=2, checkpoint_every=0,
+                                   **{"adapter.reading": "residual", "adapter.router": "task"}))
+    captured = {}
+    real_pair, real_loss = tr.flow_matching_pair, tr.flow_matching_loss
+
+    def pair(x0, sigmas, generator=None):
+        xt, target = real_pair(x0, sigmas, generator=generator)
+        captured.update(xt=xt, sigmas=sigmas)
+        return xt, target
+
+    def loss(pred, target, sigmas, weighting="none"):
+        captured["pred"] = pred
+        return real_loss(pred, target, sigmas, weighting)
+
+    monkeypatch.setattr(tr, "flow_matching_pair", pair)
+    monkeypatch.setattr(tr, "flow_matching_loss", loss)
+    batch = trainer.batch(0)
+    trainer.compute_loss(batch, 0)
+    ref, _ = trainer._images_to_tokens(batch["source"], reference=True)
+    expected = (captured["xt"] - ref) / captured["sigmas"].clamp(min=0.05).view(-1, 1, 1)
+    torch.testing.assert_close(captured["pred"], expected)
+    out = trainer.train()
+    assert read_adapter_header(out / "adapter.safetensors")["config"].reading == "residual"
+    assert not (out / "lora_per_task").exists()
+
+
+def test_residual_reading_needs_a_flow_base(tmp_path):
+    base = Trainer(_config(tmp_path / "base", steps=1, checkpoint_every=0,
+                           **{"model.prediction_type": "sample"})).train() / "pipeline"
+    with pytest.raises(ValueError, match="residual needs a flow"):
+        Trainer(_edit_config(tmp_path, base, **{"adapter.reading": "residual"}))
+
+
 def test_edit_training_writes_adapter_with_all_losses(tmp_path, base_dir):
     parts = []
     out = Trainer(_edit_config(tmp_path, base_dir, steps=2, checkpoint_every=0, batch_size=6,
@@ -169,10 +207,38 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, base_dir):
     ({"mode": "video"}, "mode must be"),
     ({"mode": "edit"}, "needs model.base"),
     ({"model.prediction_type": "epsilon"}, "prediction_type must be"),
+    ({"data.self_reference": 1.5}, "self_reference is a fraction"),
 ])
 def test_config_errors_before_training(tmp_path, over, message):
     with pytest.raises(ValueError, match=message):
         _config(tmp_path, **over)
+
+
+@pytest.mark.parametrize("fraction,expect_ref", [(0.0, False), (1.0, True)])
+def test_self_reference_puts_the_target_in_context(tmp_path, monkeypatch, fraction, expect_ref):
+    """In-context pretraining: the transformer also sees the target itself as Kontext reference tokens."""
+    trainer = Trainer(_config(tmp_path, steps=1, checkpoint_every=0, **{"data.self_reference": fraction}))
+    seen = {}
+    real = trainer.model.forward
+
+    def spy(**kw):
+        seen.update(hidden=kw["hidden_states"], ids=kw["img_ids"])
+        return real(**kw)
+
+    monkeypatch.setattr(trainer.model, "forward", spy)
+    batch = trainer.batch(0)
+    trainer.compute_loss(batch, 0)
+    x0, ids = trainer._images_to_tokens(batch["target"], reference=False)
+    n = x0.shape[1]
+    assert seen["hidden"].shape[1] == (2 * n if expect_ref else n)
+    if expect_ref:
+        assert torch.equal(seen["hidden"][:, n:], x0)  # the clean target, not its noisy copy
+        assert (seen["ids"][n:, 0] == 1).all() and (seen["ids"][:n, 0] == 0).all()
+
+
+def test_self_reference_is_refused_for_edit_training(tmp_path, base_dir):
+    with pytest.raises(ValueError, match="self_reference is for t2i"):
+        _edit_config(tmp_path, base_dir, **{"data.self_reference": 0.5})
 
 
 def test_batch_indices_are_a_pure_function_of_step():

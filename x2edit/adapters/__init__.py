@@ -4,6 +4,7 @@
 - ``AdapterLinear`` / ``LoRA`` / ``MoELoRA``: the layers (layers.py); routers in routers.py
 - ``inject_adapters`` / ``routing_context`` / ``set_adapters`` (inject.py)
 - ``save_adapter`` / ``load_adapter`` (io.py); merge and diffusers export (merge.py)
+- ``residual_reading``: read an editing adapter as the change it makes to the source (residual.py)
 - ``load_community_lora``: kohya / XLabs / diffusers LoRA files beside the MoE-LoRA (community.py)
 """
 
@@ -23,6 +24,7 @@ from x2edit.adapters.inject import (
 from x2edit.adapters.io import base_fingerprint, load_adapter, read_adapter_header, save_adapter
 from x2edit.adapters.layers import AdapterLinear, LoRA, MoELoRA, RoutingState
 from x2edit.adapters.merge import export_diffusers_lora, merge_adapter, unmerge_adapter
+from x2edit.adapters.residual import adapters_disabled, residual_adapters, residual_reading
 from x2edit.adapters.routers import TaskRouter, TokenTopKRouter, balance_loss
 
 __all__ = [
@@ -30,5 +32,5 @@ __all__ = [
     "TokenTopKRouter", "balance_loss", "inject_adapters", "remove_adapter", "routing_context", "set_adapters",
     "adapter_config", "adapter_layers", "adapter_names", "adapter_summary", "format_summary", "save_adapter",
     "load_adapter", "read_adapter_header", "base_fingerprint", "merge_adapter", "unmerge_adapter",
-    "export_diffusers_lora", "load_community_lora",
+    "export_diffusers_lora", "load_community_lora", "adapters_disabled", "residual_adapters", "residual_reading",
 ]

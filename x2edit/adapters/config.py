@@ -27,6 +27,7 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
 
 ADAPTER_KINDS = ("lora", "moe_lora")
 ROUTERS = ("token_topk", "task")
+READINGS = ("direct", "residual")
 
 
 @dataclass
@@ -47,6 +48,10 @@ class AdapterConfig:
         task_embed_dim: width of the learned task embedding fed to a token router; 0 disables the
             task input; None means the layer's in_features (as X2Edit).
         renormalize: renormalise the top-k gate weights to sum to one (X2Edit: False).
+        reading: how an editing adapter's effect is read (see ``x2edit.adapters.residual``):
+            "direct": the adapted transformer's output is the prediction, as for any LoRA;
+            "residual": the change the adapter makes to the base's output is the change to the
+            source image, so an adapter at initialisation returns the source unchanged.
     """
 
     kind: str = "moe_lora"
@@ -60,6 +65,7 @@ class AdapterConfig:
     num_task_slots: int = 16
     task_embed_dim: int | None = None
     renormalize: bool = False
+    reading: str = "direct"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -74,6 +80,8 @@ class AdapterConfig:
                 raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
             if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
                 raise ValueError(f"top_k must be in 1..num_experts={self.num_experts} or None, got {self.top_k}")
+        if self.reading not in READINGS:
+            raise ValueError(f"unknown adapter reading {self.reading!r}: expected one of {READINGS}")
         if isinstance(self.targets, str) and self.targets not in TARGET_PRESETS:
             raise ValueError(f"unknown target preset {self.targets!r}: expected one of {list(TARGET_PRESETS)} "
                              "or a list of module-name regexes")
@@ -88,8 +96,8 @@ class AdapterConfig:
 
     @property
     def mergeable(self) -> bool:
-        """True when the update is constant per task (plain LoRA or a task-level router)."""
-        return self.kind == "lora" or self.router == "task"
+        """True when the update is constant per task (plain LoRA or a task-level router) and reads directly."""
+        return (self.kind == "lora" or self.router == "task") and self.reading == "direct"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -22,6 +22,9 @@ from x2edit.tasks import task_id as _task_id
 
 def _resolve_task(adapter_name: str, model: nn.Module, task: str | int | None) -> int | None:
     config = adapter_config(model, adapter_name)
+    if config.reading != "direct":
+        raise ValueError(f"adapter {adapter_name!r} uses the {config.reading} reading: it is read against the base's "
+                         "own output, so it cannot be merged or exported as a plain LoRA")
     if not config.mergeable:
         raise ValueError(f"adapter {adapter_name!r} uses a token-level router: its expert mix changes per token, "
                          "so it cannot be merged or exported as a plain LoRA (train with router='task')")

@@ -1,0 +1,124 @@
+"""The residual reading: an editing adapter is read as the change it makes to the source."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from x2edit import X2EditPipeline
+from x2edit.adapters import (
+    AdapterConfig,
+    adapter_layers,
+    adapters_disabled,
+    export_diffusers_lora,
+    inject_adapters,
+    load_adapter,
+    merge_adapter,
+    read_adapter_header,
+    residual_adapters,
+    residual_reading,
+    routing_context,
+    save_adapter,
+)
+from x2edit.pixel_vae import PixelShuffleVAE
+from x2edit.testing import randomize_adapters, tiny_flux_transformer, tiny_sentence_components
+
+RESIDUAL = AdapterConfig(rank=4, num_experts=3, top_k=2, router="task", reading="residual")
+KW = dict(max_sequence_length=16, guidance_scale=1.0)
+
+
+def _pixel_pipe(config=RESIDUAL, randomize=False):
+    """A tiny sentence-encoder pipeline on pixels (exact VAE), so 'returns the source' is exact."""
+    comps = tiny_sentence_components(0)
+    comps["vae"] = PixelShuffleVAE(factor=2)  # 3 x 2 x 2 = 12 latent channels, 48 per packed token
+    comps["transformer"] = tiny_flux_transformer(0, in_channels=48, guidance_embeds=False)
+    pipe = X2EditPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    inject_adapters(pipe.transformer, config)
+    if randomize:
+        randomize_adapters(pipe.transformer, std=0.2)
+    return pipe
+
+
+def _image(seed=0, size=16):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def test_a_fresh_residual_adapter_returns_the_source_exactly():
+    pipe, src = _pixel_pipe(), _image()
+    out = pipe(image=src, prompt="make it red", task="color_change", num_inference_steps=3, output_type="np",
+               generator=torch.Generator().manual_seed(0), **KW).images[0]
+    np.testing.assert_allclose(out, np.asarray(src) / 255.0, atol=1e-4)
+
+
+def test_a_fresh_direct_adapter_does_not(tmp_path):
+    """The same call with the direct reading is the base's sample, far from the source (so the test above
+    checks the reading, not a pipeline that copies its input)."""
+    pipe, src = _pixel_pipe(AdapterConfig(rank=4, num_experts=3, top_k=2, router="task")), _image()
+    out = pipe(image=src, prompt="make it red", task="color_change", num_inference_steps=3, output_type="np",
+               generator=torch.Generator().manual_seed(0), **KW).images[0]
+    assert np.abs(out - np.asarray(src) / 255.0).mean() > 0.05
+
+
+def test_reading_is_source_plus_the_adapters_change():
+    pipe = _pixel_pipe(randomize=True)
+    tf = pipe.transformer
+    g = torch.Generator().manual_seed(1)
+    n, c = 16, 48
+    xt, ref = torch.randn(2, n, c, generator=g), torch.randn(2, n, c, generator=g)
+    ids = torch.zeros(2 * n, 3)
+    ids[n:, 0] = 1
+    sigma = torch.tensor([0.7, 0.02])
+    call = dict(hidden_states=torch.cat([xt, ref], 1), timestep=sigma, guidance=None,
+                pooled_projections=torch.randn(2, 32, generator=g), encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+                txt_ids=torch.zeros(5, 3), img_ids=ids, return_dict=False)
+    with torch.no_grad(), routing_context(tf, task_ids=[3, 4]):
+        on = tf(**call)[0][:, :n]
+        with adapters_disabled(tf, ["default"]):
+            off = tf(**call)[0][:, :n]
+        with residual_reading(tf):
+            v = tf(**call)[0]
+    assert (on - off).abs().max() > 1e-3  # the adapter does change the output
+    x0 = ref + on - off
+    expected = (xt - x0) / sigma.clamp(min=0.05).view(-1, 1, 1)  # sigma floored as in training
+    torch.testing.assert_close(v, expected)
+    assert "forward" not in tf.__dict__  # the wrapper is gone after the block
+
+
+def test_adapters_disabled_restores_what_was_active():
+    pipe = _pixel_pipe()
+    before = [list(layer.active_adapters) for _, layer in adapter_layers(pipe.transformer)]
+    with adapters_disabled(pipe.transformer, ["default"]):
+        assert all(not layer.active_adapters for _, layer in adapter_layers(pipe.transformer))
+        assert residual_adapters(pipe.transformer) == []
+    assert [list(layer.active_adapters) for _, layer in adapter_layers(pipe.transformer)] == before
+    assert residual_adapters(pipe.transformer) == ["default"]
+
+
+def test_residual_adapter_needs_a_source_image():
+    pipe = _pixel_pipe()
+    with pytest.raises(ValueError, match="pass image="):
+        pipe(prompt="a red square", task="color_change", height=16, width=16, num_inference_steps=2, **KW)
+
+
+def test_residual_adapter_is_not_merged_or_exported(tmp_path):
+    pipe = _pixel_pipe()
+    with pytest.raises(ValueError, match="residual reading"):
+        merge_adapter(pipe.transformer, "default", task="color_change")
+    with pytest.raises(ValueError, match="residual reading"):
+        export_diffusers_lora(pipe.transformer, tmp_path / "lora", task="color_change")
+    assert not RESIDUAL.mergeable
+
+
+def test_reading_survives_save_and_load(tmp_path):
+    pipe = _pixel_pipe(randomize=True)
+    path = save_adapter(pipe.transformer, tmp_path / "a.safetensors")
+    assert read_adapter_header(path)["config"].reading == "residual"
+    fresh = _pixel_pipe(AdapterConfig(rank=4, num_experts=3, top_k=2, router="task"))
+    load_adapter(fresh.transformer, path, "edit")
+    assert residual_adapters(fresh.transformer) == ["edit"]
+
+
+def test_unknown_reading_is_refused():
+    with pytest.raises(ValueError, match="unknown adapter reading 'delta'"):
+        AdapterConfig(reading="delta")

@@ -1,0 +1,116 @@
+"""The residual reading of an editing adapter: what the adapter changes is the change to the source.
+
+An adapter with ``AdapterConfig.reading = "residual"`` is read, at the target tokens, as
+
+    x0_hat = source + (F_adapted - F_base)                      all (B, T, C)
+
+where F is the transformer's output with the adapter on / off for the same call and ``source`` the
+Kontext reference tokens of that call (same grid as the target). A fresh adapter (LoRA B = 0) makes
+F_adapted == F_base, so it returns the source unchanged, and training only has to learn what to
+change. That is the point: x2edit-tiny's base cannot copy a reference token exactly through its
+attention (its q/k RMS norms bound the logits near 8, so attention over 64 reference tokens stays
+soft), and under the direct reading its edits lost the unchanged background (measured in the README).
+
+The stock Euler scheduler then integrates the velocity this implies, (x_t - x0_hat) / max(sigma,
+SIGMA_FLOOR), so the pipeline loop and the training loss are those of any flow model. Cost: one more
+transformer call, without gradients, per step. A residual adapter cannot be merged into the base or
+exported as a plain diffusers LoRA: without the base's own output beside it, a stock pipeline would
+read it directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from x2edit.adapters.inject import adapter_layers
+from x2edit.schedulers import SIGMA_FLOOR, velocity_from_sample
+
+
+def residual_adapters(model: nn.Module) -> list[str]:
+    """Names of the active adapters of ``model`` that use the residual reading."""
+    names: dict[str, None] = {}
+    for _, layer in adapter_layers(model):
+        for n in layer.active_adapters:
+            if layer.adapters[n].config.reading == "residual":
+                names[n] = None
+    return list(names)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """Run the block with adapters ``names`` switched off (the others stay as they are)."""
+    saved = [(layer, list(layer.active_adapters)) for _, layer in adapter_layers(model)]
+    for layer, active in saved:
+        layer.active_adapters = [n for n in active if n not in names]
+    try:
+        yield
+    finally:
+        for layer, active in saved:
+            layer.active_adapters = active
+
+
+def split_reference(hidden_states: torch.Tensor, img_ids: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(number of target tokens T, reference tokens (B, T, C)) of a Kontext-layout transformer input.
+
+    The target tokens come first (position-id coordinate 0), then the reference tokens (coordinate
+    1); the residual reading needs exactly one reference image on the target's grid.
+    """
+    if img_ids.dim() == 3:  # diffusers still accepts a batch dimension here
+        img_ids = img_ids[0]
+    n = int((img_ids[:, 0] == 0).sum())
+    if n == hidden_states.shape[1]:
+        raise ValueError("a residual-reading adapter edits a source image: pass image= (there are no reference "
+                         "tokens in this call)")
+    if hidden_states.shape[1] != 2 * n:
+        raise ValueError(f"a residual-reading adapter needs the source on the output's grid: {n} target tokens "
+                         f"but {hidden_states.shape[1] - n} reference tokens")
+    return n, hidden_states[:, n:]
+
+
+def residual_sample(adapted: torch.Tensor, base: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """x0_hat = reference + (adapted - base), all (B, T, C) at the target tokens."""
+    return reference + (adapted - base)
+
+
+@contextlib.contextmanager
+def residual_reading(model: nn.Module, names: list[str] | None = None) -> Iterator[None]:
+    """Make ``model``'s forward return the velocity implied by the residual reading of ``names``.
+
+    For sampling with a stock flow-matching pipeline: inside the block each call of the transformer
+    runs twice (adapters ``names`` on, then off) and returns ``(v,)`` / ``.sample = v`` at the target
+    tokens, v = (x_t - x0_hat) / max(sigma, SIGMA_FLOOR); the pipeline crops and steps it as usual.
+    names: default: every active residual adapter.
+    """
+    names = residual_adapters(model) if names is None else names
+    if not names:
+        yield
+        return
+    forward = model.forward
+    own = model.__dict__.get("forward")  # accelerate may have set one already: put that back after
+
+    def read(*args, **kwargs):
+        hidden, img_ids, sigma = kwargs["hidden_states"], kwargs["img_ids"], kwargs["timestep"]
+        n, reference = split_reference(hidden, img_ids)
+        out = forward(*args, **kwargs)
+        with adapters_disabled(model, names):
+            base = forward(*args, **kwargs)
+        first = (lambda o: o[0]) if isinstance(out, tuple) else (lambda o: o.sample)
+        x0 = residual_sample(first(out)[:, :n], first(base)[:, :n], reference)
+        v = velocity_from_sample(hidden[:, :n], x0, sigma.to(x0.dtype), floor=SIGMA_FLOOR)
+        if isinstance(out, tuple):
+            return (v,)
+        out.sample = v
+        return out
+
+    model.forward = read
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward  # back to the class's forward
+        else:
+            model.forward = own
