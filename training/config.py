@@ -77,7 +77,12 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """Objective weights and flow-matching settings (X2Edit: contrastive T=0.5, weight 0.1)."""
+    """Objective weights and flow-matching settings (X2Edit: contrastive T=0.5, weight 0.1).
+
+    weighting: "none" (plain velocity MSE), SD3's "sigma_sqrt" / "cosmap", or "x0": the MSE of the x0
+    the output implies, the same weight at every sigma (the velocity loss weights the x0 error by
+    1/sigma^2, which for x0 and residual readings lets the near-clean steps dominate).
+    """
 
     timestep_sampling: str = "logit_normal"
     shift: float = 1.0
@@ -145,6 +150,8 @@ class TrainConfig:
             raise ValueError("t2i pretraining from scratch needs model.transformer (a FluxTransformer2DModel config)")
         if self.data.buckets and not isinstance(self.data.source, dict):
             raise ValueError("data.buckets needs a reader source (Shape World scenes are all square)")
+        if self.loss.weighting not in ("none", "sigma_sqrt", "cosmap", "x0"):
+            raise ValueError(f"loss.weighting must be none, sigma_sqrt, cosmap or x0, got {self.loss.weighting!r}")
         if not 0.0 <= self.data.self_reference <= 1.0:
             raise ValueError(f"data.self_reference is a fraction of steps in [0, 1], got {self.data.self_reference}")
         if self.data.self_reference and self.mode != "t2i":

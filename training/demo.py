@@ -16,7 +16,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="x2edit_demo", help="output directory (default: ./x2edit_demo)")
     parser.add_argument("--base", default="x2edit-tiny", help="registered name or pipeline directory")
     parser.add_argument("--n-per-task", type=int, default=4, help="held-out pairs per task")
-    parser.add_argument("--steps", type=int, default=28, help="denoising steps")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=64, help="Shape World image size (x2edit-tiny: 64)")
     parser.add_argument("--task-labels", action="store_true",
@@ -30,7 +30,7 @@ def run(args) -> int:
     from training.evaluation import edit_grid, edit_metrics, format_table, run_edits, summarize
     from x2edit.registry import load_pipeline
 
-    if args.n_per_task < 1 or args.steps < 1:
+    if args.n_per_task < 1 or (args.steps is not None and args.steps < 1):
         raise ValueError("--n-per-task and --steps must be >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,8 @@ def run(args) -> int:
     edit_grid([v[0] for v in first.values()], [v[1] for v in first.values()]).save(out / "demo.png")
     (out / "metrics.json").write_text(json.dumps({**table, "classifier_accuracy": accuracy,
                                                   "routing": "labels" if args.task_labels else "classifier",
-                                                  "steps": args.steps}, indent=2))
+                                                  "steps": args.steps or pipe.default_num_inference_steps},
+                                                 indent=2))
     print(format_table(table))
     print(f"\ntask classifier accuracy on these instructions: {100 * accuracy:.1f}%")
     print(f"wrote {out / 'demo.png'} and {out / 'metrics.json'} in {time.perf_counter() - t0:.1f} s")

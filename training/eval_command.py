@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--adapter", default=None, help="x2edit adapter file to load on the base")
     parser.add_argument("--n-per-task", type=int, default=20, help="held-out Shape World pairs per task")
     parser.add_argument("--resolution", type=int, default=64, help="Shape World image size")
-    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--routing",
@@ -54,7 +54,7 @@ def add_arguments(parser) -> None:
 
 
 def evaluate_shapeworld(
-    pipe, n_per_task: int = 20, resolution: int = 64, steps: int = 28, seed: int = 0, routing: str = "labels"
+    pipe, n_per_task: int = 20, resolution: int = 64, steps: int | None = None, seed: int = 0, routing: str = "labels"
 ):
     """(per-task table, per-pair rows, pairs, outputs) of ``pipe`` on the held-out Shape World split."""
     from data_pipeline.shapeworld import ShapeWorld
@@ -80,7 +80,7 @@ def run(args) -> int:
     from training.evaluation import edit_grid, format_table
     from x2edit.registry import DEFAULT_BASE, load_pipeline
 
-    if args.n_per_task < 1 or args.steps < 1:
+    if args.n_per_task < 1 or (args.steps is not None and args.steps < 1):
         raise ValueError("--n-per-task and --steps must be >= 1")
     if args.adapter and not Path(args.adapter).is_file():
         raise FileNotFoundError(f"adapter file not found: {args.adapter}")

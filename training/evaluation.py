@@ -52,7 +52,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def run_edits(pipe, pairs, steps: int = 20, seed: int = 0, batch_size: int = 16, tasks: list[str] | None = None,
+def run_edits(pipe, pairs, steps: int | None = 20, seed: int = 0, batch_size: int = 16, tasks: list[str] | None = None,
               guidance_scale: float = 1.0) -> list[np.ndarray]:
     """Edit each Shape World pair with ``pipe``; returns uint8 outputs in order.
 

@@ -185,7 +185,7 @@ def make_outputs(
     pipe,
     cases: list[EditCase],
     out_dir: Path,
-    steps: int = 28,
+    steps: int | None = None,
     seed: int = 0,
     guidance: float = 2.5,
     verbose: bool = False,
@@ -441,7 +441,7 @@ def run(args) -> int:
             raise FileNotFoundError(f"--outputs {outputs_dir} is not a directory")
         if args.base is not None or args.adapter is not None:
             raise ValueError("--base/--adapter make the outputs, --outputs reads them: pass one or the other")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.adapter is not None:
         if not Path(args.adapter).is_file():

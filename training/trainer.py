@@ -349,11 +349,15 @@ class Trainer:
                 with torch.no_grad(), adapters_disabled(unwrapped, [ADAPTER_NAME]):
                     base_pred = self.model(**call)[0][:, : x0.shape[1]]
         if self.residual:
-            pred = velocity_from_sample(xt, residual_sample(pred, base_pred, ref), sigmas, floor=SIGMA_FLOOR)
-        elif self.prediction != "flow":  # the output implies x0; the loss stays on the velocity (as JiT)
+            x0_hat = residual_sample(pred, base_pred, ref)
+        else:
             x0_hat = predicted_sample(pred, xt, sigmas, self.prediction, self.sigma_data)
-            pred = velocity_from_sample(xt, x0_hat, sigmas, floor=SIGMA_FLOOR)
-        fm = flow_matching_loss(pred, target, sigmas, cfg.loss.weighting)
+        if cfg.loss.weighting == "x0":  # the error of the implied x0, equal weight at every sigma
+            fm = ((x0_hat.float() - x0.float()) ** 2).mean()
+        else:  # on the velocity; an x0 reading is scored on the velocity it implies (as JiT)
+            if self.residual or self.prediction != "flow":
+                pred = velocity_from_sample(xt, x0_hat, sigmas, floor=SIGMA_FLOOR)
+            fm = flow_matching_loss(pred, target, sigmas, cfg.loss.weighting)
         loss, parts = fm, {"flow_matching": fm.item()}
         if routing.balance_loss is not None and cfg.loss.balance_weight > 0:
             loss = loss + cfg.loss.balance_weight * routing.balance_loss

@@ -76,6 +76,9 @@ class X2EditPipeline(FluxKontextPipeline):
     """
 
     _optional_components = ["text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor"]
+    # Steps used when the caller gives none: FLUX's 28, or what a bundled model was measured best at
+    # (x2edit-tiny records it in x2edit_embedded.json; the registry sets it on loading).
+    default_num_inference_steps: int = 28
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer, text_encoder_2=None, tokenizer_2=None,
                  image_encoder=None, feature_extractor=None):
@@ -247,6 +250,8 @@ class X2EditPipeline(FluxKontextPipeline):
         else:
             height, width, area = self._edit_size(None, height, width, max_area)
         kwargs.setdefault("_auto_resize", False)
+        if kwargs.get("num_inference_steps") is None:
+            kwargs["num_inference_steps"] = self.default_num_inference_steps
 
         routing = contextlib.nullcontext()
         if self._routes_by_task():

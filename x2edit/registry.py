@@ -7,6 +7,7 @@ cache or the hub; the embedded ``x2edit-tiny`` resolves to a directory inside th
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +101,6 @@ def embedded_text_components(path: Path) -> dict:
     Embedded models do not ship the 90 MB sentence encoder; ``x2edit_embedded.json`` names it and
     the token budget, and it is loaded from the installed package.
     """
-    import json
-
     from transformers import AutoModel, AutoTokenizer
 
     from x2edit.testing import minilm_path
@@ -129,4 +128,8 @@ def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=No
     except OSError as e:
         raise ValueError(f"could not load base model {name_or_path!r} from {source} ({str(e).splitlines()[0]}); "
                          "without network access, download it elsewhere and pass the local directory") from None
+    if components:
+        steps = json.loads((Path(source) / EMBEDDED_META).read_text()).get("num_inference_steps")
+        if steps is not None:
+            pipe.default_num_inference_steps = int(steps)
     return pipe.to(device) if device else pipe

@@ -21,7 +21,7 @@ def bundled(tmp_path_factory):
         "model.base": str(base / "pipeline"), "data.resolution": 64,
         "adapter": {"rank": 2, "num_experts": 3, "top_k": 2, "task_embed_dim": 8}})).train()
     path = bundle(str(base / "pipeline"), str(edit / "adapter.safetensors"), str(tmp / "tiny"),
-                  max_text_tokens=16, classifier_samples=150)
+                  max_text_tokens=16, classifier_samples=150, num_inference_steps=3)
     return SimpleNamespace(path=path, base=base / "pipeline")
 
 
@@ -30,6 +30,7 @@ def test_bundle_has_no_sentence_encoder_and_loads_by_path(bundled):
     assert not (bundled / "text_encoder").exists() and (bundled / "task_classifier.safetensors").is_file()
     pipe = load_pipeline(bundled)
     assert adapter_names(pipe.transformer) == ["default"]
+    assert pipe.default_num_inference_steps == 3  # the bundle's own step count, from x2edit_embedded.json
     assert pipe.tokenizer.model_max_length == 16
     assert pipe.text_encoder.config.hidden_size == 384  # the real all-MiniLM-L6-v2 from its package
     size = sum(f.stat().st_size for f in bundled.rglob("*") if f.is_file())
@@ -67,3 +68,20 @@ def test_ablation_benchmark_smoke(bundled, tmp_path):
     params = result["cost"]
     assert abs(params["lora"]["trainable_params"] / params["moe+con"]["trainable_params"] - 1) < 0.15
     assert "| mean |" in (tmp_path / "ablation.md").read_text()
+
+
+def test_ablation_benchmark_residual_reading(bundled, tmp_path):
+    import sys
+    from pathlib import Path
+
+    from x2edit.adapters import read_adapter_header
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    import ablation_shapeworld
+
+    assert ablation_shapeworld.main(["--base", str(bundled.base), "--out", str(tmp_path), "--steps", "1",
+                                     "--batch-size", "2", "--seeds", "0", "--n-per-task", "1", "--eval-steps", "1",
+                                     "--variants", "moe", "--reading", "residual"]) == 0
+    header = read_adapter_header(tmp_path / "moe_seed0" / "adapter.safetensors")
+    assert header["config"].reading == "residual"
+    assert "residual reading" in (tmp_path / "ablation.md").read_text()

@@ -124,6 +124,18 @@ def test_residual_reading_starts_from_the_source(tmp_path, base_dir, monkeypatch
     assert not (out / "lora_per_task").exists()
 
 
+def test_x0_weighting_scores_the_implied_x0(tmp_path, base_dir):
+    """loss.weighting=x0: a fresh residual adapter implies x0 = source, so the loss is MSE(source, target)."""
+    trainer = Trainer(_edit_config(tmp_path, base_dir, steps=1, checkpoint_every=0, **{
+        "adapter.reading": "residual", "loss.weighting": "x0", "loss.contrastive_weight": 0,
+        "loss.balance_weight": 0}))
+    batch = trainer.batch(0)
+    _, parts = trainer.compute_loss(batch, 0)
+    ref, _ = trainer._images_to_tokens(batch["source"], reference=True)
+    x0, _ = trainer._images_to_tokens(batch["target"], reference=False)
+    assert parts["flow_matching"] == pytest.approx(((ref - x0) ** 2).mean().item(), rel=1e-5)
+
+
 def test_residual_reading_needs_a_flow_base(tmp_path):
     base = Trainer(_config(tmp_path / "base", steps=1, checkpoint_every=0,
                            **{"model.prediction_type": "sample"})).train() / "pipeline"
@@ -208,6 +220,7 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, base_dir):
     ({"mode": "edit"}, "needs model.base"),
     ({"model.prediction_type": "epsilon"}, "prediction_type must be"),
     ({"data.self_reference": 1.5}, "self_reference is a fraction"),
+    ({"loss.weighting": "snr"}, "loss.weighting must be"),
 ])
 def test_config_errors_before_training(tmp_path, over, message):
     with pytest.raises(ValueError, match=message):

@@ -119,6 +119,18 @@ def test_reading_survives_save_and_load(tmp_path):
     assert residual_adapters(fresh.transformer) == ["edit"]
 
 
+def test_calls_without_steps_use_the_pipelines_default():
+    pipe, seen = _pixel_pipe(), []
+    pipe.default_num_inference_steps = 3
+
+    def count(p, i, t, kw):
+        seen.append(i)
+        return kw
+
+    pipe(image=_image(), prompt="make it red", task="color_change", callback_on_step_end=count, **KW)
+    assert len(seen) == 3
+
+
 def test_unknown_reading_is_refused():
     with pytest.raises(ValueError, match="unknown adapter reading 'delta'"):
         AdapterConfig(reading="delta")

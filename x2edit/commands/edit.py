@@ -17,7 +17,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--adapter", default=None, help="x2edit adapter file (.safetensors) to load")
     parser.add_argument("--lora", action="append", default=[], help="community LoRA file to add (repeatable)")
     parser.add_argument("--task", default=None, help="task name (default: classified from the instruction)")
-    parser.add_argument("--steps", type=int, default=28, help="denoising steps")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default: the model's own: 28 for FLUX, fewer for x2edit-tiny)")
     parser.add_argument("--guidance", type=float, default=2.5, help="guidance scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
@@ -45,7 +46,7 @@ def run(args) -> int:
         raise ValueError("the instruction is empty: say what to change, e.g. 'make the car red'")
     if args.task is not None:
         get_task(args.task)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     for f in [args.adapter, *args.lora]:
         if f is not None and not Path(f).is_file():
