@@ -58,7 +58,8 @@ def run_variant(name: str, adapter: dict, contrastive: float, args, seed: int) -
         "batch_size": args.batch_size, "checkpoint_every": 0, "validate_every": 0, "log_every": 0,
         "num_threads": args.threads, "model": {"base": args.base, "max_text_tokens": 32},
         "adapter": {**adapter, "reading": args.reading},
-        "data": {"source": source, "resolution": 64}, "loss": {"contrastive_weight": contrastive},
+        "data": {"source": source, "resolution": 64}, "loss": {"contrastive_weight": contrastive,
+                                                    "weighting": args.weighting or ("x0" if args.reading == "residual" else "none")},
         "optim": {"lr": args.lr, "warmup_steps": min(100, args.steps // 10)}})
     t0 = time.perf_counter()
     trainer = Trainer(config)
@@ -84,6 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--reading", default="direct", choices=["direct", "residual"],
                     help="how every variant's adapter is read (default: direct)")
+    ap.add_argument("--weighting", default=None, choices=["none", "x0"],
+                    help="flow-matching loss weighting (default: x0 for the residual reading, as x2edit-tiny)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
