@@ -86,6 +86,7 @@ class X2EditPipeline(FluxKontextPipeline):
                          text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
                          image_encoder=image_encoder, feature_extractor=feature_extractor)
         self._task_classifier = None
+        self._truncation_warned = False  # warn once per pipeline: training calls encode_prompt every batch
 
     # -- tasks -------------------------------------------------------------------------------
     @property
@@ -110,6 +111,13 @@ class X2EditPipeline(FluxKontextPipeline):
         return [get_task(t).id for t in tasks]
 
     # -- text encoding -------------------------------------------------------------------------
+    def _warn_truncation(self, prompts: list[str], max_len: int) -> None:
+        cut = sum(len(ids) > max_len for ids in self.tokenizer(prompts)["input_ids"])
+        if cut:
+            self._truncation_warned = True  # once per pipeline: training encodes a batch every step
+            logger.warning("%d of %d instructions truncated to %d tokens (reported once per pipeline)", cut,
+                           len(prompts), max_len)
+
     def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1, prompt_embeds=None,
                       pooled_prompt_embeds=None, max_sequence_length: int = 512, lora_scale=None):
         if self.text_encoder_2 is not None:
@@ -121,8 +129,8 @@ class X2EditPipeline(FluxKontextPipeline):
             max_len = min(max_sequence_length, self.tokenizer.model_max_length)
             tok = self.tokenizer(prompt, padding="max_length", max_length=max_len, truncation=True,
                                  return_tensors="pt")
-            if (tok.attention_mask[:, -1] == 1).any():
-                logger.warning("an instruction was truncated to %d tokens", max_len)
+            if not self._truncation_warned and (tok.attention_mask[:, -1] == 1).any():  # full rows: maybe cut
+                self._warn_truncation(prompt, max_len)
             enc_device = self.text_encoder.device
             mask = tok.attention_mask.to(enc_device)
             states = self.text_encoder(input_ids=tok.input_ids.to(enc_device), attention_mask=mask)[0]  # (B, L, D)

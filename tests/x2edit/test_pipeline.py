@@ -212,3 +212,15 @@ def test_triton_kernel_path_gives_the_same_edit(source_image):
     with kernels.use_backend("triton"):
         fused = pipe(source_image, "make it red", task="color_change", generator=_gen(0), **KW).images
     np.testing.assert_allclose(fused, ref, atol=1e-4)
+
+
+def test_truncated_instructions_are_reported_once_with_a_count(caplog):
+    pipe = _pipe("sentence")
+    long, short = " ".join(["red"] * 40), "make it red"
+    with caplog.at_level("WARNING", logger="x2edit.pipeline"):
+        pipe.encode_prompt([short], device="cpu", max_sequence_length=8)
+        assert not caplog.records  # nothing cut
+        pipe.encode_prompt([long, short, long], device="cpu", max_sequence_length=8)
+        pipe.encode_prompt([long], device="cpu", max_sequence_length=8)  # every training step would say it again
+    assert [r.getMessage() for r in caplog.records] == [
+        "2 of 3 instructions truncated to 8 tokens (reported once per pipeline)"]
