@@ -5,6 +5,9 @@ once, read x0 from its output as the base's scheduler says (velocity, sample or 
 see x2edit/schedulers.py) and report PSNR(x0_hat, x0) in dB next to PSNR(x_sigma, x0). Bases with
 different prediction types trained alike are compared on the same scenes and noise.
 
+``--sample-steps N`` also writes OUT/<base>_samples.png: each scene beside what the base draws from its
+caption in N steps, the check that a frozen base can render the domain an adapter is to edit.
+
     python benchmarks/denoise_by_sigma.py --bases runs/base_flow/pipeline runs/base_edm/pipeline \\
         --out runs/denoise
 """
@@ -52,16 +55,39 @@ def denoise_table(base: str, sigmas: list[float], n: int = 16, seed: int = 0) ->
     return {"prediction_type": kind, "by_sigma": rows}
 
 
+@torch.no_grad()
+def sample_grid(base: str, n: int, steps: int, seed: int = 0, scale: int = 2):
+    """PIL image, one row per held-out scene: the scene | the base's text-to-image sample of its caption."""
+    from PIL import Image
+
+    from data_pipeline.shapeworld import ShapeWorld
+    from x2edit.registry import load_pipeline
+
+    pipe = load_pipeline(base)
+    pipe.set_progress_bar_config(disable=True)
+    scenes = [ShapeWorld(64).sample(i, None, "eval") for i in range(n)]
+    h, w = scenes[0].target.shape[:2]
+    drawn = pipe(prompt=[s.captions[1] for s in scenes], height=h, width=w, num_inference_steps=steps,
+                 output_type="np", generator=torch.Generator().manual_seed(seed)).images  # (n, h, w, 3) in [0, 1]
+    drawn = (np.clip(drawn, 0, 1) * 255).round().astype(np.uint8)
+    rows = np.concatenate([np.concatenate([s.target, d], 1) for s, d in zip(scenes, drawn)], 0)
+    return Image.fromarray(rows).resize((rows.shape[1] * scale, rows.shape[0] * scale), Image.NEAREST)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bases", nargs="+", required=True, help="saved text-to-image pipeline directories")
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.2, 0.5, 0.8])
     ap.add_argument("--n", type=int, default=16, help="held-out scenes")
+    ap.add_argument("--sample-steps", type=int, default=0,
+                    help="also write each base's text-to-image samples beside the scenes (0: off)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {base: denoise_table(base, args.sigmas, args.n) for base in args.bases}
+    for base in args.bases if args.sample_steps else []:
+        sample_grid(base, min(args.n, 8), args.sample_steps).save(out / f"{Path(base).parent.name}_samples.png")
     (out / "denoise_by_sigma.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     first = next(iter(results.values()))["by_sigma"]
     lines = [f"PSNR (dB) of the one-step x0 estimate on {args.n} held-out Shape World scenes.", "",

@@ -68,3 +68,16 @@ def test_denoise_by_sigma_reads_each_output_as_its_base_says(tiny_bases, tmp_pat
     base = tiny_bases[["flow", "edm"].index(kind)]
     rows = denoise_table(base, [0.2, 0.8], n=2)["by_sigma"]
     assert all(row["x0_hat_db"] > 80 for row in rows.values())  # exact up to float32 rounding
+
+
+def test_sample_steps_writes_scenes_beside_the_bases_samples(tiny_bases, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.denoise_by_sigma import main
+
+    main(["--bases", tiny_bases[0], "--sigmas", "0.5", "--n", "3", "--sample-steps", "2", "--out", str(tmp_path)])
+    grid = np.asarray(Image.open(tmp_path / "flow_samples.png"))
+    assert grid.shape == (3 * 64 * 2, 2 * 64 * 2, 3)  # 3 scenes, scene | sample, upscaled 2x
+    scenes, samples = grid[:, : 128].astype(int), grid[:, 128:].astype(int)
+    assert np.abs(scenes - samples).mean() > 5  # the right half is the base's drawing, not the scene again
