@@ -30,15 +30,15 @@ def add_arguments(parser) -> None:
         "--base", default=None, help="registered name or pipeline directory (default: x2edit-tiny)"
     )
     parser.add_argument("--adapter", default=None, help="x2edit adapter file to load on the base")
-    parser.add_argument("--n-per-task", type=int, default=20, help="held-out Shape World pairs per task")
-    parser.add_argument("--resolution", type=int, default=64, help="Shape World image size")
+    parser.add_argument("--n-per-task", type=int, default=None, help="held-out Shape World pairs per task (20)")
+    parser.add_argument("--resolution", type=int, default=None, help="Shape World image size (64)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--routing",
         choices=["labels", "classifier"],
-        default="labels",
-        help="route the MoE-LoRA with the true task labels or the instruction classifier",
+        default=None,
+        help="route the MoE-LoRA with the true task labels (default) or the instruction classifier",
     )
     folder = parser.add_argument_group("real images (GEdit-Bench form; see docs/eval.md)")
     folder.add_argument(
@@ -70,11 +70,24 @@ def evaluate_shapeworld(
     return summarize(rows), rows, pairs, outputs
 
 
+SHAPEWORLD_ONLY = {"n_per_task": 20, "resolution": 64, "routing": "labels"}  # flag -> default
+FOLDER_ONLY = ("outputs", "clip", "judge")
+
+
 def run(args) -> int:
+    given = [f"--{k.replace('_', '-')}" for k in SHAPEWORLD_ONLY if getattr(args, k) is not None]
     if args.folder is not None:
+        if given:  # silently ignoring them would report a benchmark the user did not ask for
+            raise ValueError(f"{', '.join(given)}: Shape World options, not used with --folder")
         from training.folder_eval import run as run_folder
 
         return run_folder(args)
+    stray = [f"--{k}" for k in FOLDER_ONLY if getattr(args, k) is not None]
+    if stray:
+        raise ValueError(f"{', '.join(stray)}: options of --folder (real images); pass --folder CASES")
+    for k, default in SHAPEWORLD_ONLY.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
     import torch
 
     from training.evaluation import edit_grid, format_table

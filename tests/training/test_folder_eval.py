@@ -420,3 +420,13 @@ def test_cli_edits_with_a_saved_tiny_pipeline(tmp_path, capsys):
     assert Image.open(res / "outputs" / "k1.png").size == (32, 32)
     metrics = json.loads((res / "metrics.json").read_text())
     assert metrics["color_alter"]["n"] == 1 and 0 < metrics["all"]["l1"] < 1 and metrics["skipped"] == {}
+
+
+def test_cli_refuses_options_of_the_other_mode(folder, tmp_path, capsys):
+    d, outs = folder
+    base = ["eval", "--out", str(tmp_path / "res")]
+    assert main(base + ["--folder", str(d), "--outputs", str(outs), "--n-per-task", "5", "--routing", "labels"]) == 2
+    assert _error_line(capsys).endswith("--n-per-task, --routing: Shape World options, not used with --folder")
+    assert main(base + ["--judge", str(tmp_path / "vlm")]) == 2  # Shape World mode
+    assert _error_line(capsys).endswith("--judge: options of --folder (real images); pass --folder CASES")
+    assert not (tmp_path / "res").exists()
