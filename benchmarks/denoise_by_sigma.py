@@ -28,13 +28,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def denoise_table(base: str, sigmas: list[float], n: int = 16, seed: int = 0) -> dict:
+def denoise_table(pipe, sigmas: list[float], n: int = 16, seed: int = 0) -> dict:
     from data_pipeline.shapeworld import ShapeWorld
     from training.losses import flow_matching_pair
-    from x2edit.registry import load_pipeline
     from x2edit.schedulers import predicted_sample, prediction_type, sigma_data_of
 
-    pipe = load_pipeline(base)
     kind = prediction_type(pipe.scheduler)
     scenes = [ShapeWorld(64).sample(i, None, "eval") for i in range(n)]
     x = torch.from_numpy(np.stack([s.target for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -56,14 +54,12 @@ def denoise_table(base: str, sigmas: list[float], n: int = 16, seed: int = 0) ->
 
 
 @torch.no_grad()
-def sample_grid(base: str, n: int, steps: int, seed: int = 0, scale: int = 2):
+def sample_grid(pipe, n: int, steps: int, seed: int = 0, scale: int = 2):
     """PIL image, one row per held-out scene: the scene | the base's text-to-image sample of its caption."""
     from PIL import Image
 
     from data_pipeline.shapeworld import ShapeWorld
-    from x2edit.registry import load_pipeline
 
-    pipe = load_pipeline(base)
     pipe.set_progress_bar_config(disable=True)
     scenes = [ShapeWorld(64).sample(i, None, "eval") for i in range(n)]
     h, w = scenes[0].target.shape[:2]
@@ -80,14 +76,19 @@ def main(argv=None) -> int:
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.2, 0.5, 0.8])
     ap.add_argument("--n", type=int, default=16, help="held-out scenes")
     ap.add_argument("--sample-steps", type=int, default=0,
-                    help="also write each base's text-to-image samples beside the scenes (0: off)")
+                    help="also write each base's text-to-image samples beside (at most 8 of) the scenes (0: off)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    from x2edit.registry import load_pipeline
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {base: denoise_table(base, args.sigmas, args.n) for base in args.bases}
-    for base in args.bases if args.sample_steps else []:
-        sample_grid(base, min(args.n, 8), args.sample_steps).save(out / f"{Path(base).parent.name}_samples.png")
+    results = {}
+    for base in args.bases:
+        pipe = load_pipeline(base)  # once per base: FLUX-size bases take a while to load
+        results[base] = denoise_table(pipe, args.sigmas, args.n)
+        if args.sample_steps:
+            sample_grid(pipe, min(args.n, 8), args.sample_steps).save(out / f"{Path(base).parent.name}_samples.png")
     (out / "denoise_by_sigma.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     first = next(iter(results.values()))["by_sigma"]
     lines = [f"PSNR (dB) of the one-step x0 estimate on {args.n} held-out Shape World scenes.", "",

@@ -19,6 +19,11 @@ import json
 import time
 from pathlib import Path
 
+# Options of one mode only; given in the other they are refused. Shape World's default here, not in
+# argparse, so that run() can tell an option the user gave from one left at its default.
+SHAPEWORLD_ONLY = {"n_per_task": 20, "resolution": 64, "routing": "labels"}
+FOLDER_ONLY = ("outputs", "clip", "judge")
+
 
 def add_arguments(parser) -> None:
     parser.add_argument(
@@ -30,8 +35,10 @@ def add_arguments(parser) -> None:
         "--base", default=None, help="registered name or pipeline directory (default: x2edit-tiny)"
     )
     parser.add_argument("--adapter", default=None, help="x2edit adapter file to load on the base")
-    parser.add_argument("--n-per-task", type=int, default=None, help="held-out Shape World pairs per task (20)")
-    parser.add_argument("--resolution", type=int, default=None, help="Shape World image size (64)")
+    parser.add_argument("--n-per-task", type=int, default=None,
+                        help=f"held-out Shape World pairs per task ({SHAPEWORLD_ONLY['n_per_task']})")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help=f"Shape World image size ({SHAPEWORLD_ONLY['resolution']})")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -53,9 +60,9 @@ def add_arguments(parser) -> None:
     folder.add_argument("--judge", default=None, help="local VLM directory (e.g. Qwen2.5-VL): adds SC, PQ, O")
 
 
-def evaluate_shapeworld(
-    pipe, n_per_task: int = 20, resolution: int = 64, steps: int | None = None, seed: int = 0, routing: str = "labels"
-):
+def evaluate_shapeworld(pipe, n_per_task: int = SHAPEWORLD_ONLY["n_per_task"],
+                        resolution: int = SHAPEWORLD_ONLY["resolution"], steps: int | None = None, seed: int = 0,
+                        routing: str = SHAPEWORLD_ONLY["routing"]):
     """(per-task table, per-pair rows, pairs, outputs) of ``pipe`` on the held-out Shape World split."""
     from data_pipeline.shapeworld import ShapeWorld
     from training.evaluation import edit_metrics, run_edits, summarize
@@ -68,10 +75,6 @@ def evaluate_shapeworld(
         for p, o in zip(pairs, outputs)
     ]
     return summarize(rows), rows, pairs, outputs
-
-
-SHAPEWORLD_ONLY = {"n_per_task": 20, "resolution": 64, "routing": "labels"}  # flag -> default
-FOLDER_ONLY = ("outputs", "clip", "judge")
 
 
 def run(args) -> int:

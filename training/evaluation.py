@@ -52,11 +52,12 @@ def summarize(rows: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def run_edits(pipe, pairs, steps: int | None = 20, seed: int = 0, batch_size: int = 16, tasks: list[str] | None = None,
+def run_edits(pipe, pairs, steps: int | None = None, seed: int = 0, batch_size: int = 16, tasks: list[str] | None = None,
               guidance_scale: float = 1.0) -> list[np.ndarray]:
     """Edit each Shape World pair with ``pipe``; returns uint8 outputs in order.
 
     Args:
+        steps: denoising steps; None: the pipeline's own default.
         tasks: task per pair for the router; None lets the pipeline classify each instruction.
     """
     outputs = []

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from training.config import config_from_dict
 from training.trainer import Trainer
@@ -65,8 +66,10 @@ def test_denoise_by_sigma_reads_each_output_as_its_base_says(tiny_bases, tmp_pat
 
     monkeypatch.setattr(losses, "flow_matching_pair", pair)
     monkeypatch.setattr(diffusers.FluxTransformer2DModel, "forward", exact)
+    from x2edit.registry import load_pipeline
+
     base = tiny_bases[["flow", "edm"].index(kind)]
-    rows = denoise_table(base, [0.2, 0.8], n=2)["by_sigma"]
+    rows = denoise_table(load_pipeline(base), [0.2, 0.8], n=2)["by_sigma"]
     assert all(row["x0_hat_db"] > 80 for row in rows.values())  # exact up to float32 rounding
 
 
@@ -79,5 +82,13 @@ def test_sample_steps_writes_scenes_beside_the_bases_samples(tiny_bases, tmp_pat
     main(["--bases", tiny_bases[0], "--sigmas", "0.5", "--n", "3", "--sample-steps", "2", "--out", str(tmp_path)])
     grid = np.asarray(Image.open(tmp_path / "flow_samples.png"))
     assert grid.shape == (3 * 64 * 2, 2 * 64 * 2, 3)  # 3 scenes, scene | sample, upscaled 2x
-    scenes, samples = grid[:, : 128].astype(int), grid[:, 128:].astype(int)
-    assert np.abs(scenes - samples).mean() > 5  # the right half is the base's drawing, not the scene again
+    from data_pipeline.shapeworld import ShapeWorld
+    from x2edit.registry import load_pipeline
+
+    scenes = [ShapeWorld(64).sample(i, None, "eval") for i in range(3)]
+    np.testing.assert_array_equal(grid[::2, :128:2], np.concatenate([s.target for s in scenes]))  # left: the scenes
+    pipe = load_pipeline(tiny_bases[0])
+    drawn = pipe(prompt=[s.captions[1] for s in scenes], height=64, width=64, num_inference_steps=2,
+                 output_type="np", generator=torch.Generator().manual_seed(0)).images
+    drawn = (np.clip(drawn, 0, 1) * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(grid[::2, 128::2], np.concatenate(drawn))  # right: the base's drawing of each caption
