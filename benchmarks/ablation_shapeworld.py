@@ -7,8 +7,10 @@ Variants (adapter on the frozen x2edit-tiny base):
     moe_task+con  task-level router (one mix per task: mergeable) + contrastive loss
 
 For each variant and seed: train, then measure the per-task edit gain on the held-out split.
-``--reading residual`` reads every variant as the change it makes to the source (x2edit-tiny's recipe;
-see x2edit/adapters/residual.py); ``direct`` is the plain LoRA reading.
+``--reading residual`` reads every variant as the change it makes to the source (see
+x2edit/adapters/residual.py); ``direct`` is the plain LoRA reading. ``--source-start 0.5`` trains and
+evaluates every variant as a one-step edit from the source (AdapterConfig.source_start) with the
+edit-relative loss: x2edit-tiny's recipe is ``--reading residual --source-start 0.5``.
 Writes OUT/ablation.json and OUT/ablation.md (mean +- spread over seeds, training seconds).
 
     python benchmarks/ablation_shapeworld.py --base runs/x2edit-tiny-base/pipeline \\
@@ -47,6 +49,13 @@ def matched_lora_rank(base: str) -> int:
     return max(1, round(counts["moe"] / counts["lora1"]))
 
 
+def default_weighting(args) -> str:
+    """x2edit-tiny's loss for its reading: edit-relative x0 error for one-step, x0 error for residual."""
+    if args.source_start is not None:
+        return "x0_edit"
+    return "x0" if args.reading == "residual" else "none"
+
+
 def run_variant(name: str, adapter: dict, contrastive: float, args, seed: int) -> dict:
     from training.config import config_from_dict
     from training.eval_command import evaluate_shapeworld
@@ -57,15 +66,16 @@ def run_variant(name: str, adapter: dict, contrastive: float, args, seed: int) -
         "mode": "edit", "output_dir": str(Path(args.out) / f"{name}_seed{seed}"), "seed": seed, "steps": args.steps,
         "batch_size": args.batch_size, "checkpoint_every": 0, "validate_every": 0, "log_every": 0,
         "num_threads": args.threads, "model": {"base": args.base, "max_text_tokens": 32},
-        "adapter": {**adapter, "reading": args.reading},
+        "adapter": {**adapter, "reading": args.reading, "source_start": args.source_start},
         "data": {"source": source, "resolution": 64}, "loss": {"contrastive_weight": contrastive,
-                                                    "weighting": args.weighting or ("x0" if args.reading == "residual" else "none")},
+                                                    "weighting": args.weighting or default_weighting(args)},
         "optim": {"lr": args.lr, "warmup_steps": min(100, args.steps // 10)}})
     t0 = time.perf_counter()
     trainer = Trainer(config)
     trainer.train()
     train_s = time.perf_counter() - t0
-    table, _, _, _ = evaluate_shapeworld(trainer.pipe, args.n_per_task, 64, args.eval_steps, seed=0)
+    steps = None if args.source_start is not None else args.eval_steps  # a one-step adapter takes its own one step
+    table, _, _, _ = evaluate_shapeworld(trainer.pipe, args.n_per_task, 64, steps, seed=0)
     return {"train_seconds": train_s, "table": table,
             "trainable_params": sum(p.numel() for p in trainer.params)}
 
@@ -85,8 +95,10 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--reading", default="direct", choices=["direct", "residual"],
                     help="how every variant's adapter is read (default: direct)")
-    ap.add_argument("--weighting", default=None, choices=["none", "x0"],
-                    help="flow-matching loss weighting (default: x0 for the residual reading, as x2edit-tiny)")
+    ap.add_argument("--source-start", type=float, default=None,
+                    help="train and edit in one step from the source at this noise level (x2edit-tiny: 0.5)")
+    ap.add_argument("--weighting", default=None, choices=["none", "x0", "x0_edit"],
+                    help="loss weighting (default: x0_edit with --source-start, x0 for the residual reading)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +118,8 @@ def main(argv=None) -> int:
                                                    "cost": meta, "runs": results}, indent=2))
     names = list(results)
     lines = [f"Edit gain (dB) on held-out Shape World, mean (spread) over seeds {args.seeds}; {args.steps} steps x "
-             f"batch {args.batch_size}; {args.reading} reading.", "", "| task | " + " | ".join(names) + " |",
+             f"batch {args.batch_size}; {args.reading} reading"
+             + (f", one step from the source at sigma {args.source_start}." if args.source_start else "."), "", "| task | " + " | ".join(names) + " |",
              "|---|" + "---:|" * len(names)]
     for t in tasks:
         lines.append(f"| {t} | " + " | ".join(f"{summary[n][t]['mean']:+.2f} ({summary[n][t]['spread']:.2f})"

@@ -150,8 +150,9 @@ class TrainConfig:
             raise ValueError("t2i pretraining from scratch needs model.transformer (a FluxTransformer2DModel config)")
         if self.data.buckets and not isinstance(self.data.source, dict):
             raise ValueError("data.buckets needs a reader source (Shape World scenes are all square)")
-        if self.loss.weighting not in ("none", "sigma_sqrt", "cosmap", "x0"):
-            raise ValueError(f"loss.weighting must be none, sigma_sqrt, cosmap or x0, got {self.loss.weighting!r}")
+        if self.loss.weighting not in ("none", "sigma_sqrt", "cosmap", "x0", "x0_edit"):
+            raise ValueError("loss.weighting must be none, sigma_sqrt, cosmap, x0 or x0_edit, got "
+                             f"{self.loss.weighting!r}")
         if not 0.0 <= self.data.self_reference <= 1.0:
             raise ValueError(f"data.self_reference is a fraction of steps in [0, 1], got {self.data.self_reference}")
         if self.data.self_reference and self.mode != "t2i":

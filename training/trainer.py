@@ -33,6 +33,8 @@ from training.losses import (
     flow_matching_loss,
     flow_matching_pair,
     sample_sigmas,
+    source_start_pair,
+    x0_error,
 )
 from x2edit.adapters import (
     adapter_summary,
@@ -331,8 +333,13 @@ class Trainer:
             elif cfg.data.self_reference and torch.rand((), generator=g).item() < cfg.data.self_reference:
                 ref, ref_ids = x0, latent_ids.clone()  # the image itself in context (Kontext pretraining)
                 ref_ids[..., 0] = 1
-        sigmas = sample_sigmas(len(x0), cfg.loss.timestep_sampling, cfg.loss.shift, generator=g, device=device)
-        xt, target = flow_matching_pair(x0, sigmas, generator=g)
+        start = cfg.adapter.source_start if cfg.mode == "edit" else None
+        if start is None:
+            sigmas = sample_sigmas(len(x0), cfg.loss.timestep_sampling, cfg.loss.shift, generator=g, device=device)
+            xt, target = flow_matching_pair(x0, sigmas, generator=g)
+        else:  # one-step edit from the source itself at a fixed noise level
+            sigmas = torch.full((len(x0),), float(start), device=device)
+            xt, target = source_start_pair(x0, ref, start)
         hidden, img_ids = xt, latent_ids
         if ref is not None:
             hidden, img_ids = torch.cat([xt, ref], 1), torch.cat([latent_ids, ref_ids], 0)
@@ -349,11 +356,11 @@ class Trainer:
                 with torch.no_grad(), adapters_disabled(unwrapped, [ADAPTER_NAME]):
                     base_pred = self.model(**call)[0][:, : x0.shape[1]]
         x0_reading = self.residual or self.prediction != "flow"
-        if x0_reading or cfg.loss.weighting == "x0":
+        if x0_reading or cfg.loss.weighting in ("x0", "x0_edit"):
             x0_hat = (residual_sample(pred, base_pred, ref) if self.residual
                       else predicted_sample(pred, xt, sigmas, self.prediction, self.sigma_data))
-        if cfg.loss.weighting == "x0":  # the error of the implied x0, equal weight at every sigma
-            fm = ((x0_hat.float() - x0.float()) ** 2).mean()
+        if cfg.loss.weighting in ("x0", "x0_edit"):  # the error of the implied x0, equal weight at every sigma
+            fm = x0_error(x0_hat, x0, ref if cfg.loss.weighting == "x0_edit" else None)
         else:  # on the velocity; an x0 reading is scored on the velocity it implies (as JiT)
             if x0_reading:
                 pred = velocity_from_sample(xt, x0_hat, sigmas, floor=SIGMA_FLOOR)
@@ -437,7 +444,8 @@ class Trainer:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.transformer.eval()
         if cfg.mode == "edit":
-            table, _, outputs = evaluate_pairs(self.pipe, pairs, steps=20, seed=cfg.seed,
+            steps = 1 if cfg.adapter.source_start is not None else 20
+            table, _, outputs = evaluate_pairs(self.pipe, pairs, steps=steps, seed=cfg.seed,
                                                tasks=[p.task for p in pairs])
             metrics = {"val/edit_gain_db": table["mean"]["edit_gain_db"]}
         else:

@@ -13,6 +13,8 @@ first position-id coordinate is 1) plus what editing with X2Edit adapters needs:
 6. community LoRAs load beside the MoE-LoRA with ``load_lora_weights`` and run in the same fused call;
 7. adapters with the residual reading (``x2edit.adapters.residual``) are read as the change they make
    to the source, by wrapping the transformer for the call; the loop and scheduler stay stock.
+8. adapters trained to edit in one step from the source (``AdapterConfig.source_start`` = s) start
+   the loop from the source tokens at noise level s and take one step (``prepare_latents``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxKontextPipeline
+from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 
 from x2edit.adapters import (
     adapter_config,
@@ -41,7 +44,7 @@ from x2edit.adapters import (
 from x2edit.adapters.inject import _set_submodule
 from x2edit.images import as_rgb_image
 from x2edit.pixel_vae import PixelShuffleVAE  # noqa: F401 (diffusers loads saved components only from imported modules)
-from x2edit.schedulers import FlowMatchSampleScheduler, prediction_type  # noqa: F401 (same reason)
+from x2edit.schedulers import FlowMatchSampleScheduler, prediction_type, unshifted_sigma  # noqa: F401 (same reason)
 from x2edit.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ class X2EditPipeline(FluxKontextPipeline):
                          image_encoder=image_encoder, feature_extractor=feature_extractor)
         self._task_classifier = None
         self._truncation_warned = False  # warn once per pipeline: training calls encode_prompt every batch
+        self._start_from_source = False  # set for the length of a call by a one-step adapter
 
     # -- tasks -------------------------------------------------------------------------------
     @property
@@ -210,6 +214,21 @@ class X2EditPipeline(FluxKontextPipeline):
         return pipe
 
     # -- editing -------------------------------------------------------------------------------
+    def source_start(self) -> float | None:
+        """The noise level the active adapters edit from in one step (``AdapterConfig.source_start``)."""
+        levels = {layer.adapters[n].config.source_start for _, layer in adapter_layers(self.transformer)
+                  for n in layer.active_adapters} - {None}
+        if len(levels) > 1:
+            raise ValueError(f"the active adapters start from the source at different noise levels {sorted(levels)}; "
+                             "activate one of them (set_adapters)")
+        return levels.pop() if levels else None
+
+    def prepare_latents(self, image, *args, **kwargs):
+        latents, image_latents, latent_ids, image_ids = super().prepare_latents(image, *args, **kwargs)
+        if self._start_from_source:  # one-step edit: the packed source tokens (B, T, C) are the start
+            latents = image_latents.clone()
+        return latents, image_latents, latent_ids, image_ids
+
     def _edit_size(self, image, height, width, max_area) -> tuple[int, int, int]:
         multiple = self.vae_scale_factor * 2
         if height is None or width is None:
@@ -258,7 +277,25 @@ class X2EditPipeline(FluxKontextPipeline):
         else:
             height, width, area = self._edit_size(None, height, width, max_area)
         kwargs.setdefault("_auto_resize", False)
-        if kwargs.get("num_inference_steps") is None:
+        start = self.source_start()
+        if start is not None:
+            if image is None:
+                raise ValueError(f"this pipeline's adapter edits in one step from the source (source_start={start}): "
+                                 "pass image=")
+            if kwargs.get("num_inference_steps") not in (None, 1):
+                raise ValueError(f"this pipeline's adapter edits in one step from the source (source_start={start}); "
+                                 f"num_inference_steps={kwargs['num_inference_steps']} is not supported, leave it unset")
+            for key in ("latents", "sigmas", "timesteps"):
+                if kwargs.get(key) is not None:
+                    raise ValueError(f"{key}= cannot be given to a one-step adapter: it starts from the source at "
+                                     f"noise level {start}")
+            vsf = self.vae_scale_factor * 2
+            mu = calculate_shift((height // vsf) * (width // vsf), self.scheduler.config.get("base_image_seq_len", 256),
+                                 self.scheduler.config.get("max_image_seq_len", 4096),
+                                 self.scheduler.config.get("base_shift", 0.5),
+                                 self.scheduler.config.get("max_shift", 1.15))
+            kwargs.update(num_inference_steps=1, sigmas=[unshifted_sigma(self.scheduler, start, mu)])
+        elif kwargs.get("num_inference_steps") is None:
             kwargs["num_inference_steps"] = self.default_num_inference_steps
 
         routing = contextlib.nullcontext()
@@ -283,5 +320,10 @@ class X2EditPipeline(FluxKontextPipeline):
             if image is None:
                 raise ValueError("this pipeline's adapter edits a source image (residual reading): pass image=")
             reading = residual_reading(self.transformer)
-        with routing, reading:
-            return super().__call__(image=image, prompt=prompt, height=height, width=width, max_area=area, **kwargs)
+        self._start_from_source = start is not None
+        try:
+            with routing, reading:
+                return super().__call__(image=image, prompt=prompt, height=height, width=width, max_area=area,
+                                        **kwargs)
+        finally:
+            self._start_from_source = False

@@ -20,6 +20,8 @@ model unchanged. Training (``x2edit train``) reads the same setting from the bas
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
@@ -71,6 +73,28 @@ def velocity_from_sample(x_sigma: torch.Tensor, x0: torch.Tensor, sigma: torch.T
     ``sigma`` is a scalar or per-sample (B,) tensor broadcast over the remaining dims of ``x_sigma``.
     """
     return (x_sigma - x0) / _per_sample(sigma, x_sigma).clamp(min=max(floor, 1e-6))
+
+
+def unshifted_sigma(scheduler, sigma: float, mu: float | None = None) -> float:
+    """The sigma to give ``scheduler.set_timesteps(sigmas=[...])`` so that its first step runs at ``sigma``.
+
+    Flux pipelines pass custom sigmas through the scheduler's shift: the static ``shift`` k or, with
+    ``use_dynamic_shifting``, the resolution-dependent k = exp(mu) ("exponential") or mu ("linear").
+    Each maps t -> k t / (1 + (k - 1) t), whose inverse is s -> s / (k - (k - 1) s). An adapter
+    trained at one fixed noise level (``AdapterConfig.source_start``) must run at exactly that level.
+    """
+    cfg = scheduler.config
+    for key in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+        if cfg.get(key):
+            raise ValueError(f"the scheduler's {key} reshapes custom sigmas; a one-step adapter needs a "
+                             "FlowMatchEulerDiscreteScheduler without it")
+    if cfg.get("use_dynamic_shifting"):
+        if mu is None:
+            raise ValueError("this scheduler shifts by resolution: pass mu (diffusers' calculate_shift)")
+        k = math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu
+    else:
+        k = cfg.get("shift", 1.0)
+    return sigma / (k - (k - 1) * sigma)
 
 
 class FlowMatchSampleScheduler(FlowMatchEulerDiscreteScheduler):

@@ -85,3 +85,25 @@ def test_ablation_benchmark_residual_reading(bundled, tmp_path):
     header = read_adapter_header(tmp_path / "moe_seed0" / "adapter.safetensors")
     assert header["config"].reading == "residual"
     assert "residual reading" in (tmp_path / "ablation.md").read_text()
+
+
+def test_ablation_benchmark_one_step_recipe(bundled, tmp_path):
+    """--source-start: every variant trains and edits as x2edit-tiny does (one step from the source, the
+    edit-relative loss); the eval takes the adapter's own single step."""
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from x2edit.adapters import read_adapter_header
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    import ablation_shapeworld
+
+    assert ablation_shapeworld.main(["--base", str(bundled.base), "--out", str(tmp_path), "--steps", "1",
+                                     "--batch-size", "2", "--seeds", "0", "--n-per-task", "1", "--variants", "moe",
+                                     "--reading", "residual", "--source-start", "0.5"]) == 0
+    run = tmp_path / "moe_seed0"
+    assert read_adapter_header(run / "adapter.safetensors")["config"].source_start == 0.5
+    assert yaml.safe_load((run / "config.yaml").read_text())["loss"]["weighting"] == "x0_edit"
+    assert "one step from the source at sigma 0.5" in (tmp_path / "ablation.md").read_text()

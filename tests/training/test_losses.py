@@ -9,6 +9,8 @@ from training.losses import (
     flow_matching_loss,
     flow_matching_pair,
     sample_sigmas,
+    source_start_pair,
+    x0_error,
 )
 from x2edit.testing import tiny_flux_transformer
 
@@ -95,3 +97,25 @@ def test_block_outputs_hook_collects_image_stream():
     assert len(rec.outputs) == 1
     model(**kw)
     assert len(rec.outputs) == 1  # hooks removed on exit
+
+
+def test_source_start_pair_lands_on_the_target_in_one_euler_step():
+    g = torch.Generator().manual_seed(0)
+    x0, source = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    xt, v = source_start_pair(x0, source, 0.3)
+    assert xt is source
+    torch.testing.assert_close(xt + (0 - 0.3) * v, x0)
+
+
+def test_x0_error_relative_to_the_edit():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 6, generator=g)
+    source = x0 + torch.tensor([0.1, 1.0, 3.0]).view(3, 1, 1) * torch.randn(3, 4, 6, generator=g)
+    assert x0_error(source, x0, source).item() == pytest.approx(1.0)  # the source itself: 0 dB on every pair
+    assert x0_error(x0, x0, source).item() == 0
+    # half-way to the target: each pair's error is a quarter of its own edit's, whatever the edit's size
+    assert x0_error((source + x0) / 2, x0, source).item() == pytest.approx(0.25)
+    # without a source: the plain MSE
+    assert x0_error(source, x0).item() == pytest.approx(((source - x0) ** 2).mean().item())
+    # an unchanged pair is weighted by the floor, not by 1/0
+    assert torch.isfinite(x0_error(x0 + 1, x0, x0))

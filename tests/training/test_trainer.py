@@ -336,3 +336,39 @@ def test_aspect_ratio_buckets_batch_one_size_and_resume_draws_the_same(tmp_path,
 def test_buckets_need_a_reader_source(tmp_path):
     with pytest.raises(ValueError, match="data.buckets needs a reader source"):
         _config(tmp_path, **{"data.buckets": True})
+
+
+def test_x0_edit_weighting_is_one_for_an_unchanged_source(tmp_path, base_dir):
+    """loss.weighting=x0_edit divides each pair's x0 error by its own edit energy: a fresh residual adapter
+    returns the source, so every pair scores exactly 1 (= 10^(-0 dB / 10))."""
+    trainer = Trainer(_edit_config(tmp_path, base_dir, steps=1, checkpoint_every=0, **{
+        "adapter.reading": "residual", "loss.weighting": "x0_edit", "loss.contrastive_weight": 0,
+        "loss.balance_weight": 0}))
+    _, parts = trainer.compute_loss(trainer.batch(0), 0)
+    assert parts["flow_matching"] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_source_start_trains_on_the_source_at_a_fixed_sigma(tmp_path, base_dir, monkeypatch):
+    """adapter.source_start=s: the transformer sees the source tokens as its sample at noise level s (no
+    noise), every step; the trained adapter records s for the pipeline."""
+    trainer = Trainer(_edit_config(tmp_path, base_dir, steps=2, checkpoint_every=0, **{
+        "adapter.reading": "residual", "adapter.source_start": 0.4, "loss.weighting": "x0_edit"}))
+    calls, real_forward = [], trainer.model.forward
+
+    def spy(**kw):
+        calls.append((kw["hidden_states"].detach().clone(), kw["timestep"].clone()))
+        return real_forward(**kw)
+
+    monkeypatch.setattr(trainer.model, "forward", spy)
+    for step in range(2):
+        batch = trainer.batch(step)
+        ref, _ = trainer._images_to_tokens(batch["source"], reference=True)
+        calls.clear()
+        trainer.compute_loss(batch, step)
+        hidden, sigma = calls[0]
+        n = ref.shape[1]
+        torch.testing.assert_close(hidden[:, :n], ref)  # the sample is the source itself
+        torch.testing.assert_close(sigma, torch.full_like(sigma, 0.4))
+    monkeypatch.undo()
+    out = trainer.train()
+    assert read_adapter_header(out / "adapter.safetensors")["config"].source_start == 0.4

@@ -134,3 +134,53 @@ def test_calls_without_steps_use_the_pipelines_default():
 def test_unknown_reading_is_refused():
     with pytest.raises(ValueError, match="unknown adapter reading 'delta'"):
         AdapterConfig(reading="delta")
+
+
+ONE_STEP = AdapterConfig(rank=4, num_experts=3, top_k=2, router="task", reading="residual", source_start=0.5)
+
+
+def test_a_fresh_one_step_adapter_returns_the_source_in_one_call():
+    """source_start: the loop starts from the source tokens at s and takes one step, which with a fresh
+    residual adapter lands exactly on the source; no generator is needed (nothing is random)."""
+    pipe, src, calls = _pixel_pipe(ONE_STEP), _image(), []
+    real = pipe.transformer.forward
+
+    def spy(*a, **kw):
+        calls.append((kw["hidden_states"].clone(), kw["timestep"].clone()))
+        return real(*a, **kw)
+
+    pipe.transformer.forward = spy
+    out = pipe(image=src, prompt="make it red", task="color_change", output_type="np", **KW).images[0]
+    np.testing.assert_allclose(out, np.asarray(src) / 255.0, atol=1e-4)
+    assert len(calls) == 2  # one step, read residually: adapted + base
+    hidden, t = calls[0]
+    n = hidden.shape[1] // 2
+    torch.testing.assert_close(hidden[:, :n], hidden[:, n:])  # the start is the source tokens themselves
+    torch.testing.assert_close(t, torch.full_like(t, 0.5))  # at the adapter's noise level
+    assert not pipe._start_from_source
+
+
+def test_a_trained_one_step_adapter_is_deterministic():
+    pipe, src = _pixel_pipe(ONE_STEP, randomize=True), _image()
+    a, b = (pipe(image=src, prompt="make it red", task="color_change", output_type="np",
+                 generator=torch.Generator().manual_seed(seed), **KW).images[0] for seed in (0, 1))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - np.asarray(src) / 255.0).mean() > 1e-3  # and it does edit
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_inference_steps=4), "one step from the source"),
+    (dict(sigmas=[0.9]), "sigmas= cannot be given"),
+])
+def test_one_step_adapter_refuses_other_schedules(kwargs, match):
+    pipe = _pixel_pipe(ONE_STEP)
+    with pytest.raises(ValueError, match=match):
+        pipe(image=_image(), prompt="make it red", task="color_change", **kwargs, **KW)
+    with pytest.raises(ValueError, match="pass image="):
+        pipe(prompt="make it red", task="color_change", height=16, width=16, **KW)
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, "half", True])
+def test_source_start_must_be_a_noise_level(bad):
+    with pytest.raises(ValueError, match="source_start must be a noise level"):
+        AdapterConfig(source_start=bad)

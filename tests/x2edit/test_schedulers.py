@@ -9,6 +9,7 @@ from x2edit.schedulers import (
     edm_coefficients,
     predicted_sample,
     prediction_type,
+    unshifted_sigma,
     velocity_from_sample,
 )
 
@@ -118,3 +119,23 @@ def test_pipeline_with_the_sample_scheduler_saves_and_loads(tmp_path):
     assert type(again.scheduler) is FlowMatchSampleScheduler
     torch.testing.assert_close(torch.from_numpy(again(generator=torch.Generator().manual_seed(0), **kwargs).images),
                                torch.from_numpy(first))
+
+
+@pytest.mark.parametrize("config, mu", [
+    (dict(), None),  # x2edit-tiny: no shift
+    (dict(shift=3.0), None),  # SD3-style static shift
+    (dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15), 0.8),  # FLUX.1
+    (dict(use_dynamic_shifting=True, time_shift_type="linear"), 1.7),
+])
+def test_unshifted_sigma_makes_the_schedulers_first_step_land_on_the_level(config, mu):
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    for level in (0.2, 0.5, 1.0):
+        scheduler.set_timesteps(sigmas=[unshifted_sigma(scheduler, level, mu)], mu=mu)
+        assert scheduler.sigmas[0].item() == pytest.approx(level, abs=1e-6)
+
+
+def test_unshifted_sigma_refuses_reshaping_schedulers():
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        unshifted_sigma(FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), 0.5)
+    with pytest.raises(ValueError, match="pass mu"):
+        unshifted_sigma(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 0.5)

@@ -52,6 +52,13 @@ class AdapterConfig:
             "direct": the adapted transformer's output is the prediction, as for any LoRA;
             "residual": the change the adapter makes to the base's output is the change to the
             source image, so an adapter at initialisation returns the source unchanged.
+        source_start: None (default): the adapter is sampled as any flow model, from noise over
+            several steps. A noise level s in (0, 1]: the adapter edits in one step from the source
+            itself, handed to the transformer as the sample at noise level s with no noise added
+            (the one-step image translation of img2img-turbo, Parmar et al. 2024). Training uses
+            exactly that input; the pipeline starts from the source tokens at s and its single Euler
+            step lands on the predicted image. Deterministic: the output is the model's estimate of
+            the mean edit, not a sample, and no sampling noise reaches the unchanged background.
     """
 
     kind: str = "moe_lora"
@@ -66,6 +73,7 @@ class AdapterConfig:
     task_embed_dim: int | None = None
     renormalize: bool = False
     reading: str = "direct"
+    source_start: float | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -82,6 +90,10 @@ class AdapterConfig:
                 raise ValueError(f"top_k must be in 1..num_experts={self.num_experts} or None, got {self.top_k}")
         if self.reading not in READINGS:
             raise ValueError(f"unknown adapter reading {self.reading!r}: expected one of {READINGS}")
+        if self.source_start is not None and (isinstance(self.source_start, bool)
+                                              or not isinstance(self.source_start, (int, float))
+                                              or not 0 < self.source_start <= 1):
+            raise ValueError(f"source_start must be a noise level in (0, 1] or None, got {self.source_start!r}")
         if isinstance(self.targets, str) and self.targets not in TARGET_PRESETS:
             raise ValueError(f"unknown target preset {self.targets!r}: expected one of {list(TARGET_PRESETS)} "
                              "or a list of module-name regexes")
