@@ -69,7 +69,9 @@ def run_variant(name: str, adapter: dict, contrastive: float, args, seed: int) -
         "adapter": {**adapter, "reading": args.reading, "source_start": args.source_start},
         "data": {"source": source, "resolution": 64}, "loss": {"contrastive_weight": contrastive,
                                                     "weighting": args.weighting or default_weighting(args)},
-        "optim": {"lr": args.lr, "warmup_steps": min(100, args.steps // 10)}})
+        # x2edit-tiny's schedule (WSD, decay over the second half) with its one-step recipe; constant before
+        "optim": {"lr": args.lr, "warmup_steps": min(100, args.steps // 10),
+                  "decay_steps": args.steps // 2 if args.source_start is not None else 0}})
     t0 = time.perf_counter()
     trainer = Trainer(config)
     trainer.train()

@@ -96,10 +96,18 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW settings and the learning-rate schedule.
+
+    The schedule is warmup-stable-decay (WSD): linear warmup over ``warmup_steps``, then ``lr``, then
+    a linear decay to 0 over the last ``decay_steps`` steps (0: no decay). The decay may be set or
+    changed on resume: a run trained at a constant rate can be cooled down from any checkpoint.
+    """
+
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     warmup_steps: int = 0
+    decay_steps: int = 0
     use_8bit_adam: bool = False
     max_grad_norm: float = 1.0
     ema_decay: float | None = None
@@ -137,7 +145,8 @@ class TrainConfig:
 
     # Keys that may change between a checkpoint and its resume without changing what is learned.
     RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = (
-        "steps", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every", "output_dir", "num_threads")
+        "steps", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every", "output_dir", "num_threads",
+        "optim.decay_steps")
 
     def __post_init__(self):
         if self.mode not in ("t2i", "edit"):
@@ -160,6 +169,8 @@ class TrainConfig:
         if self.model.prediction_type not in ("flow", "sample", "edm"):
             raise ValueError(f"model.prediction_type must be 'flow', 'sample' or 'edm', got "
                              f"{self.model.prediction_type!r}")
+        if not 0 <= self.optim.decay_steps <= self.steps:
+            raise ValueError(f"optim.decay_steps must be in 0..steps={self.steps}, got {self.optim.decay_steps}")
         if self.mode == "edit" and self.model.base is None:
             raise ValueError("edit training needs model.base: the frozen base model to adapt")
 
@@ -172,7 +183,14 @@ class TrainConfig:
         Settings at their default value are left out, so a release that adds a setting (at a
         default that keeps the old behaviour) still resumes the checkpoints of earlier runs.
         """
-        d = {k: v for k, v in _without_defaults(self).items() if k not in self.RESUMABLE_CHANGES}
+        d = _without_defaults(self)
+        for key in self.RESUMABLE_CHANGES:
+            *parents, leaf = key.split(".")
+            node = d
+            for p in parents:
+                node = node.get(p, {})
+            node.pop(leaf, None)
+        d = {k: v for k, v in d.items() if v != {}}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -268,10 +268,7 @@ class Trainer:
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
         self.source = make_source(config, multiple=self.pipe.vae_scale_factor * 2)
         self.optimizer = self._make_optimizer()
-        from diffusers.optimization import get_scheduler
-
-        self.lr_scheduler = get_scheduler("constant_with_warmup", self.optimizer,
-                                          num_warmup_steps=config.optim.warmup_steps)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.ema = None
         if config.optim.ema_decay:
             from diffusers.training_utils import EMAModel
@@ -281,6 +278,15 @@ class Trainer:
             self.transformer, self.optimizer, self.lr_scheduler)
         self.step = 0
         self.last_checkpoint: Path | None = None
+
+    def _lr_factor(self, step: int) -> float:
+        """Warmup-stable-decay multiplier of optim.lr at ``step`` (see OptimConfig)."""
+        steps, o = self.config.steps, self.config.optim
+        if step < o.warmup_steps:
+            return step / o.warmup_steps
+        if o.decay_steps and step > steps - o.decay_steps:
+            return max(0.0, (steps - step) / o.decay_steps)
+        return 1.0
 
     def _make_optimizer(self):
         o = self.config.optim

@@ -100,10 +100,11 @@ def test_ablation_benchmark_one_step_recipe(bundled, tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
     import ablation_shapeworld
 
-    assert ablation_shapeworld.main(["--base", str(bundled.base), "--out", str(tmp_path), "--steps", "1",
+    assert ablation_shapeworld.main(["--base", str(bundled.base), "--out", str(tmp_path), "--steps", "2",
                                      "--batch-size", "2", "--seeds", "0", "--n-per-task", "1", "--variants", "moe",
                                      "--reading", "residual", "--source-start", "0.5"]) == 0
     run = tmp_path / "moe_seed0"
     assert read_adapter_header(run / "adapter.safetensors")["config"].source_start == 0.5
-    assert yaml.safe_load((run / "config.yaml").read_text())["loss"]["weighting"] == "x0_edit"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["loss"]["weighting"] == "x0_edit" and config["optim"]["decay_steps"] == 1
     assert "one step from the source at sigma 0.5" in (tmp_path / "ablation.md").read_text()

@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lora", action="append", default=[], help="community LoRA file to add (repeatable)")
     parser.add_argument("--task", default=None, help="task name (default: classified from the instruction)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="denoising steps (default: the model's own: 28 for FLUX, fewer for x2edit-tiny)")
+                        help="denoising steps (default: the model's own: 28 for FLUX; x2edit-tiny edits in one step from the source)")
     parser.add_argument("--guidance", type=float, default=2.5, help="guidance scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
