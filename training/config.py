@@ -81,7 +81,9 @@ class LossConfig:
 
     weighting: "none" (plain velocity MSE), SD3's "sigma_sqrt" / "cosmap", or "x0": the MSE of the x0
     the output implies, the same weight at every sigma (the velocity loss weights the x0 error by
-    1/sigma^2, which for x0 and residual readings lets the near-clean steps dominate).
+    1/sigma^2, which for x0 and residual readings lets the near-clean steps dominate), or "x0_edit":
+    that error divided by each pair's own edit energy, so each pair counts as in the edit gain
+    (``training.losses.x0_error``; edit mode only).
     """
 
     timestep_sampling: str = "logit_normal"
@@ -162,6 +164,8 @@ class TrainConfig:
         if self.loss.weighting not in ("none", "sigma_sqrt", "cosmap", "x0", "x0_edit"):
             raise ValueError("loss.weighting must be none, sigma_sqrt, cosmap, x0 or x0_edit, got "
                              f"{self.loss.weighting!r}")
+        if self.loss.weighting == "x0_edit" and self.mode != "edit":
+            raise ValueError("loss.weighting x0_edit divides by each pair's edit (source vs target): it needs mode: edit")
         if not 0.0 <= self.data.self_reference <= 1.0:
             raise ValueError(f"data.self_reference is a fraction of steps in [0, 1], got {self.data.self_reference}")
         if self.data.self_reference and self.mode != "t2i":

@@ -348,6 +348,11 @@ def test_x0_edit_weighting_is_one_for_an_unchanged_source(tmp_path, base_dir):
     assert parts["flow_matching"] == pytest.approx(1.0, rel=1e-5)
 
 
+def test_x0_edit_weighting_needs_edit_pairs(tmp_path):
+    with pytest.raises(ValueError, match="x0_edit .* needs mode: edit"):
+        _config(tmp_path, **{"loss.weighting": "x0_edit"})
+
+
 def test_source_start_trains_on_the_source_at_a_fixed_sigma(tmp_path, base_dir, monkeypatch):
     """adapter.source_start=s: the transformer sees the source tokens as its sample at noise level s (no
     noise), every step; the trained adapter records s for the pipeline."""
