@@ -362,10 +362,11 @@ class Trainer:
                 with torch.no_grad(), adapters_disabled(unwrapped, [ADAPTER_NAME]):
                     base_pred = self.model(**call)[0][:, : x0.shape[1]]
         x0_reading = self.residual or self.prediction != "flow"
-        if x0_reading or cfg.loss.weighting in ("x0", "x0_edit"):
+        x0_loss = cfg.loss.weighting in ("x0", "x0_edit")
+        if x0_reading or x0_loss:
             x0_hat = (residual_sample(pred, base_pred, ref) if self.residual
                       else predicted_sample(pred, xt, sigmas, self.prediction, self.sigma_data))
-        if cfg.loss.weighting in ("x0", "x0_edit"):  # the error of the implied x0, equal weight at every sigma
+        if x0_loss:  # the error of the implied x0, equal weight at every sigma
             fm = x0_error(x0_hat, x0, ref if cfg.loss.weighting == "x0_edit" else None)
         else:  # on the velocity; an x0 reading is scored on the velocity it implies (as JiT)
             if x0_reading:

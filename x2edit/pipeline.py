@@ -289,11 +289,11 @@ class X2EditPipeline(FluxKontextPipeline):
                 if kwargs.get(key) is not None:
                     raise ValueError(f"{key}= cannot be given to a one-step adapter: it starts from the source at "
                                      f"noise level {start}")
-            vsf = self.vae_scale_factor * 2
-            mu = calculate_shift((height // vsf) * (width // vsf), self.scheduler.config.get("base_image_seq_len", 256),
-                                 self.scheduler.config.get("max_image_seq_len", 4096),
-                                 self.scheduler.config.get("base_shift", 0.5),
-                                 self.scheduler.config.get("max_shift", 1.15))
+            mu, cfg = None, self.scheduler.config
+            if cfg.get("use_dynamic_shifting"):  # the shift FluxKontextPipeline will apply at this size
+                tokens = (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
+                mu = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                     cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
             kwargs.update(num_inference_steps=1, sigmas=[unshifted_sigma(self.scheduler, start, mu)])
         elif kwargs.get("num_inference_steps") is None:
             kwargs["num_inference_steps"] = self.default_num_inference_steps

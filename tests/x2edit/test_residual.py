@@ -184,3 +184,21 @@ def test_one_step_adapter_refuses_other_schedules(kwargs, match):
 def test_source_start_must_be_a_noise_level(bad):
     with pytest.raises(ValueError, match="source_start must be a noise level"):
         AdapterConfig(source_start=bad)
+
+
+def test_one_step_adapter_runs_at_its_level_under_a_resolution_shifted_scheduler():
+    """FLUX's scheduler shifts sigmas by image size; the pipeline undoes that so the transformer still sees s."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe, seen = _pixel_pipe(ONE_STEP), []
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
+                                                     max_image_seq_len=256, base_shift=0.5, max_shift=1.5)
+    real = pipe.transformer.forward
+
+    def spy(*a, **kw):
+        seen.append(kw["timestep"].clone())
+        return real(*a, **kw)
+
+    pipe.transformer.forward = spy
+    pipe(image=_image(size=32), prompt="make it red", task="color_change", output_type="np", **KW)
+    torch.testing.assert_close(seen[0], torch.full_like(seen[0], 0.5))
