@@ -31,7 +31,9 @@ class ModelConfig:
             JiT argues for pixel patches as wide as the model) or "edm" (EDM-preconditioned x0); see
             x2edit/schedulers.py. A base's own scheduler says which for adapters trained on it.
         text_encoder: sentence-encoder directory for a new model; None = bundled all-MiniLM-L6-v2.
-        max_text_tokens: text tokens per prompt.
+        max_text_tokens: text tokens per prompt (T5's or the sentence encoder's sequence length). An
+            edit adapter records it (``AdapterConfig.max_sequence_length``) and the pipeline encodes
+            instructions to the same length at inference.
         gradient_checkpointing: recompute block activations in backward.
     """
 
@@ -175,6 +177,9 @@ class TrainConfig:
                              f"{self.model.prediction_type!r}")
         if not 0 <= self.optim.decay_steps <= self.steps:
             raise ValueError(f"optim.decay_steps must be in 0..steps={self.steps}, got {self.optim.decay_steps}")
+        if self.adapter.max_sequence_length not in (None, self.model.max_text_tokens):
+            raise ValueError(f"adapter.max_sequence_length is written by the trainer from model.max_text_tokens "
+                             f"({self.model.max_text_tokens}); set model.max_text_tokens instead")
         if self.mode == "edit" and self.model.base is None:
             raise ValueError("edit training needs model.base: the frozen base model to adapt")
 

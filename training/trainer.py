@@ -259,7 +259,9 @@ class Trainer:
                              f"its output as {self.prediction!r}")
         if config.mode == "edit":
             torch.manual_seed(config.seed)  # adapter and router initialisation
-            inject_adapters(self.transformer, config.adapter, ADAPTER_NAME)
+            # The adapter records the text length it is trained with, so the pipeline encodes the same.
+            adapter = dataclasses.replace(config.adapter, max_sequence_length=config.model.max_text_tokens)
+            inject_adapters(self.transformer, adapter, ADAPTER_NAME)
         else:
             self.transformer.requires_grad_(True)
         if config.model.gradient_checkpointing:

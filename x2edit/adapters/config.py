@@ -59,6 +59,10 @@ class AdapterConfig:
             exactly that input; the pipeline starts from the source tokens at s and its single Euler
             step lands on the predicted image. Deterministic: the output is the model's estimate of
             the mean edit, not a sample, and no sampling noise reaches the unchanged background.
+        max_sequence_length: text tokens per instruction the adapter was trained with (T5's or the
+            sentence encoder's sequence length; the trainer writes ``model.max_text_tokens`` here).
+            The pipeline encodes instructions to this length unless the call passes
+            ``max_sequence_length``; None (files from before this setting): the pipeline's default.
     """
 
     kind: str = "moe_lora"
@@ -74,6 +78,7 @@ class AdapterConfig:
     renormalize: bool = False
     reading: str = "direct"
     source_start: float | None = None
+    max_sequence_length: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -94,6 +99,10 @@ class AdapterConfig:
                                               or not isinstance(self.source_start, (int, float))
                                               or not 0 < self.source_start <= 1):
             raise ValueError(f"source_start must be a noise level in (0, 1] or None, got {self.source_start!r}")
+        if self.max_sequence_length is not None and (isinstance(self.max_sequence_length, bool)
+                                                     or not isinstance(self.max_sequence_length, int)
+                                                     or self.max_sequence_length < 1):
+            raise ValueError(f"max_sequence_length must be a positive integer or None, got {self.max_sequence_length!r}")
         if isinstance(self.targets, str) and self.targets not in TARGET_PRESETS:
             raise ValueError(f"unknown target preset {self.targets!r}: expected one of {list(TARGET_PRESETS)} "
                              "or a list of module-name regexes")
