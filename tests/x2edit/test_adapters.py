@@ -298,3 +298,32 @@ def test_x2edit_placement_on_full_size_flux_matches_upstream_parameter_count():
     assert s["adapted_layers"] == 19 * 4 + 38 * 3
     assert 0.98e9 < s["adapter_params"] < 1.0e9
     assert 0.080 < s["adapter_share"] < 0.086
+
+
+@pytest.mark.parametrize("router", ["token_topk", "task"])
+def test_gradient_checkpointing_replays_the_routing(router):
+    """enable_gradient_checkpointing: backward recomputes each block with its forward-time task ids, even after
+    the routing context has closed (or another one is open), and the balance loss is counted once."""
+    from x2edit.adapters import enable_gradient_checkpointing
+
+    def grads(checkpointing):
+        model = tiny_flux_transformer(0)
+        inject_adapters(model, AdapterConfig(rank=2, num_experts=3, top_k=2, router=router))
+        randomize_adapters(model, std=0.2)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        with routing_context(model, task_ids=[3, 7]) as state:
+            out = model(**tiny_flux_inputs())[0]
+        loss = out.square().mean() + 0.5 * state.balance_loss
+        with routing_context(model, task_ids=[0, 0]):  # the next batch's routing must not leak into backward
+            loss.backward()
+        moe_layers = sum(1 for _ in adapter_layers(model))
+        assert len(state.aux_losses) == moe_layers  # once per layer, not again in the recomputation
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert any(".router." in n and g.abs().sum() > 0 for n, g in plain.items())  # the balance term reaches the gate

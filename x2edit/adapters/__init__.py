@@ -2,7 +2,7 @@
 
 - ``AdapterConfig``: what to inject and where (config.py)
 - ``AdapterLinear`` / ``LoRA`` / ``MoELoRA``: the layers (layers.py); routers in routers.py
-- ``inject_adapters`` / ``routing_context`` / ``set_adapters`` (inject.py)
+- ``inject_adapters`` / ``routing_context`` / ``set_adapters`` / ``enable_gradient_checkpointing`` (inject.py)
 - ``save_adapter`` / ``load_adapter`` (io.py); merge and diffusers export (merge.py)
 - ``residual_reading``: read an editing adapter as the change it makes to the source (residual.py)
 - ``load_community_lora``: kohya / XLabs / diffusers LoRA files beside the MoE-LoRA (community.py)
@@ -15,6 +15,7 @@ from x2edit.adapters.inject import (
     adapter_layers,
     adapter_names,
     adapter_summary,
+    enable_gradient_checkpointing,
     format_summary,
     inject_adapters,
     remove_adapter,
@@ -30,7 +31,7 @@ from x2edit.adapters.routers import TaskRouter, TokenTopKRouter, balance_loss
 __all__ = [
     "AdapterConfig", "TARGET_PRESETS", "AdapterLinear", "LoRA", "MoELoRA", "RoutingState", "TaskRouter",
     "TokenTopKRouter", "balance_loss", "inject_adapters", "remove_adapter", "routing_context", "set_adapters",
-    "adapter_config", "adapter_layers", "adapter_names", "adapter_summary", "format_summary", "save_adapter",
+    "enable_gradient_checkpointing", "adapter_config", "adapter_layers", "adapter_names", "adapter_summary", "format_summary", "save_adapter",
     "load_adapter", "read_adapter_header", "base_fingerprint", "merge_adapter", "unmerge_adapter",
     "export_diffusers_lora", "load_community_lora", "adapters_disabled", "residual_adapters", "residual_reading",
 ]

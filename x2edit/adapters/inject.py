@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from x2edit.adapters.config import AdapterConfig
 from x2edit.adapters.layers import AdapterLinear, LoRA, MoELoRA, RoutingState, check_adapter_name
@@ -33,7 +35,7 @@ def make_adapter(config: AdapterConfig, in_features: int, out_features: int) -> 
 
 
 def inject_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
-                    freeze_base: bool = True) -> list[str]:
+                    freeze_base: bool = True, dtype: torch.dtype | None = None) -> list[str]:
     """Wrap every ``nn.Linear`` whose name matches ``config``'s targets and add an adapter to it.
 
     Args:
@@ -41,6 +43,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str =
         config: what to inject and where.
         adapter_name: key of the new adapter in every wrapped layer.
         freeze_base: set ``requires_grad=False`` on everything except adapter parameters.
+        dtype: the adapter weights' dtype (default: each base layer's; training uses float32).
     Returns the names of the adapted modules. Raises ``ValueError`` if no module matched.
     """
     patterns = [re.compile(p) for p in config.target_patterns]
@@ -53,7 +56,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str =
             module = AdapterLinear(module)
             _set_submodule(model, name, module)
         if isinstance(module, AdapterLinear):
-            module.add_adapter(adapter_name, make_adapter(config, module.in_features, module.out_features))
+            module.add_adapter(adapter_name, make_adapter(config, module.in_features, module.out_features), dtype)
             targets.append(name)
     if not targets:
         raise ValueError(f"no linear layer of {type(model).__name__} matches the adapter targets "
@@ -131,6 +134,47 @@ def routing_context(model: nn.Module, task_ids: torch.Tensor | list[int] | None 
     finally:
         for layer in layers:
             layer.routing = None
+
+
+@contextlib.contextmanager
+def _replayed(routed: list[tuple[AdapterLinear, RoutingState]]) -> Iterator[None]:
+    """Give each layer its forward-time routing again for a recomputation.
+
+    A copy with an empty loss list: the balance losses the recomputation produces are not read (the
+    forward's are already in the loss being differentiated).
+    """
+    saved = [(layer, layer.routing) for layer, _ in routed]
+    for layer, state in routed:
+        layer.routing = dataclasses.replace(state, aux_losses=[])
+    try:
+        yield
+    finally:
+        for layer, state in saved:
+            layer.routing = state
+
+
+def routed_checkpoint(block: nn.Module, *args):
+    """``torch.utils.checkpoint`` of one block that replays the block's routing in the recomputation.
+
+    Routing inputs live on the adapter layers only for the length of a ``routing_context``, but
+    checkpointing recomputes the block in backward, usually after that context has closed (and a
+    training loop may route the next batch differently by then). The routing states of the block's
+    layers are read at forward time and set again for the recomputation, so token- and task-level
+    routers see the same task ids, and their balance losses are counted once (in the forward).
+    """
+    routed = [(layer, layer.routing) for _, layer in adapter_layers(block) if layer.routing is not None]
+    return torch.utils.checkpoint.checkpoint(
+        block.__call__, *args, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _replayed(routed)))
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on a diffusers model's gradient checkpointing in a form that routed adapters survive.
+
+    Use instead of ``model.enable_gradient_checkpointing()`` when the model carries task-routed
+    MoE-LoRA adapters (stock checkpointing recomputes them without their task ids).
+    """
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=routed_checkpoint)
 
 
 def adapter_summary(model: nn.Module) -> dict:

@@ -118,7 +118,9 @@ class MoELoRA(nn.Module):
         if self.router.needs_task:
             if task_ids is None:
                 raise ValueError("this MoE-LoRA routes by task: run the model inside "
-                                 "x2edit.adapters.routing_context(model, task_ids=...)")
+                                 "x2edit.adapters.routing_context(model, task_ids=...); with gradient checkpointing, "
+                                 "enable it by x2edit.adapters.enable_gradient_checkpointing(model) so that the "
+                                 "routing reaches the recomputation in backward")
             if task_ids.shape[0] != x.shape[0]:
                 raise ValueError(f"routing_context got {task_ids.shape[0]} task ids for a batch of {x.shape[0]}")
             task_ids = task_ids.to(x.device)
@@ -183,12 +185,17 @@ class AdapterLinear(nn.Module):
     weight = property(lambda self: self.base_layer.weight)
     bias = property(lambda self: self.base_layer.bias)
 
-    def add_adapter(self, name: str, adapter: nn.Module) -> None:
+    def add_adapter(self, name: str, adapter: nn.Module, dtype: torch.dtype | None = None) -> None:
+        """Add ``adapter`` under ``name`` on the base weight's device, in ``dtype`` (default: the base's).
+
+        Training keeps adapters in float32 on a bf16/fp16 base (as peft's ``autocast_adapter_dtype``):
+        the forward casts the factors to the activations' dtype, the optimizer updates float32 weights.
+        """
         check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded here; pick another adapter_name")
         w = self.base_layer.weight
-        self.adapters[name] = adapter.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
+        self.adapters[name] = adapter.to(device=w.device, dtype=dtype or (w.dtype if w.is_floating_point() else None))
         self.adapter_weights[name] = 1.0
         self.active_adapters.append(name)
 
