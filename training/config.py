@@ -18,6 +18,9 @@ import yaml
 from x2edit.adapters import AdapterConfig
 
 
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass
 class ModelConfig:
     """The base model.
@@ -34,7 +37,15 @@ class ModelConfig:
         max_text_tokens: text tokens per prompt (T5's or the sentence encoder's sequence length). An
             edit adapter records it (``AdapterConfig.max_sequence_length``) and the pipeline encodes
             instructions to the same length at inference.
-        gradient_checkpointing: recompute block activations in backward.
+        gradient_checkpointing: recompute block activations in backward (routed adapters replay
+            their task ids: ``x2edit.adapters.enable_gradient_checkpointing``). Real FLUX needs it.
+        dtype: the frozen base's weights in edit mode: "auto" (bfloat16 on CUDA, float32 on CPU),
+            "float32", "bfloat16" or "float16". The adapter being trained stays float32 (its
+            factors are cast to the activations' dtype in the forward). t2i trains the whole
+            transformer, which stays float32 (use ``mixed_precision`` there).
+        text_encoder_device: where the frozen text encoders live and run: None (the training
+            device) or "cpu" (T5-XXL is 9.5 GB in bf16; on the CPU it costs encoding time per step
+            instead of GPU memory). The embeddings move to the training device.
     """
 
     base: str | None = None
@@ -44,6 +55,8 @@ class ModelConfig:
     text_encoder: str | None = None
     max_text_tokens: int = 32
     gradient_checkpointing: bool = False
+    dtype: str = "auto"
+    text_encoder_device: str | None = None
 
 
 @dataclass
@@ -172,6 +185,14 @@ class TrainConfig:
             raise ValueError(f"data.self_reference is a fraction of steps in [0, 1], got {self.data.self_reference}")
         if self.data.self_reference and self.mode != "t2i":
             raise ValueError("data.self_reference is for t2i pretraining; edit batches carry their source")
+        if self.model.dtype not in MODEL_DTYPES:
+            raise ValueError(f"model.dtype must be one of {list(MODEL_DTYPES)}, got {self.model.dtype!r}")
+        if self.mode == "t2i" and self.model.dtype not in ("auto", "float32"):
+            raise ValueError("model.dtype: t2i pretraining trains the whole transformer, whose weights stay float32; "
+                             "use mixed_precision: bf16 for bf16 compute")
+        if self.model.text_encoder_device not in (None, "cpu"):
+            raise ValueError(f"model.text_encoder_device must be null (the training device) or 'cpu', got "
+                             f"{self.model.text_encoder_device!r}")
         if self.model.prediction_type not in ("flow", "sample", "edm"):
             raise ValueError(f"model.prediction_type must be 'flow', 'sample' or 'edm', got "
                              f"{self.model.prediction_type!r}")

@@ -132,20 +132,29 @@ def contrastive_loss(features: torch.Tensor, task_ids: torch.Tensor, temperature
 
 
 class BlockOutputs:
-    """Collects the image-stream outputs of chosen FLUX double blocks during a forward pass.
+    """Collects the target tokens' outputs of chosen FLUX double blocks during a forward pass.
 
     ``FluxTransformerBlock.forward`` returns (encoder_hidden_states, hidden_states); the second is the
-    image stream (B, T_img, C). Use as a context manager around the forward; ``outputs`` then holds
-    one tensor per block, in block order.
+    image stream (B, T_img, C), which in edit training is ``cat([noisy target, reference])``. As
+    X2Edit, only the first ``num_tokens`` (the target's) are kept: the reference tokens are the
+    source image, whose features would pull same-task pairs together by their sources' content.
+    Use as a context manager around the forward; ``outputs`` then holds one (B, num_tokens, C)
+    tensor per block, in block order.
+
+    Args:
+        transformer: a FluxTransformer2DModel.
+        blocks: "all" or indices of double blocks.
+        num_tokens: target tokens at the head of the image stream (None: the whole stream).
     """
 
-    def __init__(self, transformer, blocks: str | list[int] = "all"):
+    def __init__(self, transformer, blocks: str | list[int] = "all", num_tokens: int | None = None):
         n = len(transformer.transformer_blocks)
         self.indices = list(range(n)) if blocks == "all" else [i % n for i in blocks]
         self.transformer, self.outputs, self._handles = transformer, [], []
+        self.num_tokens = num_tokens
 
     def _hook(self, module, args, output):
-        self.outputs.append(output[1])
+        self.outputs.append(output[1][:, : self.num_tokens])
 
     def __enter__(self):
         self.outputs = []

@@ -37,10 +37,13 @@ from training.losses import (
     x0_error,
 )
 from x2edit.adapters import (
+    adapter_names,
     adapter_summary,
+    enable_gradient_checkpointing,
     export_diffusers_lora,
     format_summary,
     inject_adapters,
+    remove_adapter,
     routing_context,
     save_adapter,
 )
@@ -221,12 +224,22 @@ def build_new_pipeline(config: TrainConfig):
                           tokenizer=tokenizer, transformer=transformer)
 
 
-def load_base_pipeline(config: TrainConfig):
+def base_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """The frozen base's weight dtype: ``model.dtype``, with "auto" = bfloat16 on CUDA (a 12B FLUX
+    transformer plus T5-XXL is ~67 GB in float32), float32 elsewhere; t2i trains in float32."""
+    if config.mode == "t2i" or config.model.dtype == "float32":
+        return torch.float32
+    if config.model.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, config.model.dtype)
+
+
+def load_base_pipeline(config: TrainConfig, dtype: torch.dtype = torch.float32):
     if config.model.base is None:
         return build_new_pipeline(config)
     from x2edit.registry import load_pipeline
 
-    pipe = load_pipeline(config.model.base)
+    pipe = load_pipeline(config.model.base, torch_dtype=dtype)
     pipe.tokenizer.model_max_length = min(pipe.tokenizer.model_max_length, config.model.max_text_tokens)
     return pipe
 
@@ -246,7 +259,8 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.pipe = load_base_pipeline(config)
+        device = self.accelerator.device
+        self.pipe = load_base_pipeline(config, base_dtype(config, device))
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer = self.pipe.transformer
         self.prediction = prediction_type(self.pipe.scheduler)  # a property of the base model
@@ -258,15 +272,23 @@ class Trainer:
             raise ValueError(f"adapter.reading: residual needs a flow (velocity) base; {config.model.base} reads "
                              f"its output as {self.prediction!r}")
         if config.mode == "edit":
+            own = adapter_names(self.transformer)
+            if own:  # e.g. x2edit-tiny ships its editing adapter: train the new one on the base alone
+                logger.info("removing the base's own adapter(s) %s: the new adapter is trained on the base alone", own)
+                for name in own:
+                    remove_adapter(self.transformer, name)
             torch.manual_seed(config.seed)  # adapter and router initialisation
             # The adapter records the text length it is trained with, so the pipeline encodes the same.
             adapter = dataclasses.replace(config.adapter, max_sequence_length=config.model.max_text_tokens)
-            inject_adapters(self.transformer, adapter, ADAPTER_NAME)
+            inject_adapters(self.transformer, adapter, ADAPTER_NAME, dtype=torch.float32)
         else:
             self.transformer.requires_grad_(True)
         if config.model.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        self.pipe.to(self.accelerator.device)
+            enable_gradient_checkpointing(self.transformer)  # routed adapters keep their task ids in backward
+        self.text_device = torch.device(config.model.text_encoder_device or device)
+        for name, module in self.pipe.components.items():  # one by one: T5 never visits the GPU if kept on the CPU
+            if isinstance(module, torch.nn.Module):
+                module.to(self.text_device if name.startswith("text_encoder") else device)
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
         self.source = make_source(config, multiple=self.pipe.vae_scale_factor * 2)
         self.optimizer = self._make_optimizer()
@@ -306,8 +328,10 @@ class Trainer:
     def _images_to_tokens(self, images: list[np.ndarray], reference: bool):
         """uint8 (H, W, 3) images -> packed latents (B, T, C) and their position ids (T, 3)."""
         pipe, device = self.pipe, self.accelerator.device
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        x = x.to(device=device, dtype=pipe.vae.dtype)
         z = pipe._encode_vae_image(x, generator=None)  # (B, C, h, w), shifted and scaled as the pipeline does
+        z = z.to(self.transformer.dtype)
         b, c, h, w = z.shape
         tokens = pipe._pack_latents(z, b, c, h, w)  # (B, h/2 * w/2, 4C)
         ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, tokens.dtype)
@@ -333,8 +357,9 @@ class Trainer:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7919 + self.accelerator.process_index)
         with torch.no_grad():
             x0, latent_ids = self._images_to_tokens(batch["target"], reference=False)
-            prompt_embeds, pooled, text_ids = self.pipe.encode_prompt(batch["text"], device=device,
-                                                                       max_sequence_length=cfg.model.max_text_tokens)
+            prompt_embeds, pooled, text_ids = (t.to(device=device, dtype=self.transformer.dtype) for t in
+                                               self.pipe.encode_prompt(batch["text"], device=self.text_device,
+                                                                       max_sequence_length=cfg.model.max_text_tokens))
             ref = None
             if cfg.mode == "edit":
                 ref, ref_ids = self._images_to_tokens(batch["source"], reference=True)
@@ -354,7 +379,8 @@ class Trainer:
         unwrapped = self.accelerator.unwrap_model(self.model)
         guidance = torch.full((len(x0),), 1.0, device=device) if unwrapped.config.guidance_embeds else None
         want_contrast = cfg.mode == "edit" and cfg.loss.contrastive_weight > 0 and batch["task"] is not None
-        blocks = BlockOutputs(unwrapped, cfg.loss.contrastive_blocks) if want_contrast else None
+        # Target tokens only: the reference tokens behind them are the source image (X2Edit does the same).
+        blocks = BlockOutputs(unwrapped, cfg.loss.contrastive_blocks, num_tokens=x0.shape[1]) if want_contrast else None
         call = dict(hidden_states=hidden, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
                     encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)
         with routing_context(unwrapped, task_ids=batch["task"]) as routing:

@@ -400,3 +400,177 @@ def test_resume_may_add_a_cooldown(tmp_path, base_dir):
         on_step=lambda s, p: resumed.append(p["loss"]))
     assert first[:2] + resumed == straight
     assert resumed[-1] != first[-1]  # the decay did change the last steps
+
+
+# -- real-FLUX training settings (issue 12) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("router", ["token_topk", "task"])
+def test_gradient_checkpointing_trains_routed_adapters_as_without(tmp_path, base_dir, router):
+    """model.gradient_checkpointing with a task-routed MoE-LoRA: backward recomputes the blocks after the routing
+    context has closed; the losses (balance and contrastive included) and the trained adapter equal a plain run."""
+    over = {"steps": 2, "checkpoint_every": 0, "adapter.router": router,
+            "data.tasks": ["color_change", "subject_deletion"]}
+    runs = {}
+    for ckpt in (False, True):
+        parts = []
+        trainer = Trainer(_edit_config(tmp_path / str(ckpt), base_dir, **over, **{"model.gradient_checkpointing": ckpt}))
+        assert trainer.transformer.is_gradient_checkpointing == ckpt
+        trainer.train(on_step=lambda s, p: parts.append(p))
+        runs[ckpt] = parts, {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if p.requires_grad}
+    (plain, w_plain), (ckpt, w_ckpt) = runs[False], runs[True]
+    assert {"balance", "contrastive"} <= set(plain[0])
+    for a, b in zip(plain, ckpt):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7) for k in a)
+    for name in w_plain:
+        torch.testing.assert_close(w_ckpt[name], w_plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_base_that_ships_an_adapter_trains_a_new_one_alone(tmp_path):
+    """model.base=x2edit-tiny (which ships its own MoE-LoRA): the new adapter replaces it."""
+    from x2edit.adapters import adapter_config
+
+    cfg = _config(tmp_path, mode="edit", steps=1, checkpoint_every=0, batch_size=2, **{
+        "model.base": "x2edit-tiny", "model.max_text_tokens": 32, "data.resolution": 64,
+        "adapter": {"kind": "lora", "rank": 3}})
+    trainer = Trainer(cfg)
+    assert adapter_names(trainer.transformer) == ["default"]
+    assert adapter_config(trainer.transformer).kind == "lora"  # the new one, not the shipped MoE-LoRA
+    out = trainer.train()
+    assert read_adapter_header(out / "adapter.safetensors")["config"].rank == 3
+
+
+def test_base_dtype_and_float32_adapter(tmp_path, base_dir):
+    """model.dtype: the frozen base in bf16, the trained adapter (and its file) in float32."""
+    from training.trainer import base_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cfg = _edit_config(tmp_path, base_dir, steps=1, checkpoint_every=0)
+    assert base_dtype(cfg, cuda) == torch.bfloat16 and base_dtype(cfg, cpu) == torch.float32
+    assert base_dtype(_config(tmp_path), cuda) == torch.float32  # t2i trains the transformer itself
+    trainer = Trainer(_edit_config(tmp_path, base_dir, steps=1, checkpoint_every=0, **{"model.dtype": "bfloat16"}))
+    assert trainer.transformer.dtype == torch.bfloat16 and trainer.pipe.text_encoder.dtype == torch.bfloat16
+    adapter = [p for p in trainer.transformer.parameters() if p.requires_grad]
+    assert adapter and all(p.dtype == torch.float32 for p in adapter)
+    before = [p.detach().clone() for p in adapter]
+    out = trainer.train()
+    assert any((p - b).abs().max() > 0 for p, b in zip(adapter, before))  # float32 weights were updated
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"model.dtype": "int8"}, "model.dtype must be one of"),
+    ({"model.dtype": "bfloat16"}, "t2i pretraining trains the whole transformer"),
+    ({"model.text_encoder_device": "gpu"}, "text_encoder_device must be"),
+    ({"adapter.max_sequence_length": 77}, "set model.max_text_tokens instead"),
+])
+def test_model_setting_errors(tmp_path, over, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **over)
+
+
+def test_text_encoders_may_stay_on_the_cpu(tmp_path, base_dir):
+    trainer = Trainer(_edit_config(tmp_path, base_dir, steps=1, checkpoint_every=0,
+                                   **{"model.text_encoder_device": "cpu"}))
+    assert trainer.pipe.text_encoder.device.type == "cpu"
+    trainer.train()
+
+
+def test_adapter_records_the_trained_text_length(tmp_path, base_dir):
+    out = Trainer(_edit_config(tmp_path, base_dir, steps=1, checkpoint_every=0,
+                               **{"model.max_text_tokens": 12})).train()
+    assert read_adapter_header(out / "adapter.safetensors")["config"].max_sequence_length == 12
+
+
+# -- the losses act on what they name (mutation-tested) ---------------------------------------
+
+
+def _adapter_grads(trainer, batch):
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss, parts = trainer.compute_loss(batch, 0)
+    loss.backward()
+    return parts, {n: p.grad.clone() for n, p in trainer.transformer.named_parameters()
+                   if p.requires_grad and p.grad is not None}
+
+
+def _two_task_trainer(tmp_path, base_dir, **over):
+    trainer = Trainer(_edit_config(tmp_path, base_dir, steps=1, checkpoint_every=0, batch_size=4, **{
+        "data.tasks": ["color_change", "subject_deletion"], **over}))
+    randomize_adapters(trainer.transformer, std=0.1)
+    return trainer
+
+
+def test_contrastive_term_changes_the_adapters_gradient(tmp_path, base_dir):
+    """Fails if the contrastive term is dropped from the loss (or multiplied by 0)."""
+    batch = None
+    grads = {}
+    for weight in (0.0, 1.0):
+        trainer = _two_task_trainer(tmp_path / str(weight), base_dir, **{"loss.contrastive_weight": weight,
+                                                                          "loss.balance_weight": 0})
+        batch = batch or trainer.batch(0)
+        parts, grads[weight] = _adapter_grads(trainer, batch)
+    assert parts["contrastive"] > 0
+    diff = {n: (grads[1.0][n] - grads[0.0][n]).abs().max().item() for n in grads[0.0]}
+    assert any(v > 1e-6 for k, v in diff.items() if ".lora_" in k)  # it reaches the experts
+
+
+def test_balance_term_reaches_the_router_gate(tmp_path, base_dir):
+    """Fails if the balance term is dropped from the loss (or multiplied by 0)."""
+    batch = None
+    grads = {}
+    for weight in (0.0, 1.0):
+        trainer = _two_task_trainer(tmp_path / str(weight), base_dir, **{"loss.balance_weight": weight,
+                                                                          "loss.contrastive_weight": 0})
+        batch = batch or trainer.batch(0)
+        parts, grads[weight] = _adapter_grads(trainer, batch)
+    assert parts["balance"] > 0
+    gate = [n for n in grads[0.0] if n.endswith("router.gate.weight")]
+    assert gate and any((grads[1.0][n] - grads[0.0][n]).abs().max() > 1e-7 for n in gate)
+
+
+@pytest.mark.parametrize("router", ["token_topk", "task"])
+def test_training_routes_each_sample_by_its_own_task(tmp_path, base_dir, router):
+    """Fails if the trainer routes every sample as one task (e.g. task 0): swapping the labels changes the loss."""
+    trainer = _two_task_trainer(tmp_path, base_dir, **{"adapter.router": router, "loss.contrastive_weight": 0,
+                                                        "loss.balance_weight": 0})
+    batch = trainer.batch(0)
+    assert len(set(batch["task"].tolist())) == 2
+    with torch.no_grad():
+        _, parts = trainer.compute_loss(batch, 0)
+        swapped = dict(batch, task=batch["task"].flip(0))
+        _, parts_swapped = trainer.compute_loss(swapped, 0)
+        zero = dict(batch, task=torch.zeros_like(batch["task"]))
+        _, parts_zero = trainer.compute_loss(zero, 0)
+    assert parts["flow_matching"] != pytest.approx(parts_swapped["flow_matching"], rel=1e-6)
+    assert parts["flow_matching"] != pytest.approx(parts_zero["flow_matching"], rel=1e-6)
+
+
+def test_contrastive_features_are_the_target_tokens(tmp_path, base_dir, monkeypatch):
+    """The contrastive loss sees each double block's target tokens only, not the reference (source) tokens
+    appended after them, and exactly those outputs."""
+    import training.trainer as tr
+
+    trainer = _two_task_trainer(tmp_path, base_dir, **{"loss.balance_weight": 0})
+    seen, blocks = [], []
+    real_con = tr.contrastive_loss
+
+    def spy(features, *args, **kwargs):
+        seen.append(features)
+        return real_con(features, *args, **kwargs)
+
+    def hook(module, args, output):
+        blocks.append(output[1].detach())
+
+    monkeypatch.setattr(tr, "contrastive_loss", spy)
+    handle = trainer.transformer.transformer_blocks[0].register_forward_hook(hook)
+    batch = trainer.batch(0)
+    x0, _ = trainer._images_to_tokens(batch["target"], reference=False)
+    trainer.compute_loss(batch, 0)
+    handle.remove()
+    n = x0.shape[1]
+    assert blocks[0].shape[1] == 2 * n  # target + reference tokens in the stream
+    assert [f.shape[1] for f in seen] == [n] * len(trainer.transformer.transformer_blocks)
+    torch.testing.assert_close(seen[0].detach(), blocks[0][:, :n])
