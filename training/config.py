@@ -262,6 +262,8 @@ def _check_type(value, tp, key: str):
         raise ValueError(f"{key}: expected None")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is str and isinstance(value, bool):  # YAML 1.1 reads a bare no/yes (mixed_precision: no) as a bool
+        return "yes" if value else "no"
     if tp is tuple or origin is tuple:
         if isinstance(value, (list, tuple)):
             return tuple(value)
@@ -325,17 +327,40 @@ def config_from_dict(data: dict) -> TrainConfig:
     return _build(TrainConfig, data, "")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config and apply ``key=value`` overrides; all errors name the offending key."""
+# Named settings shipped with x2edit (``x2edit train --preset NAME``): partial configs under
+# training/presets/, e.g. upstream X2Edit's recipe.
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                preset: str | None = None) -> TrainConfig:
+    """Read a YAML config and apply ``key=value`` overrides; all errors name the offending key.
+
+    preset: a name from ``list_presets()``, applied first (the file and the overrides go on top).
+    """
     data = {}
+    if preset is not None:
+        if preset not in list_presets():
+            raise ValueError(f"unknown preset {preset!r}: available are {list_presets()}")
+        data = _read_yaml(PRESETS_DIR / f"{preset}.yaml")
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {e}") from None
+        data = _merge(data, _read_yaml(Path(path)))
     return config_from_dict(_merge(data, parse_overrides(overrides or [])))
 
 

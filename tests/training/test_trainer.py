@@ -574,3 +574,37 @@ def test_contrastive_features_are_the_target_tokens(tmp_path, base_dir, monkeypa
     assert blocks[0].shape[1] == 2 * n  # target + reference tokens in the stream
     assert [f.shape[1] for f in seen] == [n] * len(trainer.transformer.transformer_blocks)
     torch.testing.assert_close(seen[0].detach(), blocks[0][:, :n])
+
+
+def test_upstream_preset_is_x2edits_released_settings(tmp_path, base_dir):
+    """x2edit train --preset x2edit_upstream: upstream's router form, losses and optimizer; the user's file and
+    overrides go on top; the preset trains (tiny rank here) with no balance term in the loss."""
+    from training.config import list_presets, load_config
+
+    assert "x2edit_upstream" in list_presets()
+    cfg = load_config(None, ["mode=edit", "model.base=somewhere"], preset="x2edit_upstream")
+    a = cfg.adapter
+    assert (a.kind, a.rank, a.alpha, a.num_experts, a.top_k, a.shared_expert, a.router) == (
+        "moe_lora", 64, 64, 12, 2, True, "token_topk")
+    assert a.shared_task_embedding and not a.gate_bias and not a.renormalize and a.targets == "x2edit"
+    assert a.task_embed_dim is None and a.num_task_slots == 16
+    assert (cfg.loss.balance_weight, cfg.loss.contrastive_weight, cfg.loss.contrastive_temperature) == (0, 0.2, 0.5)
+    assert cfg.optim.lr == 1e-4 and cfg.optim.decay_steps == 0 and cfg.model.gradient_checkpointing
+    yaml_file = tmp_path / "mine.yaml"
+    yaml_file.write_text("adapter: {rank: 4}\nsteps: 7\n")
+    mine = load_config(yaml_file, ["adapter.num_experts=3", "mode=edit", "model.base=x"], preset="x2edit_upstream")
+    assert (mine.adapter.rank, mine.adapter.num_experts, mine.steps, mine.loss.contrastive_weight) == (4, 3, 7, 0.2)
+    with pytest.raises(ValueError, match="unknown preset 'x2edit_upstraem': available are"):
+        load_config(None, [], preset="x2edit_upstraem")
+
+    parts = []
+    out = tmp_path / "run"
+    from x2edit.cli import main
+
+    assert main(["train", "--preset", "x2edit_upstream", "mode=edit", f"model.base={base_dir}", f"output_dir={out}",
+                 "steps=1", "batch_size=4", "checkpoint_every=0", "validate_every=0", "log_every=1", "data.resolution=32",
+                 "model.max_text_tokens=16", "mixed_precision=no", "adapter.rank=2", "adapter.num_experts=3",
+                 "data.tasks=[color_change, subject_deletion]"]) == 0
+    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert "train/contrastive" in logged and "train/balance" not in logged
+    assert read_adapter_header(out / "adapter.safetensors")["config"].shared_task_embedding

@@ -46,7 +46,7 @@ def _loop_reference(layer, x, task_ids):
         h = x
         if router.task_embedding is not None:
             h = torch.cat([x, router.task_embedding.weight[task_ids][:, None, :].expand(B, T, -1)], -1)
-        logits = h @ router.gate.weight.T + router.gate.bias
+        logits = h @ router.gate.weight.T + (0 if router.gate.bias is None else router.gate.bias)
     else:
         logits = router.logits[task_ids][:, None, :].expand(B, T, -1)
     probs = logits.softmax(-1)
@@ -65,12 +65,12 @@ def _loop_reference(layer, x, task_ids):
     return y
 
 
-@pytest.mark.parametrize("router,top_k,shared,task_dim", [
-    ("token_topk", 2, True, None), ("token_topk", 1, False, 0), ("token_topk", None, True, 5),
-    ("task", 2, True, None), ("task", None, False, None)])
-def test_moe_lora_matches_per_expert_loop(router, top_k, shared, task_dim):
+@pytest.mark.parametrize("router,top_k,shared,task_dim,bias", [
+    ("token_topk", 2, True, None, True), ("token_topk", 1, False, 0, True), ("token_topk", None, True, 5, True),
+    ("token_topk", 2, True, None, False), ("task", 2, True, None, True), ("task", None, False, None, True)])
+def test_moe_lora_matches_per_expert_loop(router, top_k, shared, task_dim, bias):
     cfg = AdapterConfig(kind="moe_lora", rank=3, alpha=5.0, num_experts=5, top_k=top_k, shared_expert=shared,
-                        router=router, num_task_slots=16, task_embed_dim=task_dim)
+                        router=router, num_task_slots=16, task_embed_dim=task_dim, gate_bias=bias)
     layer = _layer(cfg)
     x = torch.randn(3, 7, 13, dtype=torch.float64)
     task_ids = torch.tensor([4, 0, 14])
@@ -293,7 +293,7 @@ def test_x2edit_placement_on_full_size_flux_matches_upstream_parameter_count():
                                        num_attention_heads=24, joint_attention_dim=4096,
                                        pooled_projection_dim=768, guidance_embeds=True)
         inject_adapters(model, AdapterConfig(kind="moe_lora", rank=64, num_experts=12, top_k=2,
-                                             shared_expert=True, targets="x2edit"))
+                                             shared_expert=True))  # the default placement is X2Edit's
     s = adapter_summary(model)
     assert s["adapted_layers"] == 19 * 4 + 38 * 3
     assert 0.98e9 < s["adapter_params"] < 1.0e9
@@ -327,3 +327,37 @@ def test_gradient_checkpointing_replays_the_routing(router):
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
     assert any(".router." in n and g.abs().sum() > 0 for n, g in plain.items())  # the balance term reaches the gate
+
+
+def test_upstream_router_form_shares_one_task_embedding_and_has_no_gate_bias(tmp_path):
+    """shared_task_embedding / gate_bias=False (upstream X2Edit): one 16 x D table for all layers, saved once and
+    shared again after loading; a bias-free gate."""
+    config = AdapterConfig(rank=2, num_experts=3, top_k=2, task_embed_dim=5, shared_task_embedding=True,
+                           gate_bias=False)
+    model = tiny_flux_transformer(0)
+    inject_adapters(model, config)
+    routers = [layer.adapters["default"].router for _, layer in adapter_layers(model)]
+    assert len(routers) == 7 and all(r.task_embedding is routers[0].task_embedding for r in routers)
+    assert all(r.gate.bias is None for r in routers)
+    separate = tiny_flux_transformer(0)
+    inject_adapters(separate, AdapterConfig(rank=2, num_experts=3, top_k=2, task_embed_dim=5, gate_bias=False))
+    assert adapter_summary(separate)["adapter_params"] - adapter_summary(model)["adapter_params"] == 6 * 16 * 5
+
+    randomize_adapters(model, std=0.2)
+    path = save_adapter(model, tmp_path / "shared.safetensors")
+    assert sum(k.endswith("task_embedding.weight") for k in load_file(str(path))) == 1
+    loaded = tiny_flux_transformer(0)
+    load_adapter(loaded, path)
+    inputs = tiny_flux_inputs()
+    with routing_context(model, task_ids=[1, 5]):
+        expected = model(**inputs)[0]
+    with routing_context(loaded, task_ids=[1, 5]):
+        torch.testing.assert_close(loaded(**inputs)[0], expected)
+    tables = {id(layer.adapters["default"].router.task_embedding) for _, layer in adapter_layers(loaded)}
+    assert len(tables) == 1
+    with pytest.raises(ValueError, match="shared_task_embedding .* needs router='token_topk'"):
+        AdapterConfig(router="task", shared_task_embedding=True)
+
+
+def test_default_placement_is_x2edits():
+    assert AdapterConfig().targets == "x2edit"

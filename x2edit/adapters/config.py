@@ -38,7 +38,9 @@ class AdapterConfig:
         kind: "lora" (one low-rank update) or "moe_lora" (routed experts + optional shared expert).
         rank: rank r of every expert.
         alpha: scaling numerator; the update is scaled by alpha / rank (default: alpha = rank).
-        targets: a preset name from ``TARGET_PRESETS`` or a list of regexes over module names.
+        targets: a preset name from ``TARGET_PRESETS`` or a list of regexes over module names. The
+            default is X2Edit's placement ("x2edit": 0.99B parameters, 8.3% of FLUX.1-dev, at rank 64
+            with 12+1 experts); "attn_ff" adds the feed-forward linears (3.48B, 29%).
         num_experts: routed experts E (moe_lora).
         top_k: experts kept per token (token_topk) or per task (task router); None keeps all (dense softmax).
         shared_expert: add one always-on expert with gate 1 (moe_lora).
@@ -48,6 +50,9 @@ class AdapterConfig:
         task_embed_dim: width of the learned task embedding fed to a token router; 0 disables the
             task input; None means the layer's in_features (as X2Edit).
         renormalize: renormalise the top-k gate weights to sum to one (X2Edit: False).
+        shared_task_embedding: one task embedding table for every adapted layer (as upstream X2Edit)
+            instead of one per layer; it is saved once, under the first layer's key.
+        gate_bias: give the token router's gate a bias (upstream X2Edit: no bias).
         reading: how an editing adapter's effect is read (see ``x2edit.adapters.residual``):
             "direct": the adapted transformer's output is the prediction, as for any LoRA;
             "residual": the change the adapter makes to the base's output is the change to the
@@ -68,7 +73,7 @@ class AdapterConfig:
     kind: str = "moe_lora"
     rank: int = 64
     alpha: float | None = None
-    targets: str | list[str] = "attn_ff"
+    targets: str | list[str] = "x2edit"
     num_experts: int = 12
     top_k: int | None = 2
     shared_expert: bool = True
@@ -76,6 +81,8 @@ class AdapterConfig:
     num_task_slots: int = 16
     task_embed_dim: int | None = None
     renormalize: bool = False
+    shared_task_embedding: bool = False
+    gate_bias: bool = True
     reading: str = "direct"
     source_start: float | None = None
     max_sequence_length: int | None = None
@@ -93,6 +100,9 @@ class AdapterConfig:
                 raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
             if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
                 raise ValueError(f"top_k must be in 1..num_experts={self.num_experts} or None, got {self.top_k}")
+            if self.shared_task_embedding and (self.router != "token_topk" or self.task_embed_dim == 0):
+                raise ValueError("shared_task_embedding shares the token router's task embedding: it needs "
+                                 "router='token_topk' and task_embed_dim != 0")
         if self.reading not in READINGS:
             raise ValueError(f"unknown adapter reading {self.reading!r}: expected one of {READINGS}")
         if self.source_start is not None and (isinstance(self.source_start, bool)

@@ -27,11 +27,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def make_adapter(config: AdapterConfig, in_features: int, out_features: int) -> nn.Module:
-    """A fresh LoRA or MoELoRA for one linear of the given shape."""
+def make_adapter(config: AdapterConfig, in_features: int, out_features: int,
+                 task_embedding: nn.Module | None = None) -> nn.Module:
+    """A fresh LoRA or MoELoRA for one linear of the given shape (``task_embedding``: a shared table)."""
     if config.kind == "lora":
         return LoRA(in_features, out_features, config.rank, config.scaling, config)
-    return MoELoRA(in_features, out_features, config)
+    return MoELoRA(in_features, out_features, config, task_embedding)
 
 
 def inject_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
@@ -49,6 +50,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str =
     patterns = [re.compile(p) for p in config.target_patterns]
     targets = []
     check_adapter_name(adapter_name)  # before any layer is wrapped
+    shared = None  # one task embedding for all layers (upstream X2Edit), made at the first layer
     for name, module in list(model.named_modules()):
         if not any(p.fullmatch(name) for p in patterns):
             continue
@@ -56,7 +58,10 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str =
             module = AdapterLinear(module)
             _set_submodule(model, name, module)
         if isinstance(module, AdapterLinear):
-            module.add_adapter(adapter_name, make_adapter(config, module.in_features, module.out_features), dtype)
+            adapter = make_adapter(config, module.in_features, module.out_features, shared)
+            if config.shared_task_embedding and shared is None:
+                shared = adapter.router.task_embedding
+            module.add_adapter(adapter_name, adapter, dtype)
             targets.append(name)
     if not targets:
         raise ValueError(f"no linear layer of {type(model).__name__} matches the adapter targets "

@@ -34,11 +34,15 @@ def base_fingerprint(model: nn.Module) -> dict:
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    state = {}
+    """``{module name}.{parameter}`` -> tensor; a parameter shared by several layers (a shared task
+    embedding) appears once, under the first layer that holds it."""
+    state, seen = {}, set()
     for name, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
             for pname, p in layer.adapters[adapter_name].named_parameters():
-                state[f"{name}.{pname}"] = p.detach()
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    state[f"{name}.{pname}"] = p.detach()
     if not state:
         raise ValueError(f"no adapter named {adapter_name!r} in the model")
     return state

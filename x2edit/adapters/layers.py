@@ -91,7 +91,8 @@ class MoELoRA(nn.Module):
     so routed and shared experts go through the kernel in one call.
     """
 
-    def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
+    def __init__(self, in_features: int, out_features: int, config: AdapterConfig,
+                 task_embedding: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.scaling = config.scaling
@@ -100,7 +101,7 @@ class MoELoRA(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rows, config.rank, in_features))  # (E[+1], r, K)
         self.lora_B = nn.Parameter(torch.empty(rows, out_features, config.rank))  # (E[+1], N, r)
         _init_lora_pair(self.lora_A.data, self.lora_B.data)
-        self.router = build_router(config, in_features)
+        self.router = build_router(config, in_features, task_embedding)
 
     @property
     def sparse_gates(self) -> bool:

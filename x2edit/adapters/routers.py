@@ -51,18 +51,25 @@ class TokenTopKRouter(nn.Module):
         num_task_slots: rows of the task embedding table.
         task_embed_dim: width of the task embedding (0: route on the token alone).
         renormalize: renormalise kept gate weights to sum to one.
+        bias: give the gate a bias (upstream X2Edit's gate has none).
+        task_embedding: an ``nn.Embedding`` to use instead of a new one (shared by every layer when
+            ``AdapterConfig.shared_task_embedding``); its width is the task embedding's.
     """
 
     def __init__(self, in_features: int, num_experts: int, top_k: int | None, num_task_slots: int = 16,
-                 task_embed_dim: int = 0, renormalize: bool = False):
+                 task_embed_dim: int = 0, renormalize: bool = False, bias: bool = True,
+                 task_embedding: nn.Embedding | None = None):
         super().__init__()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
-        self.task_embedding = nn.Embedding(num_task_slots, task_embed_dim) if task_embed_dim > 0 else None
-        self.gate = nn.Linear(in_features + task_embed_dim, num_experts)
+        if task_embedding is None and task_embed_dim > 0:
+            task_embedding = nn.Embedding(num_task_slots, task_embed_dim)
+            nn.init.normal_(task_embedding.weight, std=0.02)
+        self.task_embedding = task_embedding
+        width = task_embedding.embedding_dim if task_embedding is not None else 0
+        self.gate = nn.Linear(in_features + width, num_experts, bias=bias)
         nn.init.normal_(self.gate.weight, std=0.02)
-        nn.init.zeros_(self.gate.bias)
-        if self.task_embedding is not None:
-            nn.init.normal_(self.task_embedding.weight, std=0.02)
+        if bias:
+            nn.init.zeros_(self.gate.bias)
 
     @property
     def needs_task(self) -> bool:
@@ -108,13 +115,16 @@ class TaskRouter(nn.Module):
         return gates[:, None, :].expand(-1, x.shape[1], -1).to(x.dtype), aux
 
 
-def build_router(config, in_features: int) -> nn.Module:
-    """The router named by ``config.router`` for a layer reading ``in_features``-wide tokens."""
+def build_router(config, in_features: int, task_embedding: nn.Embedding | None = None) -> nn.Module:
+    """The router named by ``config.router`` for a layer reading ``in_features``-wide tokens.
+
+    task_embedding: a table shared across layers (``config.shared_task_embedding``), else None.
+    """
     if config.router == "task":
         return TaskRouter(config.num_experts, config.top_k, config.num_task_slots, config.renormalize)
     task_dim = in_features if config.task_embed_dim is None else config.task_embed_dim
     return TokenTopKRouter(in_features, config.num_experts, config.top_k, config.num_task_slots, task_dim,
-                           config.renormalize)
+                           config.renormalize, bias=config.gate_bias, task_embedding=task_embedding)
 
 
 __all__ = ["TokenTopKRouter", "TaskRouter", "build_router", "balance_loss"]
