@@ -12,11 +12,23 @@ the reference tokens, and its edits lost the unchanged background (measured in t
 explanation, not proven: q/k RMS norms with gains near 1 keep the attention over 64 reference tokens
 soft).
 
-The stock Euler scheduler then integrates the velocity this implies, (x_t - x0_hat) / max(sigma,
-SIGMA_FLOOR), so the pipeline loop and the training loss are those of any flow model. Cost: one more
-transformer call, without gradients, per step. A residual adapter cannot be merged into the base or
-exported as a plain diffusers LoRA: without the base's own output beside it, a stock pipeline would
-read it directly.
+The stock Euler scheduler then integrates the velocity this implies, (x_t - x0_hat) / sigma, so the
+pipeline loop is that of any flow model and its last step lands on x0_hat (training floors sigma at
+SIGMA_FLOOR in the loss weight, sampling does not). Cost: one more transformer call, without
+gradients, per step. A residual adapter cannot be merged into the base or exported as a plain
+diffusers LoRA: without the base's own output beside it, a stock pipeline would read it directly.
+
+Adapters with the direct reading active beside it (community LoRAs loaded with
+``load_lora_weights``) keep their own reading: each changes the base's velocity, i.e. its x0 by
+-sigma times that change. With F_all (every adapter on), F_direct (the residual ones off) and F_none
+(all off):
+
+    x0_hat = source + (F_all - F_direct) - sigma * (F_direct - F_none)
+
+Reading both terms as one residual (F_all - F_none) would add a LoRA's velocity change to the image
+with the wrong sign and scale, and leaving the LoRA in both terms of the plain formula cancels it
+(the first version did that). A third transformer call per step is made only while direct adapters
+are active.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from x2edit.adapters.inject import adapter_layers
-from x2edit.schedulers import SIGMA_FLOOR, velocity_from_sample
+from x2edit.schedulers import velocity_from_sample
 
 
 def residual_adapters(model: nn.Module) -> list[str]:
@@ -77,13 +89,22 @@ def residual_sample(adapted: torch.Tensor, base: torch.Tensor, reference: torch.
     return reference + (adapted - base)
 
 
+def _active(model: nn.Module) -> list[str]:
+    """Names of the adapters active (with a non-zero weight) in any layer of ``model``, in order."""
+    names: dict[str, None] = {}
+    for _, layer in adapter_layers(model):
+        names.update((n, None) for n in layer.active_adapters if layer.adapter_weights[n] != 0 and n not in layer.merged)
+    return list(names)
+
+
 @contextlib.contextmanager
 def residual_reading(model: nn.Module, names: list[str] | None = None) -> Iterator[None]:
     """Make ``model``'s forward return the velocity implied by the residual reading of ``names``.
 
     For sampling with a stock flow-matching pipeline: inside the block each call of the transformer
-    runs twice (adapters ``names`` on, then off) and returns ``(v,)`` / ``.sample = v`` at the target
-    tokens, v = (x_t - x0_hat) / max(sigma, SIGMA_FLOOR); the pipeline crops and steps it as usual.
+    runs twice (adapters ``names`` on, then off; three times while direct-reading adapters are active
+    too, see the module docstring) and returns ``(v,)`` / ``.sample = v`` at the target tokens,
+    v = (x_t - x0_hat) / sigma; the pipeline crops and steps it as usual.
     names: default: every active residual adapter.
     """
     names = residual_adapters(model) if names is None else names
@@ -96,12 +117,19 @@ def residual_reading(model: nn.Module, names: list[str] | None = None) -> Iterat
     def read(*args, **kwargs):
         hidden, img_ids, sigma = kwargs["hidden_states"], kwargs["img_ids"], kwargs["timestep"]
         n, reference = split_reference(hidden, img_ids)
+        first = lambda o: (o[0] if isinstance(o, tuple) else o.sample)[:, :n]  # noqa: E731 (B, T, C) target tokens
         out = forward(*args, **kwargs)
+        direct = [a for a in _active(model) if a not in names]
         with adapters_disabled(model, names):
-            base = forward(*args, **kwargs)
-        first = (lambda o: o[0]) if isinstance(out, tuple) else (lambda o: o.sample)
-        x0 = residual_sample(first(out)[:, :n], first(base)[:, :n], reference)
-        v = velocity_from_sample(hidden[:, :n], x0, sigma.to(x0.dtype), floor=SIGMA_FLOOR)
+            base = first(forward(*args, **kwargs))  # F_direct: the base with the direct adapters
+            if direct:
+                with adapters_disabled(model, direct):
+                    bare = first(forward(*args, **kwargs))  # F_none
+        s = sigma.to(base.dtype).view(-1, 1, 1)
+        x0 = residual_sample(first(out), base, reference)
+        if direct:
+            x0 = x0 - s * (base - bare)  # the direct adapters' change of the base's x0 estimate
+        v = velocity_from_sample(hidden[:, :n], x0, s)
         if isinstance(out, tuple):
             return (v,)
         out.sample = v
