@@ -589,7 +589,8 @@ def test_upstream_preset_is_x2edits_released_settings(tmp_path, base_dir):
     assert a.shared_task_embedding and not a.gate_bias and not a.renormalize and a.targets == "x2edit"
     assert a.task_embed_dim is None and a.num_task_slots == 16
     assert (cfg.loss.balance_weight, cfg.loss.contrastive_weight, cfg.loss.contrastive_temperature) == (0, 0.2, 0.5)
-    assert cfg.optim.lr == 1e-4 and cfg.optim.decay_steps == 0 and cfg.model.gradient_checkpointing
+    assert cfg.optim.lr == 1e-4 and cfg.optim.decay_steps == 0 and cfg.optim.weight_decay == 1e-4
+    assert cfg.model.gradient_checkpointing and cfg.loss.timestep_sampling == "uniform" and cfg.batch_size == 4
     yaml_file = tmp_path / "mine.yaml"
     yaml_file.write_text("adapter: {rank: 4}\nsteps: 7\n")
     mine = load_config(yaml_file, ["adapter.num_experts=3", "mode=edit", "model.base=x"], preset="x2edit_upstream")
