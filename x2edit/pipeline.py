@@ -41,6 +41,7 @@ from x2edit.adapters import (
     save_adapter,
     set_adapters,
 )
+from x2edit.adapters.community import COMMUNITY
 from x2edit.adapters.inject import _set_submodule
 from x2edit.images import as_rgb_image
 from x2edit.pixel_vae import PixelShuffleVAE  # noqa: F401 (diffusers loads saved components only from imported modules)
@@ -52,7 +53,6 @@ logger = logging.getLogger(__name__)
 ADAPTER_DIR = "x2edit_adapter"
 CLASSIFIER_FILE = "task_classifier.safetensors"  # optional: prototypes fitted to this model's data
 MAX_INSTRUCTION_CHARS = 2000
-COMMUNITY = "community"  # AdapterConfig.extra["source"] of LoRAs loaded with load_lora_weights
 
 
 @contextlib.contextmanager
@@ -163,12 +163,9 @@ class X2EditPipeline(FluxKontextPipeline):
         return config
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
-        """Load a community Flux LoRA (kohya, XLabs, diffusers/PEFT) beside the MoE-LoRA."""
+        """Load a community Flux LoRA (kohya, ComfyUI, XLabs, diffusers/PEFT) beside the MoE-LoRA."""
         adapter_name = adapter_name or f"lora_{len(adapter_names(self.transformer))}"
         load_community_lora(self.transformer, pretrained_model_name_or_path_or_dict, adapter_name, **kwargs)
-        for _, layer in adapter_layers(self.transformer):
-            if adapter_name in layer.adapters:
-                layer.adapters[adapter_name].config.extra["source"] = COMMUNITY
 
     def set_adapters(self, adapter_names, adapter_weights=None):
         set_adapters(self.transformer, adapter_names, adapter_weights)
