@@ -3,7 +3,8 @@
 Each key layout (kohya sd-scripts, ComfyUI, XLabs, diffusers/PEFT with and without metadata) is built
 for the tiny transformer (1 double + 1 single block, inner dim 32) and checked two ways: against the
 layout's own meaning (each module's update = alpha / r * up @ down, from the raw file) and against
-stock's output where stock loads the file.
+stock's output where stock loads the file. The LoRA methods are checked against stock one by one,
+and against an x2edit MoE-LoRA that they must leave alone.
 """
 
 import numpy as np
@@ -81,6 +82,12 @@ def _save_peft(directory, state, metadata=None):
     FluxKontextPipeline.save_lora_weights(directory, transformer_lora_layers=state,
                                           transformer_lora_adapter_metadata=metadata)
     return directory / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture
+def lora_file(tmp_path):
+    """A diffusers/PEFT LoRA with metadata lora_alpha=8, r=4 (strength 2): the file of the method tests."""
+    return _save_peft(tmp_path, _peft_state(), {"r": 4, "lora_alpha": 8, "target_modules": list(PEFT_MODULES)})
 
 
 # -- strength ------------------------------------------------------------------------------------
@@ -272,6 +279,92 @@ def test_kohya_single_block_linear1_converts_only_at_flux_size():
         torch.testing.assert_close(ours_out, 8.0 / 4 * rows @ (down @ probe), rtol=1e-4, atol=1e-4)
 
 
+# -- the LoRA methods, side by side with stock -----------------------------------------------------
+def test_scale_weights_and_names_match_stock(lora_file, tmp_path, source_image):
+    ours, stock = _pipes()
+    base = _edit(stock, source_image)
+    for p in (ours, stock):
+        p.load_lora_weights(lora_file)  # unnamed: default_0, as stock names it
+    full = _same(ours, stock, source_image)
+    _differ(full, base)
+    half = _same(ours, stock, source_image, joint_attention_kwargs={"scale": 0.5})
+    _differ(half, full)
+    np.testing.assert_allclose(_edit(ours, source_image), full, atol=1e-6)  # the scale lasts one call
+    _same(ours, stock, source_image, joint_attention_kwargs={"scale": 0.0})
+
+    other = _save_peft(tmp_path / "other", _peft_state(seed=50),
+                       {"r": 4, "lora_alpha": 4, "target_modules": list(PEFT_MODULES)})
+    for p in (ours, stock):
+        p.load_lora_weights(other)
+        p.set_adapters(["default_0", "default_1"], [0.7, -0.4])
+    _same(ours, stock, source_image)
+    assert ours.get_list_adapters() == stock.get_list_adapters() == {"transformer": ["default_0", "default_1"]}
+    for p in (ours, stock):
+        p.set_adapters("default_1")
+    assert ours.get_active_adapters() == stock.get_active_adapters() == ["default_1"]
+    _same(ours, stock, source_image)
+    for p in (ours, stock):
+        p.delete_adapters("default_1")
+    assert ours.get_list_adapters() == stock.get_list_adapters() == {"transformer": ["default_0"]}
+    # Stock (PEFT) then switches default_0 back on, with a warning; x2edit switches nothing on by itself.
+    assert ours.get_active_adapters() == []
+
+
+def test_fuse_unfuse_and_unload_match_stock(lora_file, source_image):
+    ours, stock = _pipes()
+    base = _edit(stock, source_image)
+    for p in (ours, stock):
+        p.load_lora_weights(lora_file, adapter_name="style")
+    full = _edit(stock, source_image)
+    half = _edit(stock, source_image, joint_attention_kwargs={"scale": 0.5})
+    for p in (ours, stock):
+        p.fuse_lora(lora_scale=0.5)
+    assert ours.fused_loras == stock.fused_loras == {"style"} and ours.num_fused_loras == 1
+    np.testing.assert_allclose(_same(ours, stock, source_image), half, atol=ATOL)
+    # A fused LoRA is in the base weights: a call's scale no longer reaches it (as stock).
+    np.testing.assert_allclose(_same(ours, stock, source_image, joint_attention_kwargs={"scale": 2.0}), half,
+                               atol=ATOL)
+    for p in (ours, stock):
+        p.unfuse_lora()
+    assert ours.fused_loras == stock.fused_loras == set()
+    # Unfused, the LoRA keeps fuse_lora's lora_scale (stock: PEFT's scale_layer is not undone) ...
+    np.testing.assert_allclose(_same(ours, stock, source_image), half, atol=ATOL)
+    for p in (ours, stock):
+        p.set_adapters("style", 1.0)  # ... until set_adapters gives it a weight again
+    np.testing.assert_allclose(_same(ours, stock, source_image), full, atol=ATOL)
+
+    # fuse_lora + unload_lora_weights bakes the LoRA into the base weights.
+    for p in (ours, stock):
+        p.fuse_lora()
+        p.unload_lora_weights()
+    assert ours.get_list_adapters() == stock.get_list_adapters() == {}
+    assert ours.get_active_adapters() == stock.get_active_adapters() == []
+    assert not list(adapter_layers(ours.transformer))  # plain linears again
+    np.testing.assert_allclose(_same(ours, stock, source_image), full, atol=ATOL)
+    assert np.abs(full - base).max() > 1e-2
+
+
+def test_disable_enable_and_unload_match_stock(lora_file, source_image):
+    ours, stock = _pipes()
+    base = _edit(stock, source_image)
+    for p in (ours, stock):
+        p.load_lora_weights(lora_file, adapter_name="style")
+        p.set_adapters("style", 0.6)
+    weighted = _same(ours, stock, source_image)
+    _differ(weighted, base)
+    for p in (ours, stock):
+        p.disable_lora()
+    np.testing.assert_allclose(_same(ours, stock, source_image), base, atol=ATOL)
+    assert ours.get_active_adapters() == stock.get_active_adapters() == ["style"]  # still active, only disabled
+    for p in (ours, stock):
+        p.enable_lora()
+    np.testing.assert_allclose(_same(ours, stock, source_image), weighted, atol=ATOL)  # with its weight
+    for p in (ours, stock):
+        p.unload_lora_weights()
+    np.testing.assert_allclose(_same(ours, stock, source_image), base, atol=ATOL)
+    assert ours.get_list_adapters() == stock.get_list_adapters() == {}
+
+
 # -- beside an x2edit MoE-LoRA ------------------------------------------------------------------------
 def _moe_pipe():
     pipe = X2EditPipeline(**tiny_kontext_components(0))
@@ -283,6 +376,42 @@ def _moe_pipe():
 
 def _moe_edit(pipe, image, **kwargs):
     return pipe(image, "make it red", task="color_change", generator=_gen(0), **KW, **kwargs).images
+
+
+def test_lora_methods_leave_the_moe_lora_alone(lora_file, source_image, caplog):
+    pipe = _moe_pipe()
+    moe = _moe_edit(pipe, source_image)
+    pipe.load_lora_weights(lora_file, adapter_name="style")
+    both = _moe_edit(pipe, source_image)
+    _differ(both, moe)
+    assert pipe.get_list_adapters() == {"transformer": ["default", "style"]}
+    assert pipe.get_active_adapters() == ["default", "style"]
+
+    # A call's scale reaches the LoRA only: at 0 the MoE-LoRA's edit is left, whole.
+    np.testing.assert_allclose(_moe_edit(pipe, source_image, joint_attention_kwargs={"scale": 0.0}), moe, atol=1e-6)
+    pipe.disable_lora()
+    np.testing.assert_allclose(_moe_edit(pipe, source_image), moe, atol=1e-6)
+    pipe.enable_lora()
+    np.testing.assert_allclose(_moe_edit(pipe, source_image), both, atol=1e-6)
+
+    pipe.fuse_lora()
+    assert pipe.fused_loras == {"style"}
+    assert all("default" not in layer.merged for _, layer in adapter_layers(pipe.transformer))
+    np.testing.assert_allclose(_moe_edit(pipe, source_image), both, atol=ATOL)
+    with pytest.raises(ValueError, match="not a LoRA loaded with load_lora_weights"):
+        pipe.fuse_lora(adapter_names=["default"])
+    pipe.unfuse_lora()
+    np.testing.assert_allclose(_moe_edit(pipe, source_image), both, atol=ATOL)
+
+    with caplog.at_level("WARNING", logger="x2edit.pipeline_lora"):
+        pipe.set_adapters("style")  # as a diffusers script would: the editing adapter goes off, said once
+    assert "switches off the x2edit editing adapter ['default']" in caplog.text
+    pipe.set_adapters(["default", "style"], [1.0, 0.0])
+    np.testing.assert_allclose(_moe_edit(pipe, source_image), moe, atol=1e-6)
+
+    pipe.unload_lora_weights()
+    assert pipe.get_list_adapters() == {"transformer": ["default"]}
+    np.testing.assert_allclose(_moe_edit(pipe, source_image), moe, atol=1e-6)
 
 
 def test_exported_task_lora_reproduces_the_donor_and_runs_beside_a_moe_lora(tmp_path, source_image):
@@ -361,3 +490,38 @@ def test_bad_files_are_refused_whole(tmp_path):
     with pytest.raises(ValueError, match="metadata gives .* rank 8, but its weights have rank 4"):
         ours.load_lora_weights(path)
     assert not list(adapter_layers(ours.transformer))
+
+
+def test_management_refusals(lora_file):
+    ours, _ = _pipes()
+    with pytest.raises(ValueError, match="hotswap"):
+        ours.load_lora_weights(lora_file, hotswap=True)
+    with pytest.raises(ValueError, match="unexpected arguments"):
+        ours.load_lora_weights(lora_file, wieght_name="x.safetensors")
+    with pytest.raises(ValueError, match="invalid adapter name"):
+        ours.load_lora_weights(lora_file, adapter_name="a.b")
+    assert not list(adapter_layers(ours.transformer))
+    ours.load_lora_weights(lora_file, adapter_name="style")
+    elsewhere = _peft_pair("transformer.transformer_blocks.0.ff_context.net.2", k=128)  # a module "style" lacks
+    with pytest.raises(ValueError, match="already loaded"):
+        ours.load_lora_weights(elsewhere, adapter_name="style")
+    assert isinstance(ours.transformer.transformer_blocks[0].ff_context.net[2], nn.Linear)
+    with pytest.raises(ValueError, match="dicts"):
+        ours.set_adapters("style", [{"transformer": 0.5}])
+    with pytest.raises(ValueError, match="components"):
+        ours.fuse_lora(components=["unet"])
+    with pytest.raises(ValueError, match="unknown adapters"):
+        ours.delete_adapters(["style", "absent"])
+    assert ours.get_list_adapters() == {"transformer": ["style"]}  # nothing deleted
+    ours.fuse_lora()
+    with pytest.raises(ValueError, match="fused"):
+        ours.set_adapters("style", 0.5)
+    with pytest.raises(ValueError, match="fused"):
+        ours.delete_adapters("style")
+    ours.unfuse_lora()
+    ours.disable_lora()
+    with pytest.raises(ValueError, match="enable_lora"):
+        ours.fuse_lora()
+    with pytest.raises(ValueError, match="finite number"):
+        with ours._community_lora_scale({"scale": float("nan")}):
+            pass

@@ -11,16 +11,20 @@ kohya and ComfyUI alphas are already folded into A and B by the converter, XLabs
 
 Placement. Each LoRA becomes a plain ``LoRA`` adapter of the ``AdapterLinear`` layers it targets,
 marked ``config.extra["source"] == "community"``, so it runs in the same fused kernel call as the
-MoE-LoRA and can be gated with it (``set_adapters``).
+MoE-LoRA. The functions below (fuse, unfuse, unload, per-call scale) act on those marked adapters
+only, as stock's LoRA methods act on what its ``load_lora_weights`` loaded; the x2edit editing
+adapter is part of the model and is left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import traceback
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -252,3 +256,91 @@ def load_community_lora(model: nn.Module, source: str | os.PathLike | dict, adap
         lora.requires_grad_(False)
         target.add_adapter(adapter_name, lora)
     return [p[0] for p in plan]
+
+
+def _community_layers(model: nn.Module, names: list[str] | None = None) -> Iterator[tuple[str, AdapterLinear, str]]:
+    """(module name, layer, adapter name) for each community LoRA (of ``names``, if given) in each layer."""
+    for module_name, layer in list(adapter_layers(model)):
+        for n, adapter in list(layer.adapters.items()):
+            if is_community(adapter) and (names is None or n in names):
+                yield module_name, layer, n
+
+
+def _check_scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"the LoRA scale must be a finite number, got {scale!r}")
+
+
+def fused_community_loras(model: nn.Module) -> list[str]:
+    """Names of the community LoRAs folded into the base weights (``fuse_community_loras``)."""
+    return list(dict.fromkeys(n for _, layer, n in _community_layers(model) if n in layer.merged))
+
+
+def fuse_community_loras(model: nn.Module, names: list[str], scale: float = 1.0) -> None:
+    """Fold community LoRAs ``names`` into the base weights at ``scale`` times their weight.
+
+    As stock (PEFT's ``scale_layer`` before ``merge``), the LoRAs' weights stay multiplied by ``scale``:
+    after ``unfuse_community_loras`` they run unfused at that strength until ``set_adapters`` resets
+    them. Already fused LoRAs are skipped. Every layer is checked finite before any is written.
+    """
+    _check_scale(scale)
+    todo = [(layer, n) for _, layer, n in _community_layers(model, names) if n not in layer.merged]
+    saved = [(layer, n, layer.adapter_weights[n]) for layer, n in todo]
+    try:
+        for layer, n in todo:
+            layer.adapter_weights[n] *= scale
+        for layer, n in todo:
+            layer.merged_weight(n)  # raises on non-finite weights, before any layer is written
+    except Exception:
+        for layer, n, w in saved:
+            layer.adapter_weights[n] = w
+        raise
+    for layer, n in todo:
+        layer.merge(n)
+
+
+def unfuse_community_loras(model: nn.Module) -> None:
+    """Take every fused community LoRA out of the base weights again (it keeps running unfused)."""
+    for _, layer, n in _community_layers(model):
+        if n in layer.merged:
+            layer.unmerge(n)
+
+
+def unload_community_loras(model: nn.Module) -> list[str]:
+    """Remove every community LoRA; a fused one stays in the base weights, as stock. Returns the names."""
+    names = community_loras(model)
+    for module_name, layer, n in _community_layers(model):
+        # A fused LoRA's update is already in base_layer.weight: forget the merge record, keep the weight
+        # (stock's fuse_lora + unload_lora_weights bakes a LoRA into the model this way).
+        layer.merged.pop(n, None)
+        layer.delete_adapter(n)
+        if not layer.adapters:
+            _set_submodule(model, module_name, layer.base_layer)
+    return names
+
+
+def community_weights(model: nn.Module) -> dict[str, float]:
+    """{name: set_adapters weight} of each community LoRA (the same in every layer it targets)."""
+    return {n: layer.adapter_weights[n] for _, layer, n in _community_layers(model)}
+
+
+def set_community_weights(model: nn.Module, weights: dict[str, float]) -> None:
+    """Write the set_adapters weight of community LoRAs ``weights`` (name -> weight) in every layer."""
+    for _, layer, n in _community_layers(model, list(weights)):
+        layer.adapter_weights[n] = float(weights[n])
+
+
+@contextlib.contextmanager
+def community_lora_scale(model: nn.Module, scale: float = 1.0) -> Iterator[None]:
+    """Multiply the active, unfused community LoRAs by ``scale`` inside the block (stock's
+    ``joint_attention_kwargs={"scale": s}``; a fused LoRA is in the base weights and keeps its strength)."""
+    _check_scale(scale)
+    saved = [(layer, n, layer.adapter_weights[n]) for _, layer, n in _community_layers(model)
+             if n in layer.active_adapters and n not in layer.merged] if scale != 1.0 else []
+    for layer, n, w in saved:
+        layer.adapter_weights[n] = w * scale
+    try:
+        yield
+    finally:
+        for layer, n, w in saved:
+            layer.adapter_weights[n] = w
