@@ -11,6 +11,7 @@ first position-id coordinate is 1) plus what editing with X2Edit adapters needs:
 4. a single sentence encoder may replace CLIP + T5 (the x2edit-tiny layout: all-MiniLM-L6-v2);
 5. ``save_pretrained`` / ``from_pretrained`` carry the adapter (``x2edit_adapter/NAME.safetensors``);
 6. community LoRAs load beside the MoE-LoRA with ``load_lora_weights`` and run in the same fused call;
+   diffusers' LoRA and adapter methods act on x2edit's adapter layers (``x2edit.pipeline_lora``);
 7. adapters with the residual reading (``x2edit.adapters.residual``) are read as the change they make
    to the source, by wrapping the transformer for the call; the loop and scheduler stay stock.
 8. adapters trained to edit in one step from the source (``AdapterConfig.source_start`` = s) start
@@ -33,16 +34,16 @@ from x2edit.adapters import (
     adapter_layers,
     adapter_names,
     load_adapter,
-    load_community_lora,
     remove_adapter,
     residual_adapters,
     residual_reading,
     routing_context,
     save_adapter,
-    set_adapters,
 )
+from x2edit.adapters.community import COMMUNITY
 from x2edit.adapters.inject import _set_submodule
 from x2edit.images import as_rgb_image
+from x2edit.pipeline_lora import X2EditLoraMixin
 from x2edit.pixel_vae import PixelShuffleVAE  # noqa: F401 (diffusers loads saved components only from imported modules)
 from x2edit.schedulers import FlowMatchSampleScheduler, prediction_type, unshifted_sigma  # noqa: F401 (same reason)
 from x2edit.tasks import get_task
@@ -52,7 +53,6 @@ logger = logging.getLogger(__name__)
 ADAPTER_DIR = "x2edit_adapter"
 CLASSIFIER_FILE = "task_classifier.safetensors"  # optional: prototypes fitted to this model's data
 MAX_INSTRUCTION_CHARS = 2000
-COMMUNITY = "community"  # AdapterConfig.extra["source"] of LoRAs loaded with load_lora_weights
 
 
 @contextlib.contextmanager
@@ -70,12 +70,19 @@ def _without_adapter_wrappers(model):
             _set_submodule(model, name, layer)
 
 
-class X2EditPipeline(FluxKontextPipeline):
+class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
     """Edit images from instructions with a FLUX-family transformer and X2Edit adapters.
 
     Components are those of ``FluxKontextPipeline``; ``text_encoder_2``/``tokenizer_2`` may be None,
     in which case ``text_encoder`` is a sentence encoder whose token states form the text sequence
     and whose masked mean is the pooled embedding.
+
+    Adapters of two kinds: the x2edit editing adapter (``load_adapter``, ``from_pretrained``) is part
+    of the model; community LoRAs come in with ``load_lora_weights``. diffusers' *LoRA* methods
+    (``unload_lora_weights``, ``fuse_lora`` / ``unfuse_lora``, ``disable_lora`` / ``enable_lora``, the
+    ``scale`` of ``joint_attention_kwargs``) act on the community LoRAs only, as on stock
+    ``FluxKontextPipeline``; the *adapter* methods (``set_adapters``, ``get_list_adapters``,
+    ``get_active_adapters``, ``delete_adapters``) see both kinds. See ``x2edit.pipeline_lora``.
     """
 
     _optional_components = ["text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor"]
@@ -161,24 +168,6 @@ class X2EditPipeline(FluxKontextPipeline):
         for name in others:
             remove_adapter(self.transformer, name)
         return config
-
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
-        """Load a community Flux LoRA (kohya, XLabs, diffusers/PEFT) beside the MoE-LoRA."""
-        adapter_name = adapter_name or f"lora_{len(adapter_names(self.transformer))}"
-        load_community_lora(self.transformer, pretrained_model_name_or_path_or_dict, adapter_name, **kwargs)
-        for _, layer in adapter_layers(self.transformer):
-            if adapter_name in layer.adapters:
-                layer.adapters[adapter_name].config.extra["source"] = COMMUNITY
-
-    def set_adapters(self, adapter_names, adapter_weights=None):
-        set_adapters(self.transformer, adapter_names, adapter_weights)
-
-    def delete_adapters(self, adapter_names):
-        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
-            remove_adapter(self.transformer, name)
-
-    def get_list_adapters(self):
-        return {"transformer": adapter_names(self.transformer)}
 
     def _routes_by_task(self) -> bool:
         for name in adapter_names(self.transformer):
@@ -322,7 +311,8 @@ class X2EditPipeline(FluxKontextPipeline):
             reading = residual_reading(self.transformer)
         self._start_from_source = start is not None
         try:
-            with routing, reading:
+            # LoRA hook: joint_attention_kwargs={"scale": s} scales the community LoRAs (pipeline_lora.py)
+            with routing, reading, self._community_lora_scale(kwargs.get("joint_attention_kwargs")):
                 return super().__call__(image=image, prompt=prompt, height=height, width=width, max_area=area,
                                         **kwargs)
         finally:

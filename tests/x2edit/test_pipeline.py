@@ -114,59 +114,6 @@ def test_exported_lora_loads_in_stock_kontext_pipeline_and_matches(tmp_path, sou
     assert np.abs(before - ours).max() > 1e-3  # and the LoRA is what made the difference
 
 
-def test_community_lora_beside_the_moe_lora(tmp_path, source_image):
-    donor = _pipe(router="task", seed=0)
-    from x2edit.adapters import export_diffusers_lora
-
-    export_diffusers_lora(donor.transformer, tmp_path, task="style_change")
-    donor_out = donor(source_image, "x", task="style_change", generator=_gen(0), **KW).images
-
-    # Alone on the base, the community LoRA reproduces the donor's task mixture.
-    plain = X2EditPipeline(**tiny_kontext_components(0))
-    plain.set_progress_bar_config(disable=True)
-    plain.load_lora_weights(tmp_path / "pytorch_lora_weights.safetensors", adapter_name="style")
-    np.testing.assert_allclose(plain(source_image, "x", generator=_gen(0), **KW).images, donor_out, atol=2e-4)
-
-    # Beside a MoE-LoRA: both run; weight 0 switches the LoRA off exactly.
-    pipe = _pipe()
-    moe_only = pipe(source_image, "x", task="color_change", generator=_gen(0), **KW).images
-    pipe.load_lora_weights(tmp_path / "pytorch_lora_weights.safetensors", adapter_name="style")
-    assert pipe.get_list_adapters() == {"transformer": ["default", "style"]}
-    both = pipe(source_image, "x", task="color_change", generator=_gen(0), **KW).images
-    assert np.abs(both - moe_only).max() > 1e-3
-    pipe.set_adapters(["default", "style"], [1.0, 0.0])
-    np.testing.assert_allclose(pipe(source_image, "x", task="color_change", generator=_gen(0), **KW).images,
-                               moe_only, atol=1e-6)
-    pipe.delete_adapters("style")
-    assert pipe.get_list_adapters() == {"transformer": ["default"]}
-
-
-def test_community_lora_refusals(tmp_path):
-    from safetensors.torch import save_file
-
-    pipe = X2EditPipeline(**tiny_kontext_components(0))
-    with pytest.raises(FileNotFoundError):
-        pipe.load_lora_weights(tmp_path / "absent.safetensors")
-    cases = {
-        "other_base.safetensors": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 64),
-                                    "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2)},
-                                   "do not fit"),
-        "no_module.safetensors": ({"transformer.transformer_blocks.7.attn.to_q.lora_A.weight": torch.zeros(2, 32),
-                                   "transformer.transformer_blocks.7.attn.to_q.lora_B.weight": torch.zeros(32, 2)},
-                                  "does not have"),
-        "nan.safetensors": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.full((2, 32), torch.nan),
-                             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2)},
-                            "non-finite"),
-        "half.safetensors": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 32)},
-                             "both lora_A and lora_B"),
-    }
-    for name, (state, message) in cases.items():
-        save_file(state, str(tmp_path / name))
-        with pytest.raises(ValueError, match=message):
-            pipe.load_lora_weights(tmp_path / name)
-        assert adapter_names(pipe.transformer) == []  # nothing half-loaded
-
-
 @pytest.mark.parametrize("prompt,task,message", [
     ("", "color_change", "instruction is empty"),
     ("   ", None, "instruction is empty"),

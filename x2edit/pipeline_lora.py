@@ -1,0 +1,213 @@
+"""The LoRA and adapter methods of ``X2EditPipeline``: diffusers' names, acting on x2edit's adapter layers.
+
+Stock ``FluxKontextPipeline`` implements these on PEFT layers, which x2edit's ``AdapterLinear`` is
+not, so without this mixin they would silently do nothing. The rule:
+
+- the *LoRA* methods (``load_lora_weights``, ``unload_lora_weights``, ``fuse_lora`` / ``unfuse_lora``,
+  ``disable_lora`` / ``enable_lora``, and ``joint_attention_kwargs={"scale": s}`` of a call) act on
+  the community LoRAs loaded with ``load_lora_weights``, exactly as stock acts on what its
+  ``load_lora_weights`` loaded;
+- the x2edit editing adapter (``load_adapter``, ``from_pretrained``, ``inject_adapters``) is part of
+  the model: the LoRA methods leave it alone. The *adapter* methods (``set_adapters``,
+  ``get_list_adapters``, ``get_active_adapters``, ``delete_adapters``) see every adapter, both kinds.
+
+Where stock's behaviour is surprising we keep it, so a script behaves the same on either pipeline:
+``fuse_lora(lora_scale=s)`` leaves the LoRAs multiplied by s after ``unfuse_lora``, and
+``fuse_lora`` followed by ``unload_lora_weights`` keeps the fused update in the base weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from x2edit.adapters import adapter_layers, adapter_names, remove_adapter, set_adapters
+from x2edit.adapters.community import (
+    community_lora_scale,
+    community_loras,
+    community_weights,
+    fuse_community_loras,
+    fused_community_loras,
+    load_community_lora,
+    set_community_weights,
+    unfuse_community_loras,
+    unload_community_loras,
+)
+
+logger = logging.getLogger(__name__)
+
+_COMPONENTS = ("transformer", "text_encoder")  # stock's LoRA-loadable components of a Flux pipeline
+
+
+class X2EditLoraMixin:
+    """diffusers' LoRA/adapter methods on x2edit adapter layers (see the module docstring for the rule).
+
+    Needs ``self.transformer``. Text-encoder LoRAs are not loaded (their keys are skipped with a
+    warning), so ``components=["text_encoder"]`` has nothing to act on.
+    """
+
+    # {name: weight} of the community LoRAs while disable_lora() is in force (their layer weights are 0
+    # meanwhile); None while enabled.
+    _disabled_lora_weights: dict[str, float] | None = None
+
+    # -- loading -------------------------------------------------------------------------------
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                          hotswap: bool = False, **kwargs):
+        """Load a community Flux LoRA (kohya, ComfyUI, XLabs, diffusers/PEFT) beside the x2edit adapter.
+
+        Args:
+            pretrained_model_name_or_path_or_dict: a .safetensors file, a directory (``weight_name=``), or
+                a state dict.
+            adapter_name: default ``default_{n}`` for the n-th community LoRA, as stock names them.
+            **kwargs: how to find the file (weight_name, subfolder, ...), as stock's ``lora_state_dict``.
+        """
+        if hotswap:
+            raise ValueError("hotswap is not supported by x2edit's adapter layers: delete_adapters() and load again")
+        kwargs.pop("low_cpu_mem_usage", None)  # stock's loading-speed option; nothing to speed up here
+        if adapter_name is None:
+            taken, i = set(adapter_names(self.transformer)), len(community_loras(self.transformer))
+            while f"default_{i}" in taken:
+                i += 1
+            adapter_name = f"default_{i}"
+        load_community_lora(self.transformer, pretrained_model_name_or_path_or_dict, adapter_name, **kwargs)
+        if self._disabled_lora_weights is not None:  # loaded while disabled: off until enable_lora()
+            self._disabled_lora_weights[adapter_name] = 1.0
+            set_community_weights(self.transformer, {adapter_name: 0.0})
+
+    def unload_lora_weights(self, reset_to_overwritten_params: bool = False):
+        """Remove every community LoRA (the x2edit adapter stays); a fused one stays in the base weights.
+
+        reset_to_overwritten_params: accepted for stock's signature; x2edit never expands base layers.
+        """
+        unload_community_loras(self.transformer)
+        self._disabled_lora_weights = None
+
+    # -- fusing --------------------------------------------------------------------------------
+    def fuse_lora(self, components=("transformer",), lora_scale: float = 1.0, safe_fusing: bool = False,
+                  adapter_names: list[str] | None = None, **kwargs):
+        """Fold community LoRAs into the base weights at ``lora_scale`` times their weight.
+
+        Args:
+            adapter_names: the LoRAs to fuse; default: the active ones.
+            safe_fusing: accepted for stock's signature; fused weights are always checked finite.
+        The LoRAs stay multiplied by ``lora_scale`` after ``unfuse_lora``, as in stock.
+        """
+        self._check_components(components)
+        if "transformer" not in components:
+            return
+        if self._disabled_lora_weights is not None:
+            raise ValueError("the LoRAs are disabled: enable_lora() before fuse_lora()")
+        loras = community_loras(self.transformer)
+        if adapter_names is None:
+            active = set(self.get_active_adapters())
+            names = [n for n in loras if n in active]
+        else:
+            names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+            for n in names:
+                if n not in loras:
+                    raise ValueError(f"fuse_lora: {n!r} is not a LoRA loaded with load_lora_weights (those are "
+                                     f"{loras}); merge an x2edit adapter with x2edit.adapters.merge_adapter")
+        fuse_community_loras(self.transformer, names, lora_scale)
+
+    def unfuse_lora(self, components=("transformer", "text_encoder"), **kwargs):
+        """Take the fused community LoRAs out of the base weights again (an x2edit adapter merged with
+        ``merge_adapter`` stays merged)."""
+        self._check_components(components)
+        if "transformer" in components:
+            unfuse_community_loras(self.transformer)
+
+    @property
+    def fused_loras(self) -> set[str]:
+        return set(fused_community_loras(self.transformer))
+
+    @property
+    def num_fused_loras(self) -> int:
+        return len(self.fused_loras)
+
+    # -- switching on and off ------------------------------------------------------------------
+    def disable_lora(self):
+        """Switch the community LoRAs off (their names and weights are kept for ``enable_lora``)."""
+        if self._disabled_lora_weights is not None:
+            return
+        unfuse_community_loras(self.transformer)  # stock unfuses a disabled LoRA too (at its next forward)
+        weights = community_weights(self.transformer)
+        set_community_weights(self.transformer, dict.fromkeys(weights, 0.0))
+        self._disabled_lora_weights = weights
+
+    def enable_lora(self):
+        """Switch the community LoRAs back on with the weights they had (or were given meanwhile)."""
+        if self._disabled_lora_weights is None:
+            return
+        set_community_weights(self.transformer, self._disabled_lora_weights)
+        self._disabled_lora_weights = None
+
+    def _community_lora_scale(self, joint_attention_kwargs: dict | None):
+        """Context for one call: the ``scale`` of ``joint_attention_kwargs`` multiplies the community LoRAs."""
+        return community_lora_scale(self.transformer, (joint_attention_kwargs or {}).get("scale", 1.0))
+
+    # -- every adapter -------------------------------------------------------------------------
+    def set_adapters(self, adapter_names: list[str] | str, adapter_weights: float | list[float] | None = None):
+        """Activate ``adapter_names`` (x2edit adapters and community LoRAs alike; the others are switched
+        off) with per-adapter weights (default 1.0)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        if any(isinstance(w, dict) for w in weights):
+            raise ValueError("per-block adapter weights (dicts) are not supported by x2edit's adapter layers; "
+                             "give one number per adapter")
+        weights = [1.0 if w is None else w for w in weights]
+        fused = sorted(set(names) & self.fused_loras)
+        if fused:
+            raise ValueError(f"LoRAs {fused} are fused into the base weights: unfuse_lora() before setting "
+                             "their weights")
+        editing = [n for n in self.get_active_adapters() if n not in community_loras(self.transformer)]
+        set_adapters(self.transformer, names, weights)
+        off = [n for n in editing if n not in names]
+        if off:
+            logger.warning("set_adapters(%s) switches off the x2edit editing adapter %s; name it to keep it on",
+                           names, off)
+        if self._disabled_lora_weights is not None:  # disabled: remember the new weights, keep them off
+            new = {n: w for n, w in zip(names, weights) if n in self._disabled_lora_weights}
+            self._disabled_lora_weights.update(new)
+            set_community_weights(self.transformer, dict.fromkeys(new, 0.0))
+
+    def delete_adapters(self, adapter_names: list[str] | str):
+        """Delete adapters by name (x2edit adapters or community LoRAs); unknown names are refused first."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        loaded = self.get_list_adapters().get("transformer", [])
+        missing = sorted(set(names) - set(loaded))
+        if missing:
+            raise ValueError(f"unknown adapters {missing}; loaded: {loaded}")
+        fused = sorted(set(names) & self.fused_loras)
+        if fused:
+            raise ValueError(f"LoRAs {fused} are fused into the base weights: unfuse_lora() first "
+                             "(or unload_lora_weights() to keep them fused)")
+        for name in names:
+            remove_adapter(self.transformer, name)
+            if self._disabled_lora_weights is not None:
+                self._disabled_lora_weights.pop(name, None)
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """{"transformer": every adapter's name}, or {} without adapters (as stock)."""
+        names = adapter_names(self.transformer)
+        return {"transformer": names} if names else {}
+
+    def get_active_adapters(self) -> list[str]:
+        """Names of the active adapters (x2edit adapters and community LoRAs), in activation order."""
+        names: dict[str, None] = {}
+        for _, layer in adapter_layers(self.transformer):
+            names.update(dict.fromkeys(layer.active_adapters))
+        return list(names)
+
+    # -- not supported -------------------------------------------------------------------------
+    def set_lora_device(self, adapter_names, device):
+        raise NotImplementedError("set_lora_device is not supported by x2edit's adapter layers; move the "
+                                  "whole pipeline with .to(device)")
+
+    def enable_lora_hotswap(self, **kwargs):
+        raise NotImplementedError("LoRA hotswapping is not supported by x2edit's adapter layers")
+
+    # -- checks --------------------------------------------------------------------------------
+    @staticmethod
+    def _check_components(components) -> None:
+        unknown = sorted(set(components) - set(_COMPONENTS))
+        if unknown or not components:
+            raise ValueError(f"components must be a non-empty subset of {list(_COMPONENTS)}, got {components!r}")
