@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 
-from x2edit.adapters import adapter_layers, adapter_names, remove_adapter, set_adapters
+from x2edit.adapters import adapter_layers, adapter_names, remove_adapter, residual_adapters, set_adapters
 from x2edit.adapters.community import (
     community_lora_scale,
     community_loras,
@@ -96,6 +96,10 @@ class X2EditLoraMixin:
             return
         if self._disabled_lora_weights is not None:
             raise ValueError("the LoRAs are disabled: enable_lora() before fuse_lora()")
+        residual = residual_adapters(self.transformer)
+        if residual:  # a fused LoRA is part of the base that the residual reading subtracts: it would cancel
+            raise ValueError(f"the editing adapter {residual} reads its change against the base's own output; a "
+                             "LoRA fused into the base would cancel there: keep community LoRAs unfused")
         loras = community_loras(self.transformer)
         if adapter_names is None:
             active = set(self.get_active_adapters())

@@ -361,3 +361,18 @@ def test_upstream_router_form_shares_one_task_embedding_and_has_no_gate_bias(tmp
 
 def test_default_placement_is_x2edits():
     assert AdapterConfig().targets == "x2edit"
+
+
+def test_a_merged_adapter_keeps_its_weight_until_unmerged(task_model):
+    """Unmerging subtracts the update at the current weight: changing a merged adapter's weight in between would
+    leave the base weights corrupted, so set_adapters refuses it (and leaves everything as it was)."""
+    from x2edit.adapters import set_adapters
+
+    before = {n: layer.base_layer.weight.clone() for n, layer in adapter_layers(task_model)}
+    merge_adapter(task_model, "default", task="color_change")
+    with pytest.raises(ValueError, match="merged into the base weights: unmerge it before changing its weight"):
+        set_adapters(task_model, ["default"], [0.5])
+    set_adapters(task_model, ["default"], [1.0])  # the same weight is fine
+    unmerge_adapter(task_model, "default")
+    for n, layer in adapter_layers(task_model):
+        torch.testing.assert_close(layer.base_layer.weight, before[n], rtol=0, atol=1e-6)

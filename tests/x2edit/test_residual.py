@@ -258,3 +258,12 @@ def test_community_loras_act_beside_a_residual_adapter(tmp_path):
     pipe.set_adapters(["default", "style"], [1.0, 0.0])  # weight 0: the LoRA is off, the source comes back
     off = pipe(image=src, prompt="make it red", task="color_change", output_type="latent", **KW).images
     torch.testing.assert_close(off, source)
+
+
+def test_community_loras_are_not_fused_under_a_residual_adapter(tmp_path):
+    """Fused into the base, a LoRA is in both terms of the residual reading and cancels: refused."""
+    pipe = _pixel_pipe(ONE_STEP)
+    _community_lora(pipe, tmp_path)
+    with pytest.raises(ValueError, match="would cancel there: keep community LoRAs unfused"):
+        pipe.fuse_lora()
+    assert pipe.num_fused_loras == 0

@@ -312,8 +312,7 @@ def unload_community_loras(model: nn.Module) -> list[str]:
     for module_name, layer, n in _community_layers(model):
         # A fused LoRA's update is already in base_layer.weight: forget the merge record, keep the weight
         # (stock's fuse_lora + unload_lora_weights bakes a LoRA into the model this way).
-        layer.merged.pop(n, None)
-        layer.delete_adapter(n)
+        layer.delete_adapter(n, keep_merged=True)
         if not layer.adapters:
             _set_submodule(model, module_name, layer.base_layer)
     return names

@@ -109,6 +109,13 @@ def set_adapters(model: nn.Module, names: list[str] | str, weights: list[float] 
     missing = sorted(set(names) - set(adapter_names(model)))
     if missing:
         raise ValueError(f"unknown adapters {missing}; loaded: {adapter_names(model)}")
+    # A merged adapter's update sits in the base weight at the weight it was merged with, and unmerging
+    # subtracts it at the current weight: changing it in between would corrupt the base weights.
+    for _, layer in adapter_layers(model):
+        for n, w in zip(names, weights):
+            if n in layer.merged and float(w) != layer.adapter_weights[n]:
+                raise ValueError(f"adapter {n!r} is merged into the base weights: unmerge it before changing its "
+                                 "weight")
     for _, layer in adapter_layers(model):
         layer.active_adapters = [n for n in names if n in layer.adapters]
         for n, w in zip(names, weights):

@@ -200,9 +200,12 @@ class AdapterLinear(nn.Module):
         self.adapter_weights[name] = 1.0
         self.active_adapters.append(name)
 
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
+    def delete_adapter(self, name: str, keep_merged: bool = False) -> None:
+        """Remove adapter ``name``; a merged one must be unmerged first, unless ``keep_merged`` leaves its
+        update baked into the base weight (diffusers' ``fuse_lora`` + ``unload_lora_weights``)."""
+        if name in self.merged and not keep_merged:
             raise ValueError(f"adapter {name!r} is merged into the base weights: unmerge it first")
+        self.merged.pop(name, None)
         del self.adapters[name]
         self.adapter_weights.pop(name)
         if name in self.active_adapters:
