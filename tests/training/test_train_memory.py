@@ -2,6 +2,7 @@
 and the measured path on a small model where a GPU exists."""
 
 import json
+import re
 from argparse import Namespace
 from pathlib import Path
 
@@ -139,6 +140,20 @@ def test_full_size_flux_weights_on_the_meta_device():
     companions = tm.companion_weight_bytes()
     # The published parameter counts of FLUX.1's T5-XXL encoder, CLIP-L text model and VAE, in bf16.
     assert companions == {"t5_xxl": 2 * 4_762_310_656, "clip_l": 2 * 123_060_480, "vae": 2 * 83_819_683}
+
+
+@pytest.mark.slow
+def test_readme_quotes_the_recipes_full_size_estimate():
+    """The README's number is what the estimate gives for configs/flux_kontext/x2edit.yaml (~40 s)."""
+    args = Namespace(recipe=RECIPE, config="flux.1-dev", batch=None, resolution=None, text_tokens=None, rank=None,
+                     experts=None, checkpointing=None, contrastive=None, text_encoder=None, optimizer=None)
+    (spec,) = tm.make_specs(args)
+    e = tm.estimate(spec, tm.companion_weight_bytes())
+    assert e["fits_h100_80gb"]["fits"]
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Training on real FLUX"):]
+    quoted = float(re.search(r"estimate, not measured on a GPU\)?:? \**([\d.]+) GiB", section).group(1))
+    assert abs(quoted - e["bytes"]["peak"] / tm.GIB) < 0.05
 
 
 @pytest.mark.gpu
