@@ -552,33 +552,34 @@ def block_saved_bytes(spec: Spec, model, flash: bool) -> dict:
     return out
 
 
-def simulate(spec: Spec, model, steps: int = 2) -> dict:
-    """Run ``steps`` training steps on the meta device (torch AdamW); the peak of live bytes over them
-    (parameters excluded) and how much of it is gradients and optimizer state."""
+def simulate(spec: Spec, model) -> dict:
+    """One training step on the meta device, in the steady state (AdamW's state already made): the peak of
+    the bytes allocated during the step, the phase it falls in, and how much of it is gradients."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(dataclasses.replace(spec, optimizer="adamw"), params)
-    tracker, mode = LiveBytes(existing=[*model.parameters(), *model.buffers()]), MetaAttention(flash=True)
-    grads_in_peak, kept = 0, 0
+    for p in params:  # a step on zero gradients makes the optimizer state, outside the tracker
+        p.grad = torch.zeros_like(p)
+    finish_step(spec, optimizer, params)
+    tracker = LiveBytes(existing=[*model.parameters(), *model.buffers(), *optimizer_state(optimizer)])
+    mode = MetaAttention(flash=True)
     with tracker, mode:
-        for step in range(steps):
-            snapshots = tracker.snapshots
-            batch = edit_batch(spec, "meta", seed=step)
-            tracker.phase = "forward"
-            with SavedBytes(mode, LiveBytes.keys(model.parameters())) as saved, AllAnchorsPaired():
-                loss = step_loss(spec, model, batch)
-            kept = saved.total  # what the forward leaves for backward (checkpoint inputs and all)
-            tracker.phase = "backward"
-            loss.backward()
-            grads = {p.grad.untyped_storage()._cdata: p.grad.numel() * p.grad.element_size() for p in params}
-            tracker.phase = "optimizer step"
-            finish_step(spec, optimizer, params)
-            if tracker.snapshots != snapshots:  # this step made the peak: its gradients are the ones in it
-                grads_in_peak = sum(n for k, n in grads.items() if k in tracker.at_peak)
-            del loss, batch
-    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    state_in_peak = sum(t.numel() * t.element_size() for t in state if t.untyped_storage()._cdata in tracker.at_peak)
-    return {"dynamic_peak": tracker.peak, "peak_phase": tracker.peak_phase, "phase_peaks": tracker.phase_peaks, "gradients_in_peak": grads_in_peak,
-            "adamw_state_in_peak": state_in_peak, "forward_saved_for_backward": kept}
+        batch = edit_batch(spec, "meta", seed=0)
+        tracker.phase = "forward"
+        with SavedBytes(mode, LiveBytes.keys(model.parameters())) as saved, AllAnchorsPaired():
+            loss = step_loss(spec, model, batch)
+        tracker.phase = "backward"
+        loss.backward()
+        grads = {p.grad.untyped_storage()._cdata: p.grad.numel() * p.grad.element_size() for p in params}
+        tracker.phase = "optimizer step"  # clipping and AdamW's foreach temporaries
+        finish_step(spec, optimizer, params)
+        del loss, batch
+    return {"dynamic_peak": tracker.peak, "peak_phase": tracker.peak_phase, "phase_peaks": tracker.phase_peaks,
+            "gradients_in_peak": sum(n for k, n in grads.items() if k in tracker.at_peak),
+            "forward_saved_for_backward": saved.total}  # what the forward leaves for backward
+
+
+def optimizer_state(optimizer) -> list[torch.Tensor]:
+    return [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
 
 
 def estimate(spec: Spec, companions: dict, model=None) -> dict:
@@ -594,13 +595,11 @@ def estimate(spec: Spec, companions: dict, model=None) -> dict:
     sim = simulate(spec, model)
     blocks = {"flash": block_saved_bytes(spec, model, flash=True),
               "meta_sdpa": block_saved_bytes(spec, model, flash=False)}
-    optimizer_state = optimizer_state_bytes(spec.optimizer, params)
-    # The simulation runs torch AdamW; another optimizer's state replaces AdamW's share of the peak.
-    state_in_peak = sim["adamw_state_in_peak"] * optimizer_state / optimizer_state_bytes("adamw", params)
-    activations = sim["dynamic_peak"] - sim["gradients_in_peak"] - sim["adamw_state_in_peak"]
+    state = optimizer_state_bytes(spec.optimizer, params)  # alive through the step
+    activations = sim["dynamic_peak"] - sim["gradients_in_peak"]
     constants = constants_for(spec, companions)
-    peak = (w["base_weights"] + w["adapter_weights"] + sum(constants.values()) + sim["gradients_in_peak"]
-            + state_in_peak + activations)
+    static = w["base_weights"] + w["adapter_weights"] + sum(constants.values()) + state
+    peak = static + sim["dynamic_peak"]
     per_block = {kind: {"saved_for_backward": blocks["flash"][kind]["saved"],
                         "attention_flash": blocks["flash"][kind]["attention"],
                         "attention_meta_sdpa": blocks["meta_sdpa"][kind]["attention"]}
@@ -612,14 +611,14 @@ def estimate(spec: Spec, companions: dict, model=None) -> dict:
         "bytes": {
             "base_weights": w["base_weights"], "adapter_weights": w["adapter_weights"],
             "constants_not_built": constants, "gradients": w["gradients"],
-            "gradients_alive_at_peak": sim["gradients_in_peak"], "optimizer_state": optimizer_state,
-            "optimizer_state_alive_at_peak": int(state_in_peak), "activations_at_peak": activations,
+            "gradients_alive_at_peak": sim["gradients_in_peak"], "optimizer_state": state,
+            "activations_at_peak": activations,
             "forward_saved_for_backward": sim["forward_saved_for_backward"], "per_block": per_block,
             "peak": int(peak),
         },
         "peak_during": sim["peak_phase"],
-        # parameters + constants + the live bytes of each phase at its own peak
-        "peak_by_phase": {k: int(v + peak - sim["dynamic_peak"]) for k, v in sim["phase_peaks"].items()},
+        # weights + optimizer state + constants + the bytes allocated in each phase at its own peak
+        "peak_by_phase": {k: int(static + v) for k, v in sim["phase_peaks"].items() if k},
         "fits_h100_80gb": fit(peak),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -666,15 +665,14 @@ def measure_all(specs: list[Spec], companions: dict, steps: int, log=print) -> l
                     f"peak {torch.cuda.max_memory_allocated() / GIB:.2f} GiB")
                 if step == 0:  # the warm-up made the optimizer state and the autotuned kernels
                     torch.cuda.reset_peak_memory_stats()
-            state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
             allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-            optimizer_state = tensor_bytes(state)
+            state = tensor_bytes(optimizer_state(optimizer))
             constants = constants_for(spec, companions)
             row["bytes"] = {
                 "base_weights": w["base_weights"], "adapter_weights": w["adapter_weights"],
                 "allocated_after_build": built, "constants_not_built": constants, "gradients": w["gradients"],
-                "optimizer_state": optimizer_state,
-                "activations_at_peak": allocated - built - w["gradients"] - optimizer_state,
+                "optimizer_state": state,
+                "activations_at_peak": allocated - built - w["gradients"] - state,
                 "max_allocated": allocated, "max_reserved": reserved,
                 "peak": allocated + sum(constants.values()),
                 "peak_reserved": reserved + sum(constants.values()),
@@ -750,7 +748,7 @@ def markdown(env: dict, mode: str, estimates: list[dict], measured: list[dict]) 
         b = r["bytes"]
         peak = gib(b["peak"]) + (f" ({gib(b['peak_reserved'])} reserved)" if "peak_reserved" in b else "")
         grads = b.get("gradients_alive_at_peak", b["gradients"])
-        opt = b.get("optimizer_state_alive_at_peak", b["optimizer_state"])
+        opt = b["optimizer_state"]
         f = r["fits_h100_80gb"]
         verdict = f"{'yes' if f['fits'] else '**no**'} ({gib(f['headroom_to_full_card'])} GiB left of {gib(H100_BYTES)})"
         step = f"{r['step_seconds']:.2f}" if "step_seconds" in r else "-"
