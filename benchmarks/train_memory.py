@@ -9,9 +9,10 @@ router balance + X2Edit's contrastive loss on the 19 double blocks' target token
 clipping, AdamW on the adapter. The settings come from a training recipe (default
 configs/flux_kontext/x2edit.yaml, read by training.config.load_config); flags override them.
 
-    python benchmarks/train_memory.py --out DIR                 # on CUDA: measure + estimate (~2 min on an H100)
-    python benchmarks/train_memory.py --out DIR --estimate      # anywhere: the meta-device estimate only (~20 s)
+    python benchmarks/train_memory.py --out DIR                 # on CUDA: measure + estimate (~3 min on an H100)
+    python benchmarks/train_memory.py --out DIR --estimate      # anywhere: the meta-device estimate only (~30 s)
     python benchmarks/train_memory.py --out DIR --measure       # CUDA only; exit status 2 without CUDA
+    python benchmarks/train_memory.py --out DIR --batch 4 2 --contrastive both   # more runs, one model
     python benchmarks/train_memory.py --out DIR --config tiny --resolution 64 --batch 2   # a small model
 
 Writes OUT/train_memory.json and OUT/train_memory.md.
@@ -22,43 +23,47 @@ weights, adapter weights, gradients, optimizer state (each read off the tensors)
 peak - all of those (an upper bound: not every gradient is alive at the peak). The VAE, CLIP-L and
 T5-XXL are not built: their weight bytes, counted from their published configs on the meta device,
 are added as constants (T5-XXL and CLIP-L only where the recipe keeps the text encoders on the GPU).
-Inputs are random tensors (no VAE encoding, no text encoding).
+Inputs are random tensors (no VAE encoding, no text encoding). kernels.lora_linear runs its torch
+backend unless --kernels says otherwise (faster end to end than the Triton one in the measurements
+so far, and what the estimate runs).
 
 Estimated (meta device; the default without CUDA): no memory and no GPU are used; every number is
 labelled an estimate, unmeasured.
   - weights, gradients and optimizer state: exact bytes from the real model built on the meta
     device with the real injection (AdamW: two float32 moments per trainable parameter;
     8-bit AdamW: one byte per moment plus float32 block scales for tensors of >= 4096 elements);
-  - activations: two training steps are run on meta tensors through the real code (the trainer's
-    forward call layout, training.losses, routed checkpointing, torch.optim.AdamW with foreach, as
-    on CUDA), while a dispatch mode follows every tensor storage from allocation to release: the
-    peak of live bytes is the estimate, with checkpointing's recomputation and the order in which
-    backward frees things included;
+  - activations: one training step in the steady state (the optimizer state made first by a step
+    on zero gradients) runs on meta tensors through the real code (the trainer's forward call
+    layout, training.losses, routed checkpointing, torch.optim.AdamW with foreach, as on CUDA),
+    while a dispatch mode follows every tensor storage from allocation to release: the peak of
+    live bytes is the estimate, with checkpointing's recomputation and the order in which backward
+    frees things included;
   - attention: the meta device runs SDPA's math path, which keeps the (B, H, L, L) probabilities
-    for backward (24 GB at 1024 x 1024 and batch 2); FlashAttention on the GPU keeps q, k, v, out
-    and the logsumexp (B, H, L) instead. The estimate runs a stand-in that keeps exactly those and
-    allocates FlashAttention-2's backward buffers (dq, dk, dv, a float32 dq accumulator); both
-    values are reported for one block;
+    for backward (28 GiB per block at 1024 x 1024 and batch 4); FlashAttention on the GPU keeps q,
+    k, v, out and the logsumexp (B, H, L) instead. The estimate runs a stand-in that keeps exactly
+    those and allocates FlashAttention-2's backward buffers (dq, dk, dv, a float32 dq
+    accumulator); both values are reported for one block;
   - the contrastive loss skips anchors without a same-task partner, which needs the data (not
     available on meta); the benchmark's batches are same-task pairs, so the estimate takes "every
     anchor has a partner" (batch 1 on one process has none: the term is then off, as in training);
   - left out: the CUDA context and kernels (~0.5-1 GB), cuBLAS/cuDNN workspaces, the caching
     allocator's rounding and fragmentation (reserved - allocated, typically 1-10%), the VAE and
-    text encoders' own activations (they run before the transformer, under no_grad), and the
-    Triton kernels' saved tensors (the estimate runs the torch reference of kernels.lora_linear).
+    text encoders' own activations (they run before the transformer, under no_grad), the Triton
+    kernels' saved tensors (the estimate runs the torch reference of kernels.lora_linear), and
+    8-bit AdamW's own temporaries (the step is simulated with torch's AdamW).
 The breakdown also lists, per block, the bytes saved for backward (saved_tensors_hooks,
 deduplicated by storage) and what the forward leaves alive for backward.
 
-A GPU session (the device machine lacks diffusers; carry it as wheels from this machine):
+A GPU session. The device machine lacks diffusers: carry it as a wheel, fetched here once, in the
+repository root:
     echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl diffusers==0.42.1
-and run, carrying .whl (one command, well under 2000 characters; ~3-4 minutes of device time):
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit; nvidia-smi --query-gpu=name,memory.total \
-    --format=csv; python3 benchmarks/train_memory.py --out $OUT --steps 4 2>&1 | tee $OUT/log.txt; \
-    python3 -m pytest -q -m gpu tests/training/test_train_memory.py 2>&1 | tail -3
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1
+(its other needs are on the machine; Python 3.12 takes importlib.metadata from the standard library).
+Then one run (carry [".whl"], timeout_s 540; about 4-5 minutes of device time on an H100), this line:
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit; nvidia-smi --query-gpu=name,memory.total --format=csv; python3 benchmarks/train_memory.py --out $OUT --contrastive both 2>&1 | tee $OUT/log.txt; python3 -m pytest -q -m gpu tests/training/test_train_memory.py 2>&1 | tail -5
+It measures the recipe (batch 4) with and without the contrastive loss, writes the estimate beside
+each, and runs the small-model GPU test. Put the measured peak into README.md ("Training on real
+FLUX") and the recipe's header.
 """
 
 from __future__ import annotations
