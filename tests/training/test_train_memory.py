@@ -158,7 +158,8 @@ def test_readme_quotes_the_recipes_full_size_estimate():
 
 @pytest.mark.gpu
 def test_measured_path_runs_a_small_model_on_the_gpu(tmp_path):
-    assert tm.main(["--out", str(tmp_path), "--measure", "--batch", "2", "4", "--steps", "3",
+    # batch 1 runs once (no same-task partner, so no contrastive term); batch 2 with and without it
+    assert tm.main(["--out", str(tmp_path), "--measure", "--batch", "1", "2", "--steps", "3",
                     "--contrastive", "both", *TINY_ARGS]) == 0
     result = json.loads((tmp_path / "train_memory.json").read_text())
     assert result["mode"] == "measure" and len(result["measured"]) == len(result["estimates"]) == 3
