@@ -34,7 +34,8 @@ labelled an estimate, unmeasured.
     8-bit AdamW: one byte per moment plus float32 block scales for tensors of >= 4096 elements);
   - activations: one training step in the steady state (the optimizer state made first by a step
     on zero gradients) runs on meta tensors through the real code (the trainer's forward call
-    layout, training.losses, routed checkpointing, torch.optim.AdamW with foreach, as on CUDA),
+    layout, training.losses, routed checkpointing; AdamW one parameter at a time standing in for the
+    fused AdamW the trainer runs on CUDA),
     while a dispatch mode follows every tensor storage from allocation to release: the peak of
     live bytes is the estimate, with checkpointing's recomputation and the order in which backward
     frees things included;
@@ -245,8 +246,11 @@ def make_optimizer(spec: Spec, params: list):
         import bitsandbytes as bnb  # checked before anything is built
 
         return bnb.optim.AdamW8bit(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    # foreach=True is what AdamW picks on CUDA (as in the trainer); set so the meta run allocates the same lists.
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, foreach=True)
+    # The trainer runs fused AdamW on CUDA (no foreach copies of the moments). Fused kernels do not run on
+    # meta tensors: the estimate steps one parameter at a time (foreach=False), whose temporaries are at
+    # most one parameter's size, as the fused kernel's are.
+    kind = {"fused": True} if params[0].device.type == "cuda" else {"foreach": False}
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **kind)
 
 
 def edit_batch(spec: Spec, device, seed: int) -> dict:
@@ -575,7 +579,7 @@ def simulate(spec: Spec, model) -> dict:
         tracker.phase = "backward"
         loss.backward()
         grads = {p.grad.untyped_storage()._cdata: p.grad.numel() * p.grad.element_size() for p in params}
-        tracker.phase = "optimizer step"  # clipping and AdamW's foreach temporaries
+        tracker.phase = "optimizer step"  # clipping and AdamW's temporaries
         finish_step(spec, optimizer, params)
         del loss, batch
     return {"dynamic_peak": tracker.peak, "peak_phase": tracker.peak_phase, "phase_peaks": tracker.phase_peaks,

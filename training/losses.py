@@ -7,7 +7,6 @@ the trainer weights and adds it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 # -- flow matching ---------------------------------------------------------------------------
@@ -110,15 +109,19 @@ def contrastive_loss(features: torch.Tensor, task_ids: torch.Tensor, temperature
         -log( sum_pos exp(-d^2/T) / sum_{j != i} exp(-d^2/T) ),  d = || z_i - z_j ||, z unit-norm;
     or None when no anchor has a positive (such anchors only add a constant: X2Edit's pitfall).
     """
-    z = features.flatten(1) if pool == "flatten" else features.mean(1)
-    z = F.normalize(z.float(), dim=-1)  # (B, D)
+    # (B, D) in float32, the one copy of the features autograd keeps: the cosines come from the Gram
+    # matrix of the raw rows over their norms, not from normalised copies (at FLUX size, batch 4, a
+    # flattened block is 4 x 4096 x 3072 floats: each copy of 19 blocks costs 3.6 GB).
+    z = (features.flatten(1) if pool == "flatten" else features.mean(1)).float()
     if gather:
         all_z, offset = _gather_with_grad(z)
         all_tasks, _ = _gather_with_grad(task_ids.to(z.device))
     else:
         all_z, offset, all_tasks = z, 0, task_ids.to(z.device)
     anchors = torch.arange(offset, offset + z.shape[0], device=z.device)
-    d2 = (2 - 2 * z @ all_z.T).clamp(min=0)  # (B, N) squared distances of unit vectors
+    norms = all_z.norm(dim=1).clamp(min=1e-12)  # (N,)
+    cos = (z @ all_z.T) / (norms[offset: offset + z.shape[0], None] * norms[None, :])  # (B, N)
+    d2 = (2 - 2 * cos).clamp(min=0)  # squared distances of the unit vectors
     logits = -d2 / temperature
     not_self = torch.ones_like(logits, dtype=torch.bool)
     not_self[torch.arange(z.shape[0]), anchors] = False

@@ -322,7 +322,9 @@ class Trainer:
             cls = bnb.optim.AdamW8bit
         else:
             cls = torch.optim.AdamW
-        return cls(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        # fused AdamW on CUDA: one kernel, no foreach copy of the moments (3.7 GB at FLUX size)
+        fused = {"fused": True} if cls is torch.optim.AdamW and self.accelerator.device.type == "cuda" else {}
+        return cls(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **fused)
 
     # -- batches -----------------------------------------------------------------------------
     def _images_to_tokens(self, images: list[np.ndarray], reference: bool):

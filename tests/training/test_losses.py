@@ -119,3 +119,23 @@ def test_x0_error_relative_to_the_edit():
     assert x0_error(source, x0).item() == pytest.approx(((source - x0) ** 2).mean().item())
     # an unchanged pair is weighted by the floor, not by 1/0
     assert torch.isfinite(x0_error(x0 + 1, x0, x0))
+
+
+def test_contrastive_keeps_one_float32_copy_of_the_features_for_backward():
+    """bf16 block features (as in real training): autograd keeps one float32 copy, not normalised copies too."""
+    feats = torch.randn(4, 64, 32, dtype=torch.bfloat16, requires_grad=True)
+    tasks = torch.tensor([0, 0, 1, 1])
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = contrastive_loss(feats, tasks, gather=False)
+    one_copy = feats.numel() * 4
+    assert one_copy <= sum(saved.values()) < 1.2 * one_copy
+    reference = _reference_contrastive(feats.detach().float(), tasks.tolist(), 0.5)
+    assert loss.item() == pytest.approx(reference, rel=1e-4)
+    loss.backward()
+    assert feats.grad is not None and feats.grad.abs().sum() > 0

@@ -376,3 +376,26 @@ def test_a_merged_adapter_keeps_its_weight_until_unmerged(task_model):
     unmerge_adapter(task_model, "default")
     for n, layer in adapter_layers(task_model):
         torch.testing.assert_close(layer.base_layer.weight, before[n], rtol=0, atol=1e-6)
+
+
+def test_token_router_keeps_no_token_task_concatenation_for_backward():
+    """The gate's token and task columns are applied apart: backward keeps one float32 copy of the tokens, not of
+    [tokens ; task embedding] (which is twice as wide at FLUX size)."""
+    from x2edit.adapters import TokenTopKRouter
+
+    router = TokenTopKRouter(in_features=64, num_experts=4, top_k=2, task_embed_dim=64)
+    x = torch.randn(2, 50, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        gates, _ = router(x, torch.tensor([3, 9]))
+    big = [n for n in saved.values() if n >= x.numel() * 4]
+    assert big == [x.numel() * 4]  # the float32 tokens, once
+    h = torch.cat([x.float(), router.task_embedding(torch.tensor([3, 9]))[:, None].expand(-1, 50, -1)], -1)
+    expected = torch.softmax(router.gate(h), -1)
+    kept = gates.float() != 0
+    torch.testing.assert_close(gates.float()[kept], expected[kept], rtol=1e-2, atol=1e-3)  # the same gate
