@@ -115,3 +115,22 @@ def test_worked_config_for_the_released_dataset(released, tmp_path, capsys):
     assert len(src.datasets) == 8 and len(src) == sum(r["kept"] for r in reports)
     assert len({src.mixture.locate(n)[0] for n in range(200)}) == 8
     assert build_reader({k: v for k, v in cfg.data.sources[-1].items() if k != "weight"}).format == "x2edit_upstream"
+
+
+def test_the_docs_examples_build():
+    """The reader configs and filter rules docs/training_data.md shows are valid as written."""
+    import re
+
+    from training.data import FilterRule
+
+    doc = (Path(__file__).parents[2] / "docs" / "training_data.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", doc, re.S)]
+    readers = [b["data"]["source"] for b in blocks if "source" in b.get("data", {})]
+    readers += [s for b in blocks for s in b.get("data", {}).get("sources", [])]
+    assert len(readers) == 5
+    for spec in readers:
+        build_reader({k: v for k, v in spec.items() if k != "weight"})
+    rules = [r for b in blocks for r in b.get("filters", [])]
+    assert len(rules) == 3 and all(FilterRule.parse(r).when for r in rules)
+    (aliases,) = [b["task_aliases"] for b in blocks if "task_aliases" in b]
+    build_reader({"format": "x2edit_upstream", "path": "x", "task_aliases": aliases})
