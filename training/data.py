@@ -656,10 +656,6 @@ class EditReader:
         self._aliases = {**_alias_map(self._default_aliases()), **_alias_map(self.task_aliases)}
         self.stats = ReadStats()
 
-    @property
-    def score_filters(self) -> list[FilterRule]:
-        return self.rules
-
     def _default_aliases(self) -> Mapping[str, str]:
         return {}
 
