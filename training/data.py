@@ -714,7 +714,8 @@ class EditReader:
             if strict and self.on_unknown_task == "error":
                 raise ValueError(f"{raw.origin}:{raw.key}: unknown task label {raw.task!r}; map it with task_aliases "
                                  f"{{{raw.task!r}: <taxonomy name or other>}} or set on_unknown_task: skip or other")
-            return Scanned(raw, raw.task, "unknown_task", repr(raw.task))
+            stops = " (on_unknown_task: error: training stops here)" if self.on_unknown_task == "error" else ""
+            return Scanned(raw, raw.task, "unknown_task", repr(raw.task) + stops)
         if problem == "other":
             return Scanned(raw, task, "other_task", repr(raw.task))
         for rule in self.rules:

@@ -174,6 +174,8 @@ def test_unknown_task_labels(tmp_path):
     cfg = {"format": "x2edit_upstream", "path": str(tmp_path)}
     with pytest.raises(ValueError, match=r"up.tar:k0: unknown task label '色调变化'"):
         list(build_reader(cfg))
+    (scanned,) = [s for s in build_reader(cfg).scan() if s.outcome != "kept"]  # inspect shows it, not raise
+    assert (scanned.outcome, scanned.detail) == ("unknown_task", "'色调变化' (on_unknown_task: error: training stops here)")
     skip = build_reader({**cfg, "on_unknown_task": "skip"})
     assert [s.key for s in skip] == ["k1"] and skip.stats.dropped_by_reason == {"unknown_task": 1}
     aliased = build_reader({**cfg, "task_aliases": {"色调变化": "tone_transform"}})
