@@ -11,6 +11,9 @@ A shard is a tar of samples, each as consecutive members::
 Writing is atomic: the tar is written to ``NAME.tmp``, synced and renamed, so a reader never sees
 half a shard. Reading tolerates damage: a truncated tar yields the samples before the damage and
 ``ReadReport`` says what was lost.
+
+``iter_tar`` is the project's one tar reader: ``read_shard`` below and every tar format of
+``training.data`` (ours, upstream X2Edit's) group members through it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import os
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +97,108 @@ def write_tar(path: str | os.PathLike, records: Iterable[dict]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading.
+# Reading: the one tar reader, for build-data's shards and for every tar format `x2edit train` reads.
+
+
+@dataclass(frozen=True)
+class TarSpan:
+    """A member's bytes inside an uncompressed tar, read on demand (an index holds no pixels)."""
+
+    path: str
+    offset: int
+    size: int
+
+    def read(self, limit: int | None = None) -> bytes:
+        """The member's bytes (the first ``limit`` of them when given); raises ``EOFError`` when the
+        file ends inside the member (a shard truncated after it was indexed)."""
+        n = self.size if limit is None else min(limit, self.size)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(n)
+        if len(data) != n:
+            raise EOFError(f"{self.path} ends inside this member (truncated shard)")
+        return data
+
+
+def split_member(name: str) -> tuple[str | None, str]:
+    """(key, suffix) of a tar member name by WebDataset's rule (``webdataset.tariterators.base_plus_ext``,
+    not imported: it pulls in torch): the key runs to the first dot of the file name, the suffix is the
+    rest, so ``KEY..1.jpg`` (a writer's dict key ".1.jpg") has suffix ".1.jpg". (None, "") without a dot."""
+    d, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None, ""
+    return (os.path.join(d, stem) if d else stem), ext
+
+
+@dataclass
+class TarScan:
+    """One pass over a tar: samples yielded, and the damage that ended it (None: read to its end).
+
+    ``lost`` is the key of the sample the damage cut (not yielded)."""
+
+    path: str
+    samples: int = 0
+    error: str | None = None
+    lost: str | None = None
+
+
+def iter_tar(path: str | os.PathLike, scan: TarScan | None = None, *, spans: bool = False,
+             complete: Callable[[dict], bool] | None = None) -> Iterator[tuple[str, dict[str, bytes | TarSpan]]]:
+    """(key, {suffix: bytes}) per sample of a tar, in order: consecutive members sharing a key, as
+    WebDataset groups them. Damage ends the file, not the program: the samples before it are yielded
+    and ``scan.error`` says what was found.
+
+    Args:
+        path: a .tar, or a compressed .tar.gz / .tgz (streamed; no spans).
+        scan: filled in with the count and the damage (optional).
+        spans: give members other than JSON as ``TarSpan``s instead of bytes (uncompressed tars only).
+        complete: when damage cuts the file, the sample it was reading is yielded if this holds for
+            its members (e.g. every required member is there), else recorded as ``scan.lost``.
+    """
+    path = Path(path)
+    scan = scan if scan is not None else TarScan(str(path))
+    compressed = not path.name.lower().endswith(".tar")
+    if spans and compressed:
+        raise ValueError(f"{path} is compressed: an index needs random access to uncompressed .tar shards; "
+                         "decompress it, or stream it")
+    file_size = path.stat().st_size
+    key, group, end = None, {}, 0
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                k, suffix = split_member(member.name)
+                if k is None:
+                    continue
+                if k != key:
+                    if group:
+                        scan.samples += 1
+                        yield key, group
+                    key, group = k, {}
+                end = member.offset_data + member.size
+                if not compressed and end > file_size:
+                    raise tarfile.ReadError(f"member {member.name} ends past the end of the file")
+                if spans and not suffix.endswith("json"):
+                    group[suffix] = TarSpan(str(path), member.offset_data, member.size)
+                else:
+                    data = tf.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"member {member.name} is truncated")
+                    group[suffix] = data
+        # tar writers end an archive with >= 2 zero blocks; without them the file was cut at a member
+        # boundary, which tarfile reads as a clean end
+        if not compressed and end and file_size < end + (-end % 512) + 1024:
+            scan.error = "no end-of-archive marker (file cut short)"
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        scan.error = f"{type(e).__name__}: {e}"
+    if group:
+        if scan.error is None or (complete is not None and complete(group)):
+            scan.samples += 1
+            yield key, group
+        else:
+            scan.lost = key
 
 
 @dataclass
@@ -148,12 +252,6 @@ class ReadReport:
         return s
 
 
-def _split(name: str) -> tuple[str, str]:
-    d, base = os.path.split(name)
-    stem, _, ext = base.partition(".")
-    return (os.path.join(d, stem) if d else stem), ext.lower()
-
-
 def read_shard(path: str | os.PathLike, report: ReadReport | None = None, decode: bool = True,
                require: tuple[str, ...] = REQUIRED) -> Iterator[ShardSample]:
     """Samples of one tar, in order. Damage ends the file, not the program: what was read before it
@@ -168,17 +266,12 @@ def read_shard(path: str | os.PathLike, report: ReadReport | None = None, decode
     report = report if report is not None else ReadReport()
     report.files += 1
     path = str(path)
-    cur_key, members = None, {}
-    read = 0
-
-    def finish(key, mem):
-        nonlocal read
-        if key is None:
-            return None
+    scan, read = TarScan(path), 0
+    for key, mem in iter_tar(path, scan):
         missing = [r for r in require if r not in mem]
         if missing:
             report.incomplete.append({"file": path, "key": key, "missing": missing})
-            return None
+            continue
         read += 1
         report.samples += 1
         meta = json.loads(mem["json"]) if "json" in mem else {}
@@ -189,32 +282,11 @@ def read_shard(path: str | os.PathLike, report: ReadReport | None = None, decode
             mask = decode_png(mask, "L") > 127 if mask is not None else None
         else:
             src, tgt = mem.get("src.png"), mem.get("tgt.png")
-        return ShardSample(key, src, tgt, mask, meta, os.path.basename(path))
-
-    try:
-        with tarfile.open(path, "r:*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                key, ext = _split(m.name)
-                f = tf.extractfile(m)
-                data = f.read() if f is not None else b""
-                if len(data) != m.size:
-                    raise tarfile.ReadError(f"member {m.name} is truncated")
-                if key != cur_key:
-                    done = finish(cur_key, members)
-                    if done is not None:
-                        yield done
-                    cur_key, members = key, {}
-                members[ext] = data
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        report.truncated.append({"file": path, "samples_read": read, "error": f"{type(e).__name__}: {e}"})
-        if cur_key is not None:
-            report.incomplete.append({"file": path, "key": cur_key, "missing": ["(truncated)"]})
-        return
-    done = finish(cur_key, members)
-    if done is not None:
-        yield done
+        yield ShardSample(key, src, tgt, mask, meta, os.path.basename(path))
+    if scan.error:
+        report.truncated.append({"file": path, "samples_read": read, "error": scan.error})
+        if scan.lost is not None:
+            report.incomplete.append({"file": path, "key": scan.lost, "missing": ["(truncated)"]})
 
 
 def shard_paths(out_dir: str | os.PathLike) -> list[str]:

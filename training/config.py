@@ -66,6 +66,10 @@ class DataConfig:
     Args:
         source: "shapeworld" (pairs generated on the fly, deterministic per index) or a reader
             config for ``training.data`` (e.g. {"format": "x2edit", "path": "shards/"}).
+        sources: several readers in one run, instead of ``source``: a list of reader configs, each
+            with its own filters and an optional ``weight`` (default 1). Each batch comes from one
+            source, source s with probability weight_s / sum of weights (whatever the sources'
+            sizes), drawn from the seed and the step, so resume stays exact.
         resolution: image side for Shape World / bucket area side for readers.
         filters: score filter expressions for readers, e.g. ["oracle >= 0.9"].
         tasks: restrict to these tasks (None: all).
@@ -81,6 +85,7 @@ class DataConfig:
     """
 
     source: str | dict = "shapeworld"
+    sources: list | None = None
     resolution: int = 64
     buckets: bool = False
     max_aspect: float = 2.0
@@ -88,6 +93,27 @@ class DataConfig:
     tasks: list | None = None
     validation_pairs: int = 1
     self_reference: float = 0.0
+
+    def __post_init__(self):
+        if self.sources is None:
+            return
+        if self.source != "shapeworld":
+            raise ValueError("give data.source (one reader) or data.sources (several), not both")
+        if not self.sources:
+            raise ValueError("data.sources is empty: list reader configs, or leave it out")
+        for i, spec in enumerate(self.sources):
+            if not isinstance(spec, dict) or "format" not in spec:
+                raise ValueError(f"data.sources[{i}]: expected a reader mapping with a format, got {spec!r}")
+            w = spec.get("weight", 1.0)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or w == float("inf"):
+                raise ValueError(f"data.sources[{i}].weight must be a positive number, got {w!r}")
+
+    @property
+    def readers(self) -> list[dict]:
+        """The reader configs of the run (with their weights): ``sources``, or ``source`` as one."""
+        if self.sources:
+            return list(self.sources)
+        return [self.source] if isinstance(self.source, dict) else []
 
 
 @dataclass
@@ -174,7 +200,7 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.mode == "t2i" and self.model.base is None and not self.model.transformer:
             raise ValueError("t2i pretraining from scratch needs model.transformer (a FluxTransformer2DModel config)")
-        if self.data.buckets and not isinstance(self.data.source, dict):
+        if self.data.buckets and not self.data.readers:
             raise ValueError("data.buckets needs a reader source (Shape World scenes are all square)")
         if self.loss.weighting not in ("none", "sigma_sqrt", "cosmap", "x0", "x0_edit"):
             raise ValueError("loss.weighting must be none, sigma_sqrt, cosmap, x0 or x0_edit, got "

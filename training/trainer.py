@@ -99,58 +99,144 @@ class ShapeWorldSource:
 
 
 class ReaderSource:
-    """A map-style view of ``training.data`` readers (build-data shards, upstream X2Edit shards, ...).
+    """A map-style view of one or more ``training.data`` readers (build-data shards, upstream X2Edit
+    shards, ...) with the plan of which items form each batch.
 
-    With ``data.buckets`` each pair is fitted to its aspect-ratio bucket and ``batches`` plans which
-    indices form each batch (one bucket per batch); otherwise all pairs share one square size.
+    Items are the usable records of every source (an index of metadata and image references: no
+    pixels held), concatenated in config order; item i decodes its pair and fits it to its
+    aspect-ratio bucket (``data.buckets``) or to one ``resolution`` square (None if its pixels turn out
+    corrupt). ``batch(n)`` gives the items of global batch n (n = step * processes + rank): the
+    mixture picks the source (``SourceMixture``), and the source's own k-th batch is a pure function
+    of k: its bucket plan (``EpochBatches``) or its epoch permutations (``batch_indices``). So the
+    data of a step depend only on (seed, step, rank), and a resumed run draws what an uninterrupted
+    one would.
+
+    Args:
+        specs: reader configs, each with an optional ``weight`` (default 1): a batch comes from
+            source s with probability weight_s / sum of weights, whatever the sources' sizes.
+        config: the run's config (``data`` section, batch size, seed, mode).
+        multiple: the model's pixel grid; bucket sides divide by it.
     """
 
-    def __init__(self, spec: dict, config: TrainConfig, multiple: int = 16):
-        from training import data as readers
+    def __init__(self, specs: list[dict], config: TrainConfig, multiple: int = 16):
         from training.buckets import BucketBatchSampler, make_buckets
+        from training.data import OTHER_TASK, OTHER_TASK_ID, EditDataset
 
         d = config.data
-        buckets = make_buckets(d.resolution**2, multiple, d.max_aspect) if d.buckets else None
-        self.samples = readers.load_samples(spec, filters=d.filters, resolution=None if buckets else d.resolution,
-                                            buckets=buckets)
-        if d.tasks:
-            keep = {get_task(t).name for t in d.tasks}
-            self.samples = [s for s in self.samples if s.task in keep]
-        if not self.samples:
-            raise ValueError(f"no training samples left from {spec} after filters {d.filters} and tasks {d.tasks}")
-        self.mode = config.mode
-        self.batches = None
-        if buckets:
+        bucketed = d.buckets
+        buckets = make_buckets(d.resolution**2, multiple, d.max_aspect) if bucketed else [(d.resolution, d.resolution)]
+        keep = {get_task(t).name for t in d.tasks} if d.tasks else None
+        self.mode, self.batch_size, self.seed = config.mode, config.batch_size, config.seed
+        self.datasets, self.offsets, self.names, weights = [], [], [], []
+        for i, spec in enumerate(specs):
+            spec = dict(spec)
+            weights.append(float(spec.pop("weight", 1.0)))
+            name = f"data source {i} ({spec.get('format')} at {spec.get('path')})"
+            spec["filters"] = [*spec.get("filters", []), *d.filters]
+            ds = EditDataset(spec, buckets=buckets)
+            logger.info("%s: %s", name, ds.stats.summary())
+            if keep is not None:
+                ds.records = [r for r in ds.records if r.task in keep]
+            if not ds.records:
+                raise ValueError(f"no training samples left from {name} after its filters, data.filters "
+                                 f"{d.filters} and data.tasks {d.tasks}")
+            for r in ds.records:  # training reads no score; an index of millions of samples holds less
+                r.scores = {}
+            if self.mode == "edit":
+                unlabeled = [r for r in ds.records if r.task is None]
+                if unlabeled:
+                    raise ValueError(f"{name}: {len(unlabeled)} samples have no task label (first: {unlabeled[0].origin}:"
+                                     f"{unlabeled[0].key}); edit training routes by task")
+                if any(r.task == OTHER_TASK for r in ds.records) and config.adapter.num_task_slots <= OTHER_TASK_ID:
+                    raise ValueError(f"{name} keeps 'other' samples (on_other_task: train), routed to task slot "
+                                     f"{OTHER_TASK_ID}: adapter.num_task_slots must be > {OTHER_TASK_ID}")
+            self.offsets.append(sum(len(x) for x in self.datasets))
+            self.datasets.append(ds)
+            self.names.append(name)
+        self.mixture = SourceMixture(weights, config.seed)
+        self.plans = [None] * len(self.datasets)
+        if bucketed:
             contrastive = config.mode == "edit" and config.loss.contrastive_weight > 0
-            self.batches = EpochBatches(BucketBatchSampler(
-                [s.source.size for s in self.samples], buckets, config.batch_size,
-                tasks=[s.task for s in self.samples], balanced_tasks=contrastive and config.batch_size >= 2,
-                seed=config.seed, drop_last=True))
+            self.plans = [EpochBatches(BucketBatchSampler(
+                ds.sizes, buckets, config.batch_size, tasks=ds.tasks,
+                balanced_tasks=contrastive and config.batch_size >= 2, seed=config.seed, drop_last=True), name)
+                for ds, name in zip(self.datasets, self.names)]
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return self.offsets[-1] + len(self.datasets[-1])
 
-    def __getitem__(self, i: int) -> dict:
-        s = self.samples[i]
-        task = get_task(s.task).id if s.task is not None else None
-        if self.mode == "edit" and task is None:
-            raise ValueError(f"sample {s.key} has no task label; edit training routes by task")
-        return {"source": np.asarray(s.source) if self.mode == "edit" else None, "target": np.asarray(s.target),
-                "text": s.instruction, "task": task}
+    def batch(self, n: int) -> list[int]:
+        """Item indices of global batch ``n``."""
+        s, k = self.mixture.locate(n)
+        plan = self.plans[s]
+        local = plan[k] if plan is not None else batch_indices(k, self.batch_size, 0, 1, len(self.datasets[s]),
+                                                               self.seed)
+        return [self.offsets[s] + i for i in local]
+
+    def __getitem__(self, i: int) -> dict | None:
+        from training.data import task_slot
+
+        s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        sample = self.datasets[s][i - self.offsets[s]]
+        if sample is None:
+            return None
+        return {"source": np.asarray(sample.source) if self.mode == "edit" else None,
+                "target": np.asarray(sample.target), "text": sample.instruction,
+                "task": task_slot(sample.task) if sample.task is not None else None}
+
+
+class SourceMixture:
+    """Which source each global batch comes from, as a pure function of (seed, n).
+
+    Batch n comes from source s with probability weights[s] / sum(weights), a seeded draw per batch
+    (SimpleTuner's per-step choice of dataset); ``locate(n)`` = (s, k): batch n is the k-th batch
+    drawn from s. Draws are made in seeded chunks and the counts before each chunk are kept, so
+    locating batch n costs O(n / CHUNK) the first time, in any process, at any resume step.
+    """
+
+    CHUNK = 4096
+
+    def __init__(self, weights: list[float], seed: int):
+        w = np.asarray(weights, dtype=np.float64)
+        if w.ndim != 1 or not len(w) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+            raise ValueError(f"source weights must be positive numbers, got {weights}")
+        self.p, self.seed = w / w.sum(), seed
+        self._before = [np.zeros(len(w), dtype=np.int64)]  # per chunk: batches drawn from each source before it
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _draws(self, chunk: int) -> np.ndarray:
+        if chunk not in self._cache:
+            if len(self._cache) > 8:
+                self._cache.clear()
+            rng = np.random.default_rng([self.seed, 0x6D6978, chunk])  # 0x6D6978: "mix", apart from other streams
+            self._cache[chunk] = rng.choice(len(self.p), size=self.CHUNK, p=self.p)
+        return self._cache[chunk]
+
+    def locate(self, n: int) -> tuple[int, int]:
+        if len(self.p) == 1:
+            return 0, n
+        chunk, pos = divmod(n, self.CHUNK)
+        while len(self._before) <= chunk:
+            c = len(self._before) - 1
+            self._before.append(self._before[c] + np.bincount(self._draws(c), minlength=len(self.p)))
+        draws = self._draws(chunk)
+        s = int(draws[pos])
+        return s, int(self._before[chunk][s] + np.count_nonzero(draws[:pos] == s))
 
 
 class EpochBatches:
     """The n-th batch of an endless run of a ``BucketBatchSampler``'s epochs: a pure function of n,
     so resuming at a step draws the same batches as the uninterrupted run."""
 
-    def __init__(self, sampler):
-        self.sampler, self._lengths = sampler, []
+    def __init__(self, sampler, name: str = "the data"):
+        self.sampler, self.name, self._lengths = sampler, name, []
 
     def _plan(self, epoch: int) -> list[list[int]]:
         self.sampler.set_epoch(epoch)
         plan = list(self.sampler)  # cached per epoch by the sampler
         if not plan:
-            raise ValueError("no full batch fits in any aspect-ratio bucket: lower batch_size or add data")
+            raise ValueError(f"no full batch of {self.name} fits in any aspect-ratio bucket: lower batch_size or "
+                             "add data")
         return plan
 
     def __getitem__(self, n: int) -> list[int]:
@@ -166,12 +252,12 @@ class EpochBatches:
 
 def make_source(config: TrainConfig, multiple: int = 16):
     """The training data of ``config``; ``multiple``: the model's pixel grid (bucket sides divide by it)."""
-    src = config.data.source
-    if src == "shapeworld":
-        return ShapeWorldSource(config.data.resolution, config.mode, config.data.tasks)
-    if isinstance(src, dict):
-        return ReaderSource(src, config, multiple)
-    raise ValueError(f"data.source must be 'shapeworld' or a reader mapping, got {src!r}")
+    d = config.data
+    if d.readers:
+        return ReaderSource(d.readers, config, multiple)
+    if d.source == "shapeworld":
+        return ShapeWorldSource(d.resolution, config.mode, d.tasks)
+    raise ValueError(f"data.source must be 'shapeworld' or a reader mapping, got {d.source!r}")
 
 
 def batch_indices(step: int, batch: int, rank: int, world: int, size: int, seed: int) -> list[int]:
@@ -343,12 +429,15 @@ class Trainer:
 
     def batch(self, step: int) -> dict:
         acc = self.accelerator
-        if getattr(self.source, "batches", None) is not None:  # aspect-ratio buckets
-            idx = self.source.batches[step * acc.num_processes + acc.process_index]
+        if isinstance(self.source, ReaderSource):
+            idx = self.source.batch(step * acc.num_processes + acc.process_index)
         else:
             idx = batch_indices(step, self.config.batch_size, acc.process_index, acc.num_processes,
                                 len(self.source), self.config.seed)
-        items = [self.source[i] for i in idx]
+        items = [it for it in (self.source[i] for i in idx) if it is not None]  # None: pixels found corrupt
+        if not items:
+            raise TrainingError(f"step {step}: every sample of the batch failed to decode (items {idx}); see the "
+                                "warnings above")
         return {"source": [it["source"] for it in items], "target": [it["target"] for it in items],
                 "text": [it["text"] for it in items],
                 "task": None if items[0]["task"] is None else torch.tensor([it["task"] for it in items])}

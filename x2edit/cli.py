@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("training.eval_command", "benchmark edits: Shape World (exact targets) or real images (GEdit-Bench form)"),
     "train": ("training.cli", "train a MoE-LoRA editing adapter (or pretrain a base) with flow matching"),
     "build-data": ("data_pipeline.cli", "build, score, filter and shard editing pairs (Shape World by default)"),
+    "data": ("training.data_command", "inspect training data: layouts, task labels, scores, what a config keeps"),
 }
 
 

@@ -168,15 +168,20 @@ def test_upstream_shards_scores_tasks_and_filters(tmp_path):
 
 
 def test_unknown_task_labels(tmp_path):
-    metas = {"k0": {"instruction": "erase it", "task": "removal"}, "k1": {"instruction": "red", "task": "color_change"}}
+    # 色调变化 ("tone change") is a plausible VLM label outside upstream's table (which has 色调变换)
+    metas = {"k0": {"instruction": "erase it", "task": "色调变化"}, "k1": {"instruction": "red", "task": "color_change"}}
     _write_tar(tmp_path / "up.tar", sum((_up_sample(k, m) for k, m in metas.items()), []))
     cfg = {"format": "x2edit_upstream", "path": str(tmp_path)}
-    with pytest.raises(ValueError, match=r"up.tar:k0: unknown task label 'removal'"):
+    with pytest.raises(ValueError, match=r"up.tar:k0: unknown task label '色调变化'"):
         list(build_reader(cfg))
+    (scanned,) = [s for s in build_reader(cfg).scan() if s.outcome != "kept"]  # inspect shows it, not raise
+    assert (scanned.outcome, scanned.detail) == ("unknown_task", "'色调变化' (on_unknown_task: error: training stops here)")
     skip = build_reader({**cfg, "on_unknown_task": "skip"})
     assert [s.key for s in skip] == ["k1"] and skip.stats.dropped_by_reason == {"unknown_task": 1}
-    aliased = build_reader({**cfg, "task_aliases": {"Removal": "subject_deletion"}})
-    assert [s.task for s in aliased] == ["subject_deletion", "color_change"]
+    aliased = build_reader({**cfg, "task_aliases": {"色调变化": "tone_transform"}})
+    assert [s.task for s in aliased] == ["tone_transform", "color_change"]
+    as_other = build_reader({**cfg, "on_unknown_task": "other", "on_other_task": "train"})
+    assert [s.task for s in as_other] == ["other", "color_change"]
     with pytest.raises(ValueError, match=r"task_aliases\['removal'\]: unknown task 'deletion'"):
         build_reader({**cfg, "task_aliases": {"removal": "deletion"}})
     assert normalize_task(" Low-Level ") == "low_level"
