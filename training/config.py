@@ -17,7 +17,6 @@ import yaml
 
 from x2edit.adapters import AdapterConfig
 
-
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

@@ -416,7 +416,7 @@ def test_gradient_checkpointing_trains_routed_adapters_as_without(tmp_path, base
         parts = []
         trainer = Trainer(_edit_config(tmp_path / str(ckpt), base_dir, **over, **{"model.gradient_checkpointing": ckpt}))
         assert trainer.transformer.is_gradient_checkpointing == ckpt
-        trainer.train(on_step=lambda s, p: parts.append(p))
+        trainer.train(on_step=lambda s, p, parts=parts: parts.append(p))
         runs[ckpt] = parts, {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if p.requires_grad}
     (plain, w_plain), (ckpt, w_ckpt) = runs[False], runs[True]
     assert {"balance", "contrastive"} <= set(plain[0])
@@ -598,7 +598,6 @@ def test_upstream_preset_is_x2edits_released_settings(tmp_path, base_dir):
     with pytest.raises(ValueError, match="unknown preset 'x2edit_upstraem': available are"):
         load_config(None, [], preset="x2edit_upstraem")
 
-    parts = []
     out = tmp_path / "run"
     from x2edit.cli import main
 
