@@ -77,6 +77,10 @@ class DataConfig:
             batch from one bucket; in edit mode with the contrastive loss, built from same-task pairs)
             instead of fitting every pair to one ``resolution`` square.
         max_aspect: the most elongated bucket kept (long side / short side).
+        pool: Shape World only: render pairs 0..pool-1 once at the start and reuse them over epochs
+            (0: render each item on the fly, never repeating). For a GPU, whose training outpaces the
+            renderer (``training.trainer.ShapeWorldSource``).
+        pool_workers: processes rendering the pool (0: one per CPU).
         self_reference: t2i only: the fraction of steps whose batch also carries each target image as
             Kontext reference tokens (in-context pretraining: FLUX.1 Kontext's base learns generation
             both with and without an image in context). It teaches the frozen base to read reference
@@ -92,8 +96,14 @@ class DataConfig:
     tasks: list | None = None
     validation_pairs: int = 1
     self_reference: float = 0.0
+    pool: int = 0
+    pool_workers: int = 0
 
     def __post_init__(self):
+        if self.pool < 0 or self.pool_workers < 0:
+            raise ValueError(f"data.pool and data.pool_workers must be >= 0, got {self.pool} and {self.pool_workers}")
+        if self.pool and (self.source != "shapeworld" or self.sources):
+            raise ValueError("data.pool pre-renders Shape World pairs: it needs data.source: shapeworld")
         if self.sources is None:
             return
         if self.source != "shapeworld":
@@ -166,6 +176,12 @@ class TrainConfig:
         steps: optimizer steps; batch_size: samples per step and process.
         checkpoint_every / validate_every / log_every: in steps (0 disables).
         mixed_precision: "no", "bf16" or "fp16" (accelerate).
+        tf32: on CUDA, let float32 matmuls and convolutions use TF32 tensor cores (what x2edit-tiny's GPU
+            recipe trains with instead of bf16 autocast).
+        time_budget_s: stop the training loop after this many seconds (one process only) and save as at
+            the last step. The learning-rate decay (``optim.decay_steps``, as a fraction of ``steps``)
+            then follows whichever is further along, the steps or the budget, so it ends inside the
+            budget. A run that stops by time depends on the machine's speed: it is not repeatable.
     """
 
     mode: str = "edit"
@@ -179,6 +195,8 @@ class TrainConfig:
     log_every: int = 10
     mixed_precision: str = "no"
     num_threads: int | None = None
+    tf32: bool = False
+    time_budget_s: float | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -188,13 +206,15 @@ class TrainConfig:
     # Keys that may change between a checkpoint and its resume without changing what is learned.
     RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = (
         "steps", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every", "output_dir", "num_threads",
-        "optim.decay_steps")
+        "optim.decay_steps", "tf32", "time_budget_s")
 
     def __post_init__(self):
         if self.mode not in ("t2i", "edit"):
             raise ValueError(f"mode must be 't2i' or 'edit', got {self.mode!r}")
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError("batch_size and steps must be >= 1")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be a positive number of seconds, got {self.time_budget_s}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.mode == "t2i" and self.model.base is None and not self.model.transformer:

@@ -608,3 +608,48 @@ def test_upstream_preset_is_x2edits_released_settings(tmp_path, base_dir):
     logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert "train/contrastive" in logged and "train/balance" not in logged
     assert read_adapter_header(out / "adapter.safetensors")["config"].shared_task_embedding
+
+
+def test_time_budget_stops_the_run_and_lands_the_decay_inside_it(tmp_path, monkeypatch):
+    """time_budget_s: the loop stops when the budget is spent and saves as at the last step; the WSD decay follows
+    the budget when the budget ends first (here a clock that reads 1 s per step: 6 s for a 100-step run)."""
+    import time
+
+    trainer = Trainer(_config(tmp_path, steps=100, checkpoint_every=0, time_budget_s=6.0,
+                              **{"optim.decay_steps": 50}))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(trainer.step))
+    rates = []
+    out = trainer.train(on_step=lambda s, p: rates.append(trainer.optimizer.param_groups[0]["lr"]))
+    assert trainer.step == 6 and (out / "pipeline" / "model_index.json").is_file()
+    lr = trainer.config.optim.lr
+    # the rate for step k is set when step k-1 ends (clock k-1): full while half the budget is left (decay_steps
+    # is half the run), then linearly towards 0 at 6 s; steps_left(k) = min(100 - k, (1 - (k - 1) / 6) * 100)
+    assert rates == pytest.approx([lr, lr, lr, lr, lr * 2 / 3, lr / 3], abs=1e-12)
+
+
+def test_time_budget_is_refused_when_not_positive(tmp_path):
+    with pytest.raises(ValueError, match="time_budget_s must be a positive number"):
+        _config(tmp_path, time_budget_s=0)
+
+
+@pytest.mark.parametrize("mode", ["edit", "t2i"])
+def test_shapeworld_pool_serves_the_same_items_and_repeats(mode):
+    """data.pool: pairs 0..N-1 rendered once in worker processes; item i reads pair i mod N, equal to what the
+    on-the-fly source renders for it."""
+    import numpy as np
+
+    from training.trainer import ShapeWorldSource
+
+    tasks = ["color_change", "tone_transform", "subject_deletion"]
+    pooled = ShapeWorldSource(32, mode, tasks, pool=5, workers=2)
+    fly = ShapeWorldSource(32, mode, tasks)
+    per_pair = 2 if mode == "t2i" else 1
+    for i in range(5 * per_pair):
+        a, b = pooled[i], fly[i]
+        assert a["text"] == b["text"] and a["task"] == b["task"] and np.array_equal(a["target"], b["target"])
+    again = pooled[5 * per_pair + 1]  # the second epoch repeats the first
+    assert np.array_equal(again["target"], fly[1]["target"]) and again["text"] == fly[1]["text"]
+    with pytest.raises(ValueError, match="data.pool pre-renders Shape World pairs"):
+        from training.config import DataConfig
+
+        DataConfig(source={"format": "x2edit", "path": "x"}, pool=10)
