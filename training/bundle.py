@@ -56,8 +56,11 @@ def main() -> None:
     ap.add_argument("--adapter", required=True)
     ap.add_argument("--steps", type=int, default=None, help="the model's default denoising steps (measured best)")
     ap.add_argument("--out", default=str(Path(__file__).parents[1] / "x2edit" / "models" / "x2edit-tiny"))
+    ap.add_argument("--classifier-samples", type=int, default=3000,
+                    help="Shape World instructions the task classifier is fitted on")
     args = ap.parse_args()
-    out = bundle(args.base, args.adapter, args.out, num_inference_steps=args.steps)
+    out = bundle(args.base, args.adapter, args.out, num_inference_steps=args.steps,
+                 classifier_samples=args.classifier_samples)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
 

@@ -340,7 +340,7 @@ def build_new_pipeline(config: TrainConfig):
     text_path = config.model.text_encoder or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(text_path)
     tokenizer.model_max_length = config.model.max_text_tokens
-    text_encoder = AutoModel.from_pretrained(text_path).eval()
+    text_encoder = AutoModel.from_pretrained(text_path).float().eval()  # a carried fp16 copy loads as float32 too
     vae = PixelShuffleVAE(factor=config.model.vae_factor)
     # FLUX's own scheduler for velocity models, so the saved pipeline loads in stock diffusers
     flow = config.model.prediction_type == "flow"

@@ -109,7 +109,8 @@ def embedded_text_components(path: Path, meta: dict) -> dict:
         raise ValueError(f"{path}: unknown embedded text encoder {meta.get('text_encoder')!r}")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     tokenizer.model_max_length = int(meta["max_text_tokens"])
-    return {"text_encoder": AutoModel.from_pretrained(minilm_path()).eval(), "tokenizer": tokenizer}
+    # float32 whatever the copy holds (X2EDIT_MINILM may name an fp16 one carried to a GPU machine)
+    return {"text_encoder": AutoModel.from_pretrained(minilm_path()).float().eval(), "tokenizer": tokenizer}
 
 
 def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=None, device: str | None = None):

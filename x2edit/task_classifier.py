@@ -23,7 +23,7 @@ def _sentence_encoder(device: str = "cpu"):
 
     from x2edit.testing import minilm_path
 
-    return SentenceTransformer(minilm_path(), device=device)
+    return SentenceTransformer(minilm_path(), device=device).float()  # float32 from an fp16 copy too
 
 
 class TaskClassifier:

