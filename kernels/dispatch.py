@@ -13,13 +13,13 @@ CI runs the kernels without a GPU.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 from collections.abc import Iterator
 
 import torch
 
 from kernels.checks import check_lora_inputs
+from kernels.env import interpreter_enabled, triton_available
 from kernels.reference import lora_linear_dense
 
 BACKENDS = ("auto", "triton", "torch")
@@ -61,16 +61,6 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         set_backend(previous)
-
-
-def triton_available() -> bool:
-    """Whether the triton package can be imported (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def interpreter_enabled() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def resolve_backend(x: torch.Tensor) -> str:

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import LoRAShapes
-from kernels.dispatch import interpreter_enabled
+from kernels.env import interpreter_enabled
 from kernels.reference import lora_linear_dense
 
 # Rows per tile-activity flag. Every BLOCK_M is a multiple of it, so one flag table serves every

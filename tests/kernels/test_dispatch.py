@@ -97,3 +97,17 @@ def test_torch_backend_is_the_reference():
     with kernels.use_backend("torch"):
         y = kernels.lora_linear(x, w, b, A, B, g, 0.5)
     torch.testing.assert_close(y, kernels.lora_linear_reference(x, w, b, A, B, g, 0.5), atol=0, rtol=0)
+
+
+def test_backends_do_not_import_the_dispatch_point():
+    # dispatch imports the backends (lazily); a backend importing dispatch back makes a cycle.
+    # The shared facts (interpreter, triton installed, GPU name) live one floor down, in kernels.env.
+    import ast
+
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        if path.name in ("__init__.py", "dispatch.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "kernels.dispatch" not in imported and "kernels" not in imported, path.name
