@@ -200,6 +200,12 @@ def gpu_table(name: str) -> GpuTable | None:
     return GpuTable.from_dict(json.loads(path.read_text()))
 
 
+def cost_model(device: torch.device) -> CostModel:
+    """The cost rule's constants for `device`: its GPU's measured table's, else the defaults."""
+    table = gpu_table(device_name(device)) if device.type == "cuda" else None
+    return table.cost if table is not None else DEFAULT_COST
+
+
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
