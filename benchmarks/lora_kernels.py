@@ -104,6 +104,19 @@ class Row:
     ratio: float = float("nan")  # ms / base ms at the same linear and M (training: base fwd+bwd)
     target: str = ""
     met: bool | None = None
+    error: str = ""  # why this implementation did not run (compile failure, ...): ms is NaN
+
+
+def timed(timer: Callable, calls: list[Callable[[], object]], log: Callable[[str], None]) -> tuple[float, str]:
+    """(ms, "") or (NaN, the error): one backend that fails on this GPU must not end the whole run."""
+    try:
+        return timer(calls), ""
+    except Exception as exc:  # noqa: BLE001 (recorded in the results, and printed)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        log(f"    FAILED: {error}")
+        return float("nan"), error
 
 
 class Deadline:
@@ -326,10 +339,10 @@ def bench_linears(
                     for impl, build in implementations(kind, 1.0, device).items():  # scale 1: alpha = rank
                         if impl == "base" and base_ms is not None:
                             continue  # the base matmul is timed once per (linear, M)
-                        ms = timer([build(s) for s in sets])
+                        ms, error = timed(timer, [build(s) for s in sets], log)
                         if impl == "base":
                             base_ms = ms
-                        group_rows.append(Row(group, linear, tokens, M, impl, ms))
+                        group_rows.append(Row(group, linear, tokens, M, impl, ms, error=error))
                         log(f"{tokens:>16} {linear:>28} {group:>26} {impl:>14}: {ms:8.3f} ms")
                 del sets
                 if torch.cuda.is_available():
@@ -394,10 +407,10 @@ def bench_training(
                                     with_base=base_ms is None)  # fmt: skip
             group_rows = []
             for impl, call in impls.items():
-                ms = timer([call])
+                ms, error = timed(timer, [call], log)
                 if impl == "base":
                     base_ms = ms
-                group_rows.append(Row(group, linear, tokens, M, impl, ms))
+                group_rows.append(Row(group, linear, tokens, M, impl, ms, error=error))
                 log(f"{'train':>16} {linear:>28} {group:>26} {impl:>14}: {ms:8.3f} ms")
             for row in group_rows:
                 row.ratio = row.ms / base_ms
@@ -441,7 +454,7 @@ def dispatch_table(rows: list[Row], gpu: str, source: str) -> dict:
     shape_of = {name: KN for name, KN in FLUX_LINEARS.items()}
     groups: dict[tuple, dict[str, float]] = {}
     for row in rows:
-        if row.linear in shape_of and row.impl in TORCH_BACKENDS + TRITON_BACKENDS:
+        if row.linear in shape_of and row.impl in TORCH_BACKENDS + TRITON_BACKENDS and math.isfinite(row.ms):
             groups.setdefault((row.group, row.linear, row.M), {})[row.impl] = row.ms
     table_rows = []
     for (group, linear, M), ms in groups.items():
@@ -558,8 +571,10 @@ def bench_e2e(
             return
         inp, c = inputs[case], results["cases"][case]
         with block(), (routing_context(model, task_ids=routing) if routing else contextlib.nullcontext()):
-            ms = timer([lambda: model(**inp)])
+            ms, error = timed(timer, [lambda: model(**inp)], log)
         c[f"{label}_ms"] = ms
+        if error:
+            c[f"{label}_error"] = error
         if "base_ms" in c and label != "base":
             c[f"{label}_ratio"] = ms / c["base_ms"]
         log(f"{'e2e':>16} {case:>28} {label:>40}: {ms:8.1f} ms")
@@ -642,7 +657,8 @@ def _table(rows: list[Row], title: str) -> list[str]:
              "|---|---|---|---|---:|---:|---|---|"]  # fmt: skip
     for r in rows:
         met = "" if r.met is None else ("yes" if r.met else "**no**")
-        lines.append(f"| {r.group} | {r.linear} | {r.tokens} | {r.impl} | {r.ms:.3f} | {r.ratio:.3f} | {r.target} | {met} |")  # fmt: skip
+        target = f"failed: {r.error}" if r.error else r.target
+        lines.append(f"| {r.group} | {r.linear} | {r.tokens} | {r.impl} | {r.ms:.3f} | {r.ratio:.3f} | {target} | {met} |")  # fmt: skip
     return lines + [""]
 
 

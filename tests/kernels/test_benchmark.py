@@ -191,3 +191,26 @@ def test_end_to_end_line_in_small(bench, tmp_path):
     assert isinstance(case["moe_lora_auto_met"], bool) and case["task_static_merge_first_call_ms"] > 0
     md = bench.markdown(bench.environment(), [], result)
     assert "| tiny | task_moe_lora_static_merge |" in md
+
+
+def test_a_failing_backend_is_recorded_and_the_run_goes_on(bench, monkeypatch):
+    real = bench.implementations
+
+    def with_a_broken_one(kind, scale, device):
+        impls = real(kind, scale, device)
+
+        def broken(s):
+            def call():
+                raise RuntimeError("kernels: no launch configuration of fused_tma ran")
+
+            return call
+
+        impls["broken"] = broken
+        return impls
+
+    monkeypatch.setattr(bench, "implementations", with_a_broken_one)
+    rows = bench.bench_linears(wall_timer, "cpu", dtype=torch.float32, linears={"tiny 8->8": (8, 8)},
+                               token_counts={"tiny": 5}, lora_ranks=(2,), l2_bytes=1, log=lambda line: None)  # fmt: skip
+    broken = [r for r in rows if r.impl == "broken"]
+    assert broken and all(r.ms != r.ms and "no launch configuration" in r.error for r in broken)  # NaN
+    assert all(r.ms > 0 for r in rows if r.impl == "auto")
