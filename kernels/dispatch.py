@@ -24,8 +24,8 @@ allowed under TRITON_INTERPRET=1, which is how CI runs the kernels without a GPU
                `merge_is_cheaper` says so (its constants are the GPU table's, or the defaults);
        "addmm" otherwise.
   Triton is taken only where a table row measured it faster than the torch paths. On an H200
-  (2026-11-28) the Triton kernels were 1.3-3.4x the base matmul where the torch paths were
-  1.14-1.30x, so no shipped row picks them yet.
+  (2026-11-28) the portable Triton kernels were 1.2-3.4x the base matmul where the torch paths were
+  1.14-1.30x (kernels/measured/nvidia-h200.json), so no shipped row picks them yet.
 """
 
 from __future__ import annotations

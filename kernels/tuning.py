@@ -5,7 +5,7 @@ that change the best tile: a token-count bucket, N, K, the rank block, the dtype
 
   1. this process's memo of earlier choices;
   2. the table tuned on this GPU model and shipped in `kernels/measured/<gpu-name>-configs.json`
-     (written by `benchmarks/tune_kernels.py` on that GPU);
+     (written by the full run of `benchmarks/lora_kernels.py` on that GPU: `<gpu-name>-configs.json`);
   3. "fixed" mode (X2EDIT_KERNEL_TUNING=fixed, which the kernel tests set, and always under the
      Triton interpreter): the first configuration that fits, so every shape compiles once and
      nothing is timed;
