@@ -49,6 +49,13 @@ class RoutingState:
     timestep: torch.Tensor | None = None
     aux_losses: list[torch.Tensor] = field(default_factory=list)
 
+    def single_task(self) -> int | None:
+        """The task id when every sample of the call has the same one, else None (read once per state)."""
+        if not hasattr(self, "_single_task"):
+            ids = [] if self.task_ids is None else self.task_ids.flatten().tolist()
+            self._single_task = ids[0] if ids and all(i == ids[0] for i in ids) else None
+        return self._single_task
+
     @property
     def balance_loss(self) -> torch.Tensor | None:
         """Mean router balance loss over the MoE layers that ran (None if none did)."""
@@ -198,11 +205,8 @@ def _adapter_task(adapter: nn.Module, routing: RoutingState | None) -> tuple[boo
         return False, None
     if isinstance(adapter, LoRA):
         return True, None
-    ids = None if routing is None else routing.task_ids
-    if ids is None or ids.numel() == 0:
-        return False, None
-    ids = ids.flatten().tolist()
-    return (True, ids[0]) if all(i == ids[0] for i in ids) else (False, None)
+    task = None if routing is None else routing.single_task()
+    return (task is not None), task
 
 
 class StaticMerge:
