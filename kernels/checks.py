@@ -25,6 +25,20 @@ class LoRAShapes:
     E: int  # adapters / experts
     r: int  # rank of each adapter
     gates_per_sample: bool = False  # gates were given as (B, E) for x (B, T, K)
+    blocks: int = 1  # output blocks (q, k, v of a fused projection); adapter group j writes block j only
+    has_gates: bool = False  # False: every gate is 1
+
+    @property
+    def gate_kind(self) -> str:
+        """"none" (all ones), "sample" (one gate vector per sample) or "token" (one per token)."""
+        if not self.has_gates:
+            return "none"
+        return "sample" if self.gates_per_sample else "token"
+
+    @property
+    def R(self) -> int:
+        """Width of the rank space, E * r."""
+        return self.E * self.r
 
 
 def _name_shape(name: str, t: torch.Tensor) -> str:
@@ -40,11 +54,14 @@ def check_lora_inputs(
     gates: torch.Tensor | None,
     scale: float,
     out: torch.Tensor | None,
+    out_blocks: int = 1,
 ) -> tuple[LoRAShapes, torch.Tensor | None]:
     """Validate a `lora_linear` call and return its sizes and the per-token gates.
 
     Gates of shape (B, E) for an x of shape (B, T, K) (one gate vector per sample) are expanded
     here to per-token gates (B, T, E) with `expand`, so autograd sums their gradient over T.
+    `out_blocks` > 1 splits the N outputs and the E adapters into that many equal groups, adapter
+    group j writing output block j only; lora_B is then (E, N / out_blocks, r).
 
     Returns:
         (shapes, gates) where gates is None or has shape (*lead, E).
@@ -69,7 +86,15 @@ def check_lora_inputs(
             "lora_linear: lora_A must be (E, r, K) and lora_B (E, N, r) (stack a single adapter with "
             f"unsqueeze(0)); got {_name_shape('lora_A', lora_A)}, {_name_shape('lora_B', lora_B)}"
         )
+    if isinstance(out_blocks, bool) or not isinstance(out_blocks, int) or out_blocks < 1:
+        raise TypeError(f"lora_linear: out_blocks must be a positive int, got {out_blocks!r}")
     E, r, K_a = lora_A.shape
+    if out_blocks > 1 and E >= 1 and (N % out_blocks or E % out_blocks):
+        raise ValueError(
+            f"lora_linear: out_blocks={out_blocks} must divide both the output features N={N} and the number "
+            f"of adapters E={E} (pad each block's adapters to the same count with zero adapters)"
+        )
+    Nb = N // out_blocks
     if E < 1:
         raise ValueError("lora_linear: need at least one adapter (lora_A.shape[0] >= 1)")
     if r < 1:
@@ -77,10 +102,11 @@ def check_lora_inputs(
             "lora_linear: rank must be >= 1 (lora_A.shape[1] == 0); for a layer without an adapter "
             "call torch.nn.functional.linear"
         )
-    if K_a != K or tuple(lora_B.shape) != (E, N, r):
+    if K_a != K or tuple(lora_B.shape) != (E, Nb, r):
+        blocks = f", out_blocks={out_blocks}" if out_blocks > 1 else ""
         raise ValueError(
-            f"lora_linear: adapter shapes do not match the base layer (N={N}, K={K}): expected lora_A "
-            f"({E}, {r}, {K}) and lora_B ({E}, {N}, {r}), got {_name_shape('lora_A', lora_A)} and "
+            f"lora_linear: adapter shapes do not match the base layer (N={N}, K={K}{blocks}): expected lora_A "
+            f"({E}, {r}, {K}) and lora_B ({E}, {Nb}, {r}), got {_name_shape('lora_A', lora_A)} and "
             f"{_name_shape('lora_B', lora_B)}"
         )
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,)):
@@ -144,4 +170,6 @@ def check_lora_inputs(
     M = 1
     for d in lead:
         M *= d
-    return LoRAShapes(lead=lead, M=M, K=K, N=N, E=E, r=r, gates_per_sample=per_sample), gates
+    shapes = LoRAShapes(lead=lead, M=M, K=K, N=N, E=E, r=r, gates_per_sample=per_sample, blocks=out_blocks,
+                        has_gates=gates is not None)  # fmt: skip
+    return shapes, gates

@@ -28,6 +28,7 @@ def lora_linear_reference(
     *,
     out: torch.Tensor | None = None,
     sparse_gate_grad: bool = False,
+    out_blocks: int = 1,
 ) -> torch.Tensor:
     """y = x W^T + b + scale * sum_e gates[..., e] * (x A_e^T) B_e^T, in plain torch.
 
@@ -40,11 +41,13 @@ def lora_linear_reference(
         scale: multiplier of the adapter sum (alpha / r for a classic LoRA).
         out: optional (..., N) tensor to write the result into (not with autograd).
         sparse_gate_grad: if True, dL/dgates is 0 wherever gates == 0 (see `kernels.lora_linear`).
+        out_blocks: P > 1: output block j (of N / P features) gets only adapters j * E / P ...
+            (j + 1) * E / P - 1, and lora_B is (E, N / P, r) (block-stacked LoRAs of a fused projection).
 
     Returns:
         (..., N) tensor in x's dtype.
     """
-    shapes, gates = check_lora_inputs(x, weight, bias, lora_A, lora_B, gates, scale, out)
+    shapes, gates = check_lora_inputs(x, weight, bias, lora_A, lora_B, gates, scale, out, out_blocks)
     return lora_linear_dense(x, weight, bias, lora_A, lora_B, gates, scale, shapes, out, sparse_gate_grad)
 
 
@@ -69,7 +72,13 @@ def lora_linear_dense(
     if gates is not None:
         # Gate in rank space, in the activations' dtype (as a torch layer would).
         t = t * gates.reshape(shapes.M, shapes.E, 1).to(t.dtype)
-    y = y + scale * torch.einsum("mer,enr->mn", t, lora_B)  # (M, N)
+    P = shapes.blocks
+    if P == 1:
+        y = y + scale * torch.einsum("mer,enr->mn", t, lora_B)  # (M, N)
+    else:  # adapter group j -> output block j
+        t = t.reshape(shapes.M, P, shapes.E // P, shapes.r)  # (M, P, E / P, r)
+        B = lora_B.reshape(P, shapes.E // P, shapes.N // P, shapes.r)  # (P, E / P, N / P, r)
+        y = y + scale * torch.einsum("mper,penr->mpn", t, B).reshape(shapes.M, shapes.N)
     y = y.reshape(*shapes.lead, shapes.N)
     if out is not None:
         return out.copy_(y)

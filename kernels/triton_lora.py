@@ -27,7 +27,16 @@ Backward reuses the same two kernels on transposed operands (all operands are pa
   dA = dt^T x,  dB = dy^T u,  dW = dy^T x,  db = sum(dy),  dg[m, e] = scale * sum_{c in e} t v
 dA, dB and dW are plain torch matmuls (dense in rank space).
 
-This module imports triton; `kernels.dispatch` imports it only when the Triton path is taken.
+Block-stacked adapters (out_blocks = P > 1, the q/k/v adapters of a fused projection): rank column c
+reaches only output block c // (R / P); the matmul kernel's epilogue visits only the rank columns of
+the blocks its tile covers, and the backward's v = dy B_cat reads only dy's columns of the same block.
+
+Launch configurations come from `kernels.tuning` (shipped per GPU name, else tuned once per key).
+The matmul kernel here is the portable one (pointer loads, one program per tile); on Hopper the
+"triton_tma" backend runs `kernels.triton_tma`'s persistent kernel with tensor-memory descriptors
+where the operands allow it, with the same epilogue.
+
+This module imports triton; `kernels.dispatch` imports it only when a Triton backend is taken.
 """
 
 from __future__ import annotations
@@ -39,8 +48,21 @@ import triton
 import triton.language as tl
 
 from kernels.checks import LoRAShapes
-from kernels.dispatch import interpreter_enabled
 from kernels.reference import lora_linear_dense
+from kernels.triton_parts import (
+    add_bias,
+    dot,
+    dtype_name,
+    input_precision,
+    lowrank_epilogue,
+    next_pow2,
+    tile_coords,
+    upcast_dot,
+)
+from kernels.triton_tma import FUSED_TMA
+from kernels.triton_tma import eligible as tma_eligible
+from kernels.triton_tma import fused as tma_fused
+from kernels.tuning import KernelConfig, Tuner
 
 # Rows per tile-activity flag. Every BLOCK_M is a multiple of it, so one flag table serves every
 # autotuned tile size (a kernel ORs the BLOCK_M // FLAG_ROWS flags under its tile).
@@ -56,73 +78,47 @@ MAX_GROUPED_BLOCK_R = 128
 MAX_EXPAND_CHUNK = 64
 
 # --------------------------------------------------------------------------------------------------
-# Autotune configurations. Under the interpreter a single small config: tuning there would only
-# multiply the (slow) interpreted runs.
+# Launch configurations (see `kernels.tuning`). The first of each list is the "fixed" one (tests,
+# unknown GPUs in fixed mode): moderate tiles that fit every dtype's shared-memory budget.
 
-
-def _fused_configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        return [
-            triton.Config(
-                {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1
-            )
+FUSED = Tuner(
+    "fused",
+    [
+        KernelConfig.of(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=st)
+        for m, n, k, w, st in [  # for Hopper / Ampere; few, because each one compiles per variant
+            (64, 64, 32, 4, 3),
+            (128, 256, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 128, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 128, 32, 4, 4),  # float32 operands: half the K tile keeps shared memory in budget
         ]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for Hopper / Ampere
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (128, 128, 32, 4, 4),  # float32 operands: half the K tile keeps shared memory in budget
-        (64, 64, 32, 4, 3),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
+    ],
+    interpreter_config=KernelConfig.of(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1),
+)
 
-
-def _shrink_configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    shapes = [  # (BLOCK_M, BLOCK_K, num_warps, num_stages); the rank block is fixed by the caller
-        (32, 128, 4, 4),
-        (32, 256, 4, 3),
-        (32, 64, 4, 4),
-        (64, 64, 4, 4),
-        (64, 128, 8, 3),
-        (128, 64, 8, 3),
-        (64, 32, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in shapes
-    ]
-
-
-def _prune_shrink(configs, named_args, **kwargs):
-    # The shrink's accumulator is (BLOCK_M, BLOCK_R) float32 in registers: keep it <= 64 KiB per
-    # program, or it spills. Always keep at least the smallest tile.
-    block_r = {**named_args, **kwargs}["BLOCK_R"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_r <= 16384]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+# The shrink's accumulator is (BLOCK_M, BLOCK_R) float32 in registers: keep it <= 64 KiB per program,
+# or it spills. The key's fourth entry is the rank block.
+SHRINK = Tuner(
+    "shrink",
+    [
+        KernelConfig.of(BLOCK_M=m, BLOCK_K=k, num_warps=w, num_stages=st)
+        for m, k, w, st in [  # the rank block is fixed by the caller
+            (32, 64, 4, 3),
+            (32, 128, 4, 4),
+            (64, 64, 4, 4),
+            (64, 128, 8, 3),
+            (128, 64, 8, 3),
+        ]
+    ],
+    fits=lambda c, key: c["BLOCK_M"] * key[3] <= 16384,
+    interpreter_config=KernelConfig.of(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1),
+)
+TUNERS = (FUSED, SHRINK, FUSED_TMA)
 
 
 # --------------------------------------------------------------------------------------------------
 # Kernels
-
-
-@triton.jit
-def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST is set only under the Triton interpreter with bfloat16 operands: its dot multiplies
-    # bfloat16's raw bits as integers. bf16 x bf16 products are exact in float32, so the upcast
-    # computes what the tensor cores do.
-    if UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    return acc
 
 
 @triton.jit
@@ -186,15 +182,10 @@ def _tile_flags_kernel(
     tl.store(flags_ptr + pid_c * stride_fm + pid_r, flag.to(tl.int8))
 
 
-@triton.autotune(
-    configs=_shrink_configs(),
-    key=["M_BUCKET", "K", "R", "BLOCK_R"],
-    prune_configs_by={"early_config_prune": _prune_shrink},
-)
 @triton.jit
 def _shrink_kernel(
     x_ptr,  # (M, K) activations (or dy in backward)
-    a_ptr,  # low-rank operand: element (c, k) at (c // RANK) * stride_ae + (c % RANK) * stride_aj + k * stride_ak
+    a_ptr,  # low-rank operand: element (c, k) at (c // RANK) * stride_ae + (c % RANK) * stride_aj + k' * stride_ak
     g_ptr,  # (M, E) gates, unused without HAS_GATES
     t_ptr,  # (M, R) output: ungated x A^T, written only with STORE_T
     u_ptr,  # (M, R) output: scale * g * x A^T
@@ -204,7 +195,8 @@ def _shrink_kernel(
     K,
     R,
     RANK,
-    M_BUCKET,  # next power of two of M: the autotune key, so each new batch size does not re-tune
+    K_BLOCK,  # BLOCKED: columns of x per block (k' = k % K_BLOCK); rank columns per block is R_BLOCK
+    R_BLOCK,
     scale,
     stride_xm,
     stride_xk,
@@ -220,6 +212,7 @@ def _shrink_kernel(
     HAS_PERM: tl.constexpr,
     HAS_FLAGS: tl.constexpr,
     STORE_T: tl.constexpr,
+    BLOCKED: tl.constexpr,  # block-diagonal operand: rank block j meets only x's column block j
     FLAG_ROWS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -241,15 +234,22 @@ def _shrink_kernel(
     mask_c = cols < R
     a_col_off = (cols // RANK).to(tl.int64) * stride_ae + (cols % RANK).to(tl.int64) * stride_aj  # (BLOCK_R,)
 
-    k_iters = tl.cdiv(K, BLOCK_K)
+    k_lo = 0
+    k_hi = tl.cdiv(K, BLOCK_K)
+    if BLOCKED:
+        # These rank columns belong to blocks [j_lo, j_hi]: only x's columns of those blocks meet them.
+        j_lo = (pid_r * BLOCK_R) // R_BLOCK
+        j_hi = (tl.minimum(pid_r * BLOCK_R + BLOCK_R, R) - 1) // R_BLOCK
+        k_lo = (j_lo * K_BLOCK) // BLOCK_K
+        k_hi = tl.cdiv((j_hi + 1) * K_BLOCK, BLOCK_K)
     if HAS_FLAGS:
         # Skip the whole K loop when no token of this tile uses this rank block: t = u = 0 there.
         chunks = pid_m * (BLOCK_M // FLAG_ROWS) + tl.arange(0, BLOCK_M // FLAG_ROWS)
         f = tl.load(flags_ptr + chunks * stride_fm + pid_r, mask=chunks < tl.cdiv(M, FLAG_ROWS), other=0)
-        k_iters = k_iters * (tl.max(f.to(tl.int32), axis=0) > 0).to(tl.int32)
+        k_hi = k_lo + (k_hi - k_lo) * (tl.max(f.to(tl.int32), axis=0) > 0).to(tl.int32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for kk in range(0, k_iters):
+    for kk in range(k_lo, k_hi):
         offs_k = kk * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         xk = tl.load(
@@ -257,12 +257,14 @@ def _shrink_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )  # (BLOCK_M, BLOCK_K)
-        ak = tl.load(
-            a_ptr + offs_k[:, None].to(tl.int64) * stride_ak + a_col_off[None, :],
-            mask=mask_k[:, None] & mask_c[None, :],
-            other=0.0,
-        )  # (BLOCK_K, BLOCK_R)
-        acc = _dot(xk, ak, acc, INPUT_PRECISION, UPCAST_DOT)
+        mask_a = mask_k[:, None] & mask_c[None, :]
+        if BLOCKED:
+            mask_a = mask_a & ((offs_k // K_BLOCK)[:, None] == (cols // R_BLOCK)[None, :])
+            k_in = (offs_k % K_BLOCK).to(tl.int64)
+        else:
+            k_in = offs_k.to(tl.int64)
+        ak = tl.load(a_ptr + k_in[:, None] * stride_ak + a_col_off[None, :], mask=mask_a, other=0.0)  # (BLOCK_K, BLOCK_R)
+        acc = dot(xk, ak, acc, INPUT_PRECISION, UPCAST_DOT)
 
     mask = mask_m[:, None] & mask_c[None, :]
     if STORE_T:
@@ -279,14 +281,13 @@ def _shrink_kernel(
     tl.store(u_ptr + rows[:, None] * stride_um + cols[None, :], acc.to(u_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_fused_configs(), key=["M_BUCKET", "N", "K", "R", "BLOCK_R"])
 @triton.jit
 def _fused_kernel(
     x_ptr,  # (M, K) activations (dy in backward)
     w_ptr,  # base operand: element (n, k) at n * stride_wn + k * stride_wk
     bias_ptr,  # (N,) with stride_bias, unused without HAS_BIAS
     u_ptr,  # (M, R) gated low-rank codes from the shrink, contiguous along R
-    up_ptr,  # low-rank up operand: element (n, c) at (c // RANK) * stride_upe + (c % RANK) * stride_upj + n * stride_upn
+    up_ptr,  # low-rank up operand: element (n, c) at (c // RANK) * stride_upe + (c % RANK) * stride_upj + n' * stride_upn
     y_ptr,  # (M, N) output
     row_idx_ptr,
     flags_ptr,
@@ -295,7 +296,8 @@ def _fused_kernel(
     K,
     R,
     RANK,
-    M_BUCKET,
+    N_BLOCK,  # output columns per block (N without blocks); n' = n % N_BLOCK
+    R_BLOCK,  # rank columns per block (R without blocks)
     stride_xm,
     stride_xk,
     stride_wn,
@@ -311,6 +313,7 @@ def _fused_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_PERM: tl.constexpr,
     HAS_FLAGS: tl.constexpr,
+    BLOCKED: tl.constexpr,
     FLAG_ROWS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     EXPAND_CHUNK: tl.constexpr,
@@ -321,17 +324,7 @@ def _fused_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped launch order: GROUP_M row tiles share each column tile of W while it is in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_i < M
     if HAS_PERM:
@@ -357,36 +350,15 @@ def _fused_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )  # (BLOCK_K, BLOCK_N)
-        acc = _dot(xk, wk, acc, INPUT_PRECISION, UPCAST_DOT)
+        acc = dot(xk, wk, acc, INPUT_PRECISION, UPCAST_DOT)
 
-    # 2. Low-rank epilogue: acc += u B_cat^T, one rank block at a time, skipping blocks that no
-    # token of this tile uses (their u is exactly zero).
-    n_chunks = tl.cdiv(M, FLAG_ROWS)
-    for rb in range(0, tl.cdiv(R, BLOCK_R)):
-        sub_iters = BLOCK_R // EXPAND_CHUNK
-        if HAS_FLAGS:
-            chunks = pid_m * (BLOCK_M // FLAG_ROWS) + tl.arange(0, BLOCK_M // FLAG_ROWS)
-            f = tl.load(flags_ptr + chunks * stride_fm + rb, mask=chunks < n_chunks, other=0)
-            sub_iters = sub_iters * (tl.max(f.to(tl.int32), axis=0) > 0).to(tl.int32)
-        for s in range(0, sub_iters):
-            cols = rb * BLOCK_R + s * EXPAND_CHUNK + tl.arange(0, EXPAND_CHUNK)
-            mask_c = cols < R
-            uk = tl.load(
-                u_ptr + rows[:, None] * stride_um + cols[None, :],
-                mask=mask_m[:, None] & mask_c[None, :],
-                other=0.0,
-            )  # (BLOCK_M, EXPAND_CHUNK)
-            up_col_off = (cols // RANK).to(tl.int64) * stride_upe + (cols % RANK).to(tl.int64) * stride_upj
-            bk = tl.load(
-                up_ptr + up_col_off[:, None] + offs_n64[None, :] * stride_upn,
-                mask=mask_c[:, None] & mask_n[None, :],
-                other=0.0,
-            )  # (EXPAND_CHUNK, BLOCK_N)
-            acc = _dot(uk, bk, acc, INPUT_PRECISION, UPCAST_DOT)
-
-    # 3. Bias, one rounding to the output dtype, one store.
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n64 * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    # 2. Low-rank epilogue (acc += u B_cat^T), 3. bias, one rounding to the output dtype, one store.
+    acc = lowrank_epilogue(
+        acc, pid_m, rows, mask_m, offs_n, mask_n, u_ptr, up_ptr, flags_ptr, M, N, R, RANK, N_BLOCK, R_BLOCK,
+        stride_um, stride_upe, stride_upj, stride_upn, stride_fm, HAS_FLAGS, BLOCKED, FLAG_ROWS, BLOCK_R,
+        EXPAND_CHUNK, INPUT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+    acc = add_bias(acc, bias_ptr, offs_n, mask_n, stride_bias, HAS_BIAS)
     tl.store(
         y_ptr + rows[:, None] * stride_ym + offs_n64[None, :] * stride_yn,
         acc.to(y_ptr.dtype.element_ty),
@@ -396,21 +368,6 @@ def _fused_kernel(
 
 # --------------------------------------------------------------------------------------------------
 # Launch wrappers: check, allocate, grid.
-
-
-def _input_precision(dtype: torch.dtype) -> str | None:
-    # float32 follows torch's matmul setting, so both backends agree: exact fp32 unless TF32 is allowed.
-    if dtype != torch.float32:
-        return None  # half-precision operands: tensor cores, nothing to choose
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and interpreter_enabled()
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 class _Plan:
@@ -432,9 +389,9 @@ class _Plan:
     def build(cls, gates: torch.Tensor | None, M: int, E: int, r: int, gates_per_sample: bool) -> _Plan:
         R = E * r
         if gates is None or R <= DENSE_RANK_LIMIT:
-            return cls(min(max(16, _next_pow2(R)), MAX_DENSE_BLOCK_R), None, None)
+            return cls(min(max(16, next_pow2(R)), MAX_DENSE_BLOCK_R), None, None)
         # One block per expert (for r a power of two <= 128), so unused experts are skipped.
-        block_r = min(max(16, _next_pow2(r)), MAX_GROUPED_BLOCK_R)
+        block_r = min(max(16, next_pow2(r)), MAX_GROUPED_BLOCK_R)
         perm = None if gates_per_sample else _group_rows(gates)
         return cls(block_r, perm, _tile_flags(gates, perm, M, R, r, block_r))
 
@@ -449,7 +406,7 @@ def _group_rows(gates: torch.Tensor) -> torch.Tensor:
     """
     M, E = gates.shape
     keys = torch.empty(M, device=gates.device, dtype=torch.int32)
-    block_m, block_e = 128, max(2, _next_pow2(E))
+    block_m, block_e = 128, max(2, next_pow2(E))
     _route_key_kernel[(triton.cdiv(M, block_m),)](
         gates, keys, M, E, gates.stride(0), gates.stride(1), BLOCK_M=block_m, BLOCK_E=block_e
     )
@@ -479,6 +436,7 @@ def _shrink(
     plan: _Plan,
     store_t: bool,
     skip: bool,
+    blocks: tuple[int, int] | None = None,  # (columns of x, rank columns) per block: block-diagonal `a`
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """t = x a^T (only if store_t) and u = scale * g * t, both (M, R) in x's dtype."""
     M, K = x.shape
@@ -488,18 +446,23 @@ def _shrink(
     g = gates if gates is not None else u  # placeholder pointer, never read without HAS_GATES
     f = plan.flags if use_flags else u
     perm = plan.perm if plan.perm is not None else u
+    k_block, r_block = blocks or (K, R)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, plan.block_r))
+    def launch(config: KernelConfig) -> None:
+        grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(R, plan.block_r))
+        _shrink_kernel[grid](
+            x, a, g, t, u, perm, f,
+            M, K, R, r, k_block, r_block, scale,
+            x.stride(0), x.stride(1), *a_strides,
+            g.stride(0), g.stride(1), t.stride(0), u.stride(0), f.stride(0),
+            HAS_GATES=gates is not None, HAS_PERM=plan.perm is not None, HAS_FLAGS=use_flags, STORE_T=store_t,
+            BLOCKED=blocks is not None, FLAG_ROWS=FLAG_ROWS, BLOCK_R=plan.block_r,
+            INPUT_PRECISION=input_precision(x.dtype), UPCAST_DOT=upcast_dot(x.dtype), **config.kwargs,
+        )  # fmt: skip
 
-    _shrink_kernel[grid](
-        x, a, g, t, u, perm, f,
-        M, K, R, r, _next_pow2(M), scale,
-        x.stride(0), x.stride(1), *a_strides,
-        g.stride(0), g.stride(1), t.stride(0), u.stride(0), f.stride(0),
-        HAS_GATES=gates is not None, HAS_PERM=plan.perm is not None, HAS_FLAGS=use_flags, STORE_T=store_t,
-        FLAG_ROWS=FLAG_ROWS, BLOCK_R=plan.block_r, INPUT_PRECISION=_input_precision(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype),
-    )  # fmt: skip
+    # The key: a new token count within the same power of two does not re-tune.
+    key = (next_pow2(M), K, R, plan.block_r, dtype_name(x.dtype), blocks is not None)
+    launch(SHRINK.pick(key, x.device, launch))
     return (t if store_t else None), u
 
 
@@ -514,27 +477,38 @@ def _fused(
     y: torch.Tensor,  # (M, N) output
     r: int,
     plan: _Plan,
+    blocks: tuple[int, int] | None = None,  # (output columns, rank columns) per block
+    tma: bool = False,
 ) -> torch.Tensor:
-    """y = x w^T + u up^T + bias, written once into y."""
+    """y = x w^T + u up^T + bias, written once into y (with the Hopper kernel where `tma` allows it)."""
     M, K = x.shape
     N = y.shape[1]
     R = u.shape[1]
+    if tma and tma_eligible(x, w, w_strides):
+        tma_fused(
+            x, w, w_strides, bias, u, up, up_strides, y, r, perm=plan.perm, flags=plan.flags,
+            block_r=plan.block_r, expand_chunk=plan.expand_chunk, flag_rows=FLAG_ROWS, blocks=blocks,
+        )  # fmt: skip
+        return y
     f = plan.flags if plan.flags is not None else u
     perm = plan.perm if plan.perm is not None else u
     b = bias if bias is not None else u
+    n_block, r_block = blocks or (N, R)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    def launch(config: KernelConfig) -> None:
+        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+        _fused_kernel[grid](
+            x, w, b, u, up, y, perm, f,
+            M, N, K, R, r, n_block, r_block,
+            x.stride(0), x.stride(1), *w_strides, u.stride(0), *up_strides,
+            b.stride(0), y.stride(0), y.stride(1), f.stride(0),
+            HAS_BIAS=bias is not None, HAS_PERM=plan.perm is not None, HAS_FLAGS=plan.flags is not None,
+            BLOCKED=blocks is not None, FLAG_ROWS=FLAG_ROWS, BLOCK_R=plan.block_r, EXPAND_CHUNK=plan.expand_chunk,
+            INPUT_PRECISION=input_precision(x.dtype), UPCAST_DOT=upcast_dot(x.dtype), **config.kwargs,
+        )  # fmt: skip
 
-    _fused_kernel[grid](
-        x, w, b, u, up, y, perm, f,
-        M, N, K, R, r, _next_pow2(M),
-        x.stride(0), x.stride(1), *w_strides, u.stride(0), *up_strides,
-        b.stride(0), y.stride(0), y.stride(1), f.stride(0),
-        HAS_BIAS=bias is not None, HAS_PERM=plan.perm is not None, HAS_FLAGS=plan.flags is not None,
-        FLAG_ROWS=FLAG_ROWS, BLOCK_R=plan.block_r, EXPAND_CHUNK=plan.expand_chunk,
-        INPUT_PRECISION=_input_precision(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype),
-    )  # fmt: skip
+    key = (next_pow2(M), N, K, R, plan.block_r, dtype_name(x.dtype))
+    launch(FUSED.pick(key, x.device, launch))
     return y
 
 
@@ -542,43 +516,51 @@ def _fused(
 # Autograd
 
 
-def _forward(x2, weight, bias, lora_A, lora_B, gates2, scale, y, need_dg, skip, gates_per_sample):
+def _blocks(shapes_P: int, N: int, R: int) -> tuple[int, int] | None:
+    """(output columns, rank columns) per block, or None without blocks."""
+    return None if shapes_P == 1 else (N // shapes_P, R // shapes_P)
+
+
+def _forward(x2, weight, bias, lora_A, lora_B, gates2, scale, y, need_dg, skip, gates_per_sample, P, tma):
     """Forward launches; returns (u, t, plan) for the backward (t only when need_dg).
 
-    x2 (M, K), weight (N, K), bias (N,) | None, lora_A (E, r, K), lora_B (E, N, r),
+    x2 (M, K), weight (N, K), bias (N,) | None, lora_A (E, r, K), lora_B (E, N / P, r),
     gates2 (M, E) | None, y (M, N) output. `skip`: the shrink may skip unused rank blocks (not
     when the exact dL/dg at zero gates is needed: it needs the skipped t).
     """
     M = x2.shape[0]
-    E, N, r = lora_B.shape
+    E, _, r = lora_B.shape
+    N = weight.shape[0]
     plan = _Plan.build(gates2, M, E, r, gates_per_sample)
     # A_cat[c, k] = A[c // r, c % r, k]
     t, u = _shrink(
         x2, lora_A, (lora_A.stride(0), lora_A.stride(1), lora_A.stride(2)), gates2, scale, E * r, r, plan,
         store_t=need_dg, skip=skip,
     )  # fmt: skip
-    # B_cat[n, c] = B[c // r, n, c % r]
+    # B_cat[n, c] = B[c // r, n % (N / P), c % r] (zero outside c's block)
     _fused(
         x2, weight, (weight.stride(0), weight.stride(1)), bias, u,
         lora_B, (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1)), y, r, plan,
+        blocks=_blocks(P, N, E * r), tma=tma,
     )  # fmt: skip
     return u, t, plan
 
 
 class _LoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, weight, bias, lora_A, lora_B, gates2, scale, sparse_gate_grad, gates_per_sample):
+    def forward(ctx, x2, weight, bias, lora_A, lora_B, gates2, scale, sparse_gate_grad, gates_per_sample, P, tma):
         y = torch.empty((x2.shape[0], weight.shape[0]), device=x2.device, dtype=x2.dtype)
         need_dg = gates2 is not None and ctx.needs_input_grad[5]
         ctx.sparse_gate_grad = sparse_gate_grad
         ctx.skip = not need_dg or sparse_gate_grad
         u, t, plan = _forward(
-            x2, weight, bias, lora_A, lora_B, gates2, scale, y, need_dg, ctx.skip, gates_per_sample
+            x2, weight, bias, lora_A, lora_B, gates2, scale, y, need_dg, ctx.skip, gates_per_sample, P, tma
         )
         ctx.save_for_backward(x2, weight, lora_A, lora_B, gates2, u, t, plan.perm, plan.flags)
         ctx.scale = scale
         ctx.block_r = plan.block_r
         ctx.has_bias = bias is not None
+        ctx.P, ctx.tma = P, tma
         return y
 
     @staticmethod
@@ -586,24 +568,25 @@ class _LoRALinearFunction(torch.autograd.Function):
         x2, weight, lora_A, lora_B, gates2, u, t, perm, flags = ctx.saved_tensors
         need_dx, need_dw, need_db, need_da, need_db_lora, need_dg = ctx.needs_input_grad[:6]
         M, K = x2.shape
-        E, N, r = lora_B.shape
-        R = E * r
+        E, Nb, r = lora_B.shape
+        N, R, P = weight.shape[0], E * r, ctx.P
         dx = dw = db = da = dB = dg = None
 
         plan = _Plan(ctx.block_r, perm, flags)  # the forward's layout (same gates)
 
         if need_dx or need_da or need_dg:
-            # v = dy B_cat: "A" operand element (c, n) = B[c // r, n, c % r]; dt = scale * g * v.
+            # v = dy B_cat: "A" operand element (c, n) = B[c // r, n % (N / P), c % r], block-diagonal;
+            # dt = scale * g * v.
             v, dt = _shrink(
                 dy, lora_B, (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1)), gates2, ctx.scale, R, r,
-                plan, store_t=need_dg, skip=ctx.skip,
+                plan, store_t=need_dg, skip=ctx.skip, blocks=_blocks(P, N, R),
             )  # fmt: skip
             if need_dx:
                 # dx = dy W + dt A_cat: base operand element (k, n) = W[n, k]; up operand (k, c) = A[c // r, c % r, k].
                 dx = torch.empty((M, K), device=x2.device, dtype=x2.dtype)
                 _fused(
                     dy, weight, (weight.stride(1), weight.stride(0)), None, dt,
-                    lora_A, (lora_A.stride(0), lora_A.stride(1), lora_A.stride(2)), dx, r, plan,
+                    lora_A, (lora_A.stride(0), lora_A.stride(1), lora_A.stride(2)), dx, r, plan, tma=ctx.tma,
                 )  # fmt: skip
             if need_da:
                 da = (dt.t() @ x2).view(E, r, K)  # (R, K)
@@ -613,12 +596,15 @@ class _LoRALinearFunction(torch.autograd.Function):
                     tv = tv * (gates2 != 0)
                 dg = (ctx.scale * tv).to(gates2.dtype)
         if need_db_lora:
-            dB = (dy.t() @ u).view(N, E, r).permute(1, 0, 2)  # (N, R) -> (E, N, r)
+            # dB of adapter group j = dy's block j^T u's block j: (P, N / P, R / P) -> (E, N / P, r)
+            dyb = dy.reshape(M, P, Nb).permute(1, 2, 0)  # (P, N / P, M)
+            ub = u.view(M, P, R // P).transpose(0, 1)  # (P, M, R / P)
+            dB = torch.bmm(dyb, ub).view(P, Nb, E // P, r).permute(0, 2, 1, 3).reshape(E, Nb, r)
         if need_dw:
             dw = dy.t() @ x2  # (N, K)
         if need_db and ctx.has_bias:
             db = dy.sum(dim=0, dtype=torch.float32).to(dy.dtype)
-        return dx, dw, db, da, dB, dg, None, None, None
+        return dx, dw, db, da, dB, dg, None, None, None, None, None
 
 
 def lora_linear_triton(
@@ -632,23 +618,28 @@ def lora_linear_triton(
     shapes: LoRAShapes,
     out: torch.Tensor | None,
     sparse_gate_grad: bool = False,
+    tma: bool = False,
 ) -> torch.Tensor:
-    """Triton path of `kernels.lora_linear`; arguments already validated by `check_lora_inputs`."""
+    """Triton path of `kernels.lora_linear`; arguments already validated by `check_lora_inputs`.
+
+    tma: use `kernels.triton_tma`'s Hopper matmul kernel wherever the operands allow it.
+    """
     if shapes.M == 0 or shapes.N == 0 or shapes.K == 0:
         # Nothing for a kernel to do (empty batch or empty layer): the reference gives the exact
         # result (an empty tensor, or just the bias when K == 0) with autograd.
         return lora_linear_dense(x, weight, bias, lora_A, lora_B, gates, scale, shapes, out, sparse_gate_grad)
     x2 = x.reshape(shapes.M, shapes.K)  # a view when x's layout allows, else a copy
     gates2 = gates.reshape(shapes.M, shapes.E) if gates is not None else None
+    P = shapes.blocks
     # Triton launches on the current CUDA device: make it x's (autograd does so for the backward).
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if out is not None:  # validated: no autograd with out=
             y2 = out.view(shapes.M, shapes.N)
             _forward(
-                x2, weight, bias, lora_A, lora_B, gates2, scale, y2, False, True, shapes.gates_per_sample
+                x2, weight, bias, lora_A, lora_B, gates2, scale, y2, False, True, shapes.gates_per_sample, P, tma
             )
             return out
         y = _LoRALinearFunction.apply(
-            x2, weight, bias, lora_A, lora_B, gates2, scale, sparse_gate_grad, shapes.gates_per_sample
+            x2, weight, bias, lora_A, lora_B, gates2, scale, sparse_gate_grad, shapes.gates_per_sample, P, tma
         )
     return y.view(*shapes.lead, shapes.N)

@@ -2,6 +2,9 @@
 
 Every test draws fresh random inputs; the seed is printed in failure messages and can be pinned
 with X2EDIT_TEST_SEED=<int> to reproduce a failure.
+
+The Triton kernels launch with one fixed configuration per kernel here (X2EDIT_KERNEL_TUNING=fixed):
+on a GPU, autotuning every odd test shape made `pytest tests/kernels` take minutes per test.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 # imported as a namespace package named `kernels` in place of the editable-installed one. A
 # regular package anywhere on sys.path wins over a namespace package, so make the repo importable.
 sys.path.append(str(Path(__file__).resolve().parents[2]))
+
+os.environ.setdefault("X2EDIT_KERNEL_TUNING", "fixed")  # read at launch time by kernels.tuning
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -32,6 +37,20 @@ def seed() -> int:
 @pytest.fixture
 def gen(seed) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
+
+
+@pytest.fixture(params=["addmm", "merge", "triton", "triton_tma"])
+def fast_backend(request):
+    """Each backend other than the reference (Triton ones compiled on CUDA, interpreted on CPU)."""
+    if request.param.startswith("triton"):
+        pytest.importorskip("triton")
+        if request.param == "triton_tma" and torch.cuda.is_available():
+            from kernels.env import is_hopper
+
+            if not is_hopper(torch.device("cuda")):
+                pytest.skip("triton_tma needs a Hopper GPU")
+    with use_backend(request.param):
+        yield request.param
 
 
 @pytest.fixture

@@ -12,6 +12,13 @@ fused with the base matmul where a fast kernel is available.
 Routing inputs (task ids, timestep) do not flow through diffusers' forward signatures, so they are
 set for the duration of one call by ``routing_context`` (see ``x2edit.adapters.inject``) as a
 ``RoutingState`` on each layer; outside such a context ``routing`` is None.
+
+Static adapters (a plain LoRA, a task-routed MoE-LoRA while every sample has the same task) can be
+folded into a transient copy of the base weight for the length of a ``static_merge`` block, when the
+cost rule of ``kernels.merge_is_cheaper`` says that beats adding their low-rank term at every call;
+the base weight itself is never written. ``FusedAdapterLinear`` is diffusers' fused q/k/v projection
+carrying the adapters of the three projections it replaced, computed in one kernel call with
+block-stacked factors.
 """
 
 from __future__ import annotations
@@ -41,6 +48,13 @@ class RoutingState:
     task_ids: torch.Tensor | None = None
     timestep: torch.Tensor | None = None
     aux_losses: list[torch.Tensor] = field(default_factory=list)
+
+    def single_task(self) -> int | None:
+        """The task id when every sample of the call has the same one, else None (read once per state)."""
+        if not hasattr(self, "_single_task"):
+            ids = [] if self.task_ids is None else self.task_ids.flatten().tolist()
+            self._single_task = ids[0] if ids and all(i == ids[0] for i in ids) else None
+        return self._single_task
 
     @property
     def balance_loss(self) -> torch.Tensor | None:
@@ -129,6 +143,10 @@ class MoELoRA(nn.Module):
         gates, aux = self.router(x3, task_ids)  # (B, T, E)
         if state is not None:
             state.aux_losses.append(aux)
+        if isinstance(self.router, TaskRouter) and x.dim() == 3:
+            # Constant over the tokens of a sample: hand the kernel (B, E[+1]) per-sample gates, so
+            # the dispatch may merge them into the weight.
+            return self.lora_A, self.lora_B, self._with_shared(gates[:, 0]), self.scaling
         gates = self._with_shared(gates).reshape(*x.shape[:-1], -1)  # (..., E[+1])
         return self.lora_A, self.lora_B, gates, self.scaling
 
@@ -151,6 +169,82 @@ def _pad_rank(A: torch.Tensor, B: torch.Tensor, rank: int):
     return F.pad(A, (0, 0, 0, rank - r)), F.pad(B, (0, rank - r))
 
 
+def _stack_terms(terms: list[tuple], x: torch.Tensor) -> tuple:
+    """One (A, B, gates, scale) for several adapters' (A, B, gates, scale): experts stacked, ranks
+    padded with zeros, each adapter's scale folded into its gates. Gates stay per sample, (B, E) for x
+    (B, T, K), when no adapter gates per token."""
+    if len(terms) == 1:
+        return terms[0]
+    rank = max(t[0].shape[1] for t in terms)
+    per_sample = x.dim() == 3 and all(g is None or g.dim() == 2 for _, _, g, _ in terms)
+    lead = (x.shape[0],) if per_sample else x.shape[:-1]
+    As, Bs, Gs = [], [], []
+    for A, B, g, s in terms:
+        A, B = _pad_rank(A, B, rank)
+        As.append(A)
+        Bs.append(B)
+        if g is None:
+            Gs.append(x.new_full((*lead, A.shape[0]), s))
+        else:
+            if not per_sample and x.dim() == 3 and g.dim() == 2:  # per sample beside per token
+                g = g[:, None, :].expand(*x.shape[:-1], g.shape[-1])
+            Gs.append(g.to(x.dtype) * s)
+    return torch.cat(As), torch.cat(Bs), torch.cat(Gs, dim=-1), 1.0
+
+
+def _adapter_task(adapter: nn.Module, routing: RoutingState | None) -> tuple[bool, int | None]:
+    """(static, task id): whether ``adapter``'s update is one constant weight for the current call.
+
+    A plain LoRA always is (task None); a task-routed MoE-LoRA while every sample routes to the same
+    task. Not while its parameters need gradients (merging would cost a full dW), and never for the
+    residual reading (see ``AdapterConfig.mergeable``).
+    """
+    if not adapter.config.mergeable:
+        return False, None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in adapter.parameters()):
+        return False, None
+    if isinstance(adapter, LoRA):
+        return True, None
+    task = None if routing is None else routing.single_task()
+    return (task is not None), task
+
+
+class StaticMerge:
+    """The merged weights of one ``static_merge`` block, built at each layer's first call.
+
+    Args:
+        calls: calls expected while the block is open (the denoising steps of a pipeline call): the
+            cost rule weighs one merge against that many low-rank additions.
+    """
+
+    def __init__(self, calls: int = 1):
+        if not isinstance(calls, int) or calls < 1:
+            raise ValueError(f"static_merge: calls must be a positive int, got {calls!r}")
+        self.calls = calls
+        self._weights: dict[int, tuple[tuple, torch.Tensor | None]] = {}  # id(layer) -> (key, merged or None)
+
+    def weight(self, layer: nn.Module, key: tuple, x: torch.Tensor, R: int, build) -> torch.Tensor | None:
+        """The merged weight for ``key`` (built by ``build()`` once), or None where merging costs more."""
+        hit = self._weights.get(id(layer))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        w = layer.base_layer.weight
+        M = x.numel() // x.shape[-1]
+        cheaper = kernels.merge_is_cheaper(M, w.shape[1], w.shape[0], R, w.element_size(), calls=self.calls,
+                                           cost=kernels.cost_model(w.device))  # fmt: skip
+        merged = build() if cheaper else None
+        self._weights[id(layer)] = (key, merged)
+        return merged
+
+
+def _merged(base: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """base + deltas (float32) rounded once to the base's dtype, checked finite."""
+    merged = base.float() + deltas
+    if not torch.isfinite(merged).all():
+        raise ValueError("merging the static adapters gives non-finite weights; an adapter is corrupt")
+    return merged.to(base.dtype)
+
+
 def check_adapter_name(name) -> None:
     """Adapter names key a ModuleDict: no dots, not empty, and not one of nn.Module's own attributes."""
     if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict, name):
@@ -168,6 +262,7 @@ class AdapterLinear(nn.Module):
         active_adapters: names used in forward, in order.
         merged: name -> task id it was merged for (None for plain LoRA); merged adapters are skipped.
         routing: the ``RoutingState`` of the current call, set by ``routing_context``.
+        static: the ``StaticMerge`` of an open ``static_merge`` block, else None.
     """
 
     def __init__(self, base_layer: nn.Linear):
@@ -180,6 +275,8 @@ class AdapterLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged: dict[str, int | None] = {}
         self.routing: RoutingState | None = None
+        self.static: StaticMerge | None = None  # set by x2edit.adapters.static_merge
+        self._pre_merge: torch.Tensor | None = None  # the base weight before the first merge (CPU)
 
     in_features = property(lambda self: self.base_layer.in_features)
     out_features = property(lambda self: self.base_layer.out_features)
@@ -211,60 +308,233 @@ class AdapterLinear(nn.Module):
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        names = [n for n in self.active_adapters if n not in self.merged and self.adapter_weights[n] != 0]
-        if not names:
-            return self.base_layer(x)
-        sparse = all(self.adapters[n].sparse_gates for n in names)
+    def _live(self) -> list[str]:
+        """Active adapters that are not merged into the base weight and have a non-zero weight."""
+        return [n for n in self.active_adapters if n not in self.merged and self.adapter_weights[n] != 0]
+
+    def _terms(self, x: torch.Tensor, names: list[str]) -> list[tuple]:
+        """(A, B, gates, scale) of each adapter in ``names``, factors in x's dtype."""
         terms = []
         for n in names:
             A, B, gates, scale = self.adapters[n].factors(x, self.routing)
             terms.append((A.to(x.dtype), B.to(x.dtype), gates, scale * self.adapter_weights[n]))
-        if len(terms) == 1:
-            A, B, gates, scale = terms[0]
-        else:
-            # Several adapters: stack them as experts of one call (ranks padded with zeros), with
-            # each adapter's scale folded into its gates.
-            rank = max(t[0].shape[1] for t in terms)
-            lead = x.shape[:-1]
-            As, Bs, Gs = [], [], []
-            for A_, B_, g, s in terms:
-                A_, B_ = _pad_rank(A_, B_, rank)
-                As.append(A_)
-                Bs.append(B_)
-                Gs.append(g.to(x.dtype) * s if g is not None else x.new_full((*lead, A_.shape[0]), s))
-            A, B, gates, scale = torch.cat(As), torch.cat(Bs), torch.cat(Gs, dim=-1), 1.0
-        return kernels.lora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, gates, scale,
-                                   sparse_gate_grad=sparse)
+        return terms
+
+    def _split_static(self, names: list[str]) -> tuple[list[tuple[str, int | None]], list[str]]:
+        """Inside ``static_merge``: ([(name, task id)] merged for this call, [names] computed as usual)."""
+        static, dynamic = [], []
+        for n in names:
+            ok, task = _adapter_task(self.adapters[n], self.routing)
+            (static.append((n, task)) if ok else dynamic.append(n))
+        return static, dynamic
+
+    def static_delta(self, static: list[tuple[str, int | None]]) -> torch.Tensor:
+        """(N, K) float32 sum of the updates of ``static`` [(name, task id)], with their weights."""
+        delta = 0
+        for n, task in static:
+            delta = delta + self.adapters[n].delta_weight(task) * self.adapter_weights[n]
+        return delta
+
+    def static_key(self, static: list[tuple[str, int | None]]) -> tuple:
+        """What a merged weight depends on: names, tasks, weights, and the adapters' parameter versions."""
+        return tuple((n, task, self.adapter_weights[n], tuple(p._version for p in self.adapters[n].parameters()))
+                     for n, task in static)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        names = self._live()
+        if not names:
+            return self.base_layer(x)
+        weight = self.base_layer.weight
+        if self.static is not None:
+            static, names = self._split_static(names)
+            if static:
+                R = sum(self.adapters[n].lora_A.shape[0] * self.adapters[n].lora_A.shape[1] for n, _ in static)
+                merged = self.static.weight(
+                    self, self.static_key(static), x, R,
+                    lambda: _merged(self.base_layer.weight, self.static_delta(static)),
+                )  # fmt: skip
+                if merged is None:  # cheaper unmerged: compute them with the others
+                    names = self._live()
+                else:
+                    weight = merged
+            if not names:
+                return F.linear(x, weight, self.base_layer.bias)
+        sparse = all(self.adapters[n].sparse_gates for n in names)
+        A, B, gates, scale = _stack_terms(self._terms(x, names), x)
+        return kernels.lora_linear(x, weight, self.base_layer.bias, A, B, gates, scale, sparse_gate_grad=sparse)
 
     # -- merging into the base weight ------------------------------------------------------
+    # The weight before the first merge is kept (on the CPU) until the last unmerge, and every merged
+    # weight is computed from it in float32 and rounded once: unmerging restores it bit for bit,
+    # whatever the order, instead of subtracting a delta in the weight's precision.
+
+    @torch.no_grad()
+    def _weight_with(self, merged: dict[str, int | None]) -> torch.Tensor:
+        """The pre-merge base weight plus the updates of ``merged`` (float32), checked finite."""
+        original = self._pre_merge if self._pre_merge is not None else self.base_layer.weight
+        w = original.to(self.base_layer.weight.device).float()
+        for n, task in merged.items():
+            w = w + self.adapters[n].delta_weight(task).to(w.device) * self.adapter_weights[n]
+        if not torch.isfinite(w).all():
+            raise ValueError(f"merging adapters {list(merged)} gives non-finite weights; an adapter is corrupt")
+        return w
+
     @torch.no_grad()
     def merged_weight(self, name: str, task_id: int | None = None) -> torch.Tensor:
         """The base weight with adapter ``name``'s update added (float32), checked finite; writes nothing."""
         if name in self.merged:
             raise ValueError(f"adapter {name!r} is already merged")
-        delta = self.adapters[name].delta_weight(task_id) * self.adapter_weights[name]
-        merged = self.base_layer.weight.float() + delta.to(self.base_layer.weight.device)
-        if not torch.isfinite(merged).all():
-            raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is corrupt")
-        return merged
+        return self._weight_with({**self.merged, name: task_id})
 
     @torch.no_grad()
     def merge(self, name: str, task_id: int | None = None) -> None:
         """Add adapter ``name``'s update (for ``task_id``) into the base weight, checked finite."""
+        merged = self.merged_weight(name, task_id)
         w = self.base_layer.weight
-        w.copy_(self.merged_weight(name, task_id).to(w.dtype))
+        if self._pre_merge is None:
+            self._pre_merge = w.detach().to("cpu", copy=True)
+        w.copy_(merged.to(w.dtype))
         self.merged[name] = task_id
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
-        """Subtract a merged adapter's update again."""
+        """Take a merged adapter's update out again; the last unmerge restores the weight bit for bit."""
         if name not in self.merged:
             raise ValueError(f"adapter {name!r} is not merged")
-        task_id = self.merged.pop(name)
-        delta = self.adapters[name].delta_weight(task_id) * self.adapter_weights[name]
+        rest = {n: t for n, t in self.merged.items() if n != name}
         w = self.base_layer.weight
-        w.copy_((w.float() - delta.to(w.device)).to(w.dtype))
+        if rest:
+            w.copy_(self._weight_with(rest).to(w.dtype))
+        else:
+            w.copy_(self._pre_merge.to(w.device))
+            self._pre_merge = None
+        self.merged = rest
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={self.active_adapters}, merged={list(self.merged)}"
+
+
+class FusedAdapterLinear(nn.Module):
+    """A fused projection (diffusers' ``to_qkv``) computing the adapters of the parts it replaced.
+
+    diffusers' ``fuse_qkv_projections()`` concatenates the weights of ``to_q``, ``to_k`` and ``to_v``
+    into one ``to_qkv`` linear and from then on calls only that. This layer wraps the fused linear
+    and, at every call, gathers the active adapters of the parts (still registered under their
+    attention module, where their parameters, routing, saving and merging stay as they were) and
+    stacks them block by block: part j's adapters reach only the j-th third of the outputs. All of
+    them, from all parts, go through ONE ``kernels.lora_linear`` call with ``out_blocks`` = the
+    number of parts; each part's adapters are padded to the same count and rank with zero adapters.
+    Parts are read at each call, so an adapter loaded into a part after fusion (a community LoRA)
+    takes effect.
+
+    Args:
+        base_layer: the fused ``nn.Linear`` (weights = the parts' base weights, concatenated).
+        attention: the attention module the parts belong to.
+        part_names: attribute names of the parts on ``attention``, in the fused order.
+    """
+
+    def __init__(self, base_layer: nn.Linear, attention: nn.Module, part_names: tuple[str, ...]):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"FusedAdapterLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.part_names = tuple(part_names)
+        # The attention module is this layer's parent: kept outside nn.Module's registry (no cycle).
+        object.__setattr__(self, "_attention", attention)
+        widths = {self._parts()[j].out_features for j in range(len(part_names))}
+        if len(widths) != 1 or base_layer.out_features != len(part_names) * widths.pop():
+            raise ValueError(f"the fused projection's {base_layer.out_features} outputs are not {len(part_names)} "
+                             "equal parts of the projections it replaced")
+        self._merged_at_fusion = self._merged_state()
+        self.static: StaticMerge | None = None
+
+    in_features = property(lambda self: self.base_layer.in_features)
+    out_features = property(lambda self: self.base_layer.out_features)
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    def _parts(self) -> list[nn.Module]:
+        return [getattr(self._attention, n) for n in self.part_names]
+
+    def _merged_state(self) -> tuple:
+        return tuple(dict(p.merged) if isinstance(p, AdapterLinear) else {} for p in self._parts())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self._parts()
+        if self._merged_state() != self._merged_at_fusion:
+            raise RuntimeError(f"adapters of {self.part_names} were merged or unmerged after the projections were fused, "
+                               "so the fused weight no longer matches them: unfuse_qkv_projections(), merge, fuse again")
+        names = [p._live() if isinstance(p, AdapterLinear) else [] for p in parts]
+        if not any(names):
+            return self.base_layer(x)
+        weight = self.base_layer.weight
+        if self.static is not None:
+            split = [p._split_static(n) if n else ([], []) for p, n in zip(parts, names)]
+            static = [s for s, _ in split]
+            if any(static):
+                key = tuple(p.static_key(s) if s else () for p, s in zip(parts, static))
+                R = sum(p.adapters[n].lora_A.shape[0] * p.adapters[n].lora_A.shape[1]
+                        for p, s in zip(parts, static) for n, _ in s)  # fmt: skip
+                merged = self.static.weight(self, key, x, R, lambda: self._merged(parts, static))
+                if merged is not None:
+                    weight, names = merged, [d for _, d in split]
+            if not any(names):
+                return F.linear(x, weight, self.base_layer.bias)
+        terms = [_stack_terms(p._terms(x, n), x) if n else None for p, n in zip(parts, names)]
+        A, B, gates, scale = self._block_stack(terms, x)
+        sparse = all(p.adapters[a].sparse_gates for p, n in zip(parts, names) for a in n)
+        return kernels.lora_linear(x, weight, self.base_layer.bias, A, B, gates, scale, sparse_gate_grad=sparse,
+                                   out_blocks=len(parts))  # fmt: skip
+
+    def _merged(self, parts: list[nn.Module], static: list[list]) -> torch.Tensor:
+        """The fused weight plus each part's static update in its block of rows."""
+        w = self.base_layer.weight
+        deltas = [p.static_delta(s).to(w.device) if s else torch.zeros(p.out_features, w.shape[1], device=w.device)
+                  for p, s in zip(parts, static)]  # fmt: skip
+        return _merged(w, torch.cat(deltas))
+
+    def _block_stack(self, terms: list[tuple | None], x: torch.Tensor) -> tuple:
+        """Block-stacked (A (P*E, r, K), B (P*E, N/P, r), gates, scale) from each part's stacked term.
+
+        Parts are padded to the same adapter count and rank with zero adapters (an exact zero update).
+        Gates stay None when no part has gates and all scales agree; otherwise each part's scale is
+        folded into gates (per sample when every part's gates are per sample or None).
+        """
+        K, Nb = self.base_layer.in_features, self.base_layer.out_features // len(terms)
+        ref = next(t for t in terms if t is not None)
+        dtype, device = ref[0].dtype, ref[0].device
+        E = max(t[0].shape[0] for t in terms if t is not None)
+        rank = max(t[0].shape[1] for t in terms if t is not None)
+        scales = {t[3] for t in terms if t is not None}
+        plain = all(t is None or t[2] is None for t in terms) and len(scales) == 1
+        per_sample = x.dim() == 3 and all(t is None or t[2] is None or t[2].dim() == 2 for t in terms)
+        lead = (x.shape[0],) if per_sample else x.shape[:-1]
+        As, Bs, Gs = [], [], []
+        for t in terms:
+            if t is None:
+                A, B, g, s = (torch.zeros(E, rank, K, device=device, dtype=dtype),
+                              torch.zeros(E, Nb, rank, device=device, dtype=dtype), None, 0.0)  # fmt: skip
+            else:
+                A, B, g, s = t
+                A, B = _pad_rank(A, B, rank)
+                if A.shape[0] < E:  # zero adapters up to the common count
+                    A = torch.cat([A, A.new_zeros(E - A.shape[0], rank, K)])
+                    B = torch.cat([B, B.new_zeros(E - B.shape[0], Nb, rank)])
+            As.append(A)
+            Bs.append(B)
+            if plain:
+                continue
+            if g is None:
+                g = x.new_full((*lead, A.shape[0] if t is None else t[0].shape[0]), 1.0)
+            elif not per_sample and x.dim() == 3 and g.dim() == 2:
+                g = g[:, None, :].expand(*x.shape[:-1], g.shape[-1])
+            g = g.to(x.dtype) * s
+            if g.shape[-1] < E:
+                g = torch.cat([g, g.new_zeros(*g.shape[:-1], E - g.shape[-1])], dim=-1)
+            Gs.append(g)
+        if plain:
+            return torch.cat(As), torch.cat(Bs), None, scales.pop()
+        return torch.cat(As), torch.cat(Bs), torch.cat(Gs, dim=-1), 1.0
+
+    def extra_repr(self) -> str:
+        return f"parts={self.part_names}"
