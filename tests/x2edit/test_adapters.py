@@ -399,3 +399,24 @@ def test_token_router_keeps_no_token_task_concatenation_for_backward():
     expected = torch.softmax(router.gate(h), -1)
     kept = gates.float() != 0
     torch.testing.assert_close(gates.float()[kept], expected[kept], rtol=1e-2, atol=1e-3)  # the same gate
+
+
+def test_a_baked_adapter_stays_when_the_others_are_unmerged(task_model):
+    """delete_adapter(keep_merged=True) bakes an adapter into the base: unmerging another adapter afterwards must
+    restore the base *with* the baked update, not the weight from before the first merge."""
+    from x2edit.adapters.inject import make_adapter
+
+    layers = [layer for _, layer in adapter_layers(task_model)]
+    original = [layer.base_layer.weight.clone() for layer in layers]
+    for layer in layers:
+        lora = make_adapter(AdapterConfig(kind="lora", rank=2), layer.in_features, layer.out_features)
+        torch.nn.init.normal_(lora.lora_B, std=0.1)
+        layer.add_adapter("style", lora)
+    style = [layer.adapters["style"].delta_weight() for layer in layers]
+    merge_adapter(task_model, "default", task="color_change")
+    for layer in layers:
+        layer.merge("style")
+        layer.delete_adapter("style", keep_merged=True)  # as unload_lora_weights after fuse_lora
+    unmerge_adapter(task_model, "default")
+    for layer, w, d in zip(layers, original, style):
+        torch.testing.assert_close(layer.base_layer.weight, (w.float() + d).to(w.dtype), rtol=0, atol=1e-6)

@@ -302,7 +302,9 @@ class AdapterLinear(nn.Module):
         update baked into the base weight (diffusers' ``fuse_lora`` + ``unload_lora_weights``)."""
         if name in self.merged and not keep_merged:
             raise ValueError(f"adapter {name!r} is merged into the base weights: unmerge it first")
-        self.merged.pop(name, None)
+        if name in self.merged:  # baked in: the weight to restore on unmerging the others now holds it
+            baked = self._weight_with({name: self.merged.pop(name)})
+            self._pre_merge = baked.to("cpu", self._pre_merge.dtype) if self.merged else None
         del self.adapters[name]
         self.adapter_weights.pop(name)
         if name in self.active_adapters:
