@@ -112,10 +112,34 @@ def embedded_text_components(path: Path, meta: dict) -> dict:
     return {"text_encoder": AutoModel.from_pretrained(minilm_path()).eval(), "tokenizer": tokenizer}
 
 
+def resolve_device(device: str | None = None) -> str:
+    """``device``, checked to exist on this machine (one-line ``ValueError`` otherwise); None: cuda if
+    available, else cpu. torch itself fails late, with an assertion, on a CUDA device it does not have."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: expected cpu, cuda, cuda:N, mps, ...") from None
+    backend = getattr(torch, kind.type, None) if kind.type != "mps" else torch.backends.mps
+    if kind.type != "cpu" and backend is not None and hasattr(backend, "is_available"):
+        if not backend.is_available():
+            raise ValueError(f"device {device!r} is not available here (torch {torch.__version__} sees no "
+                             f"{kind.type.upper()} device): use cpu")
+        count = getattr(backend, "device_count", lambda: 1)()
+        if kind.index is not None and kind.index >= count:
+            raise ValueError(f"device {device!r} does not exist: this machine has {count} {kind.type} device(s)")
+    return device
+
+
 def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=None, device: str | None = None):
     """Load an ``X2EditPipeline`` for a registered name or a local directory."""
     from x2edit.pipeline import X2EditPipeline
 
+    if device is not None:
+        resolve_device(device)  # before loading anything
     source, model = resolve_base(name_or_path)
     if model is not None and model.mode == "diptych":
         raise ValueError(f"{model.name} is a Fill model for diptych editing, which X2EditPipeline does not run; "

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from x2edit import X2EditPipeline
@@ -64,6 +65,7 @@ def test_edit_end_to_end(tiny_base, capsys):
 @pytest.mark.parametrize("change,message", [
     ({"--image": "absent.png"}, "image not found"),
     ({"--image": "junk.png"}, "not an image"),
+    ({"--image": "signature_then_garbage.png"}, "corrupt or truncated"),
     ({"--instruction": "  "}, "instruction is empty"),
     ({"--task": "recolor"}, "unknown task"),
     ({"--out": "out.gif"}, "--out must end in"),
@@ -73,15 +75,26 @@ def test_edit_end_to_end(tiny_base, capsys):
     ({"--base": "nonexistent_dir/"}, "not found"),
     ({"--adapter": "absent.safetensors"}, "adapter file not found"),
     ({"--adapter": "junk.png"}, "not a readable safetensors"),
+    ({"--lora": "absent.safetensors"}, "LoRA file not found"),
+    ({"--lora": "junk.png"}, "not a readable safetensors"),
+    ({"--lora": "moe.safetensors"}, "is an x2edit adapter: pass it with --adapter"),
+    ({"--max-area": "0"}, "--max-area must be >= 1"),
+    ({"--device": "cuda:7"}, "not available here" if not torch.cuda.is_available() else "does not exist"),
+    ({"--device": "gpu"}, "unknown device 'gpu'"),
 ])
-def test_edit_bad_input_exits_2_with_one_line_and_no_output(tiny_base, capsys, change, message):
+def test_edit_bad_input_exits_2_with_one_line_and_no_output(tiny_base, capsys, monkeypatch, change, message):
     (tiny_base / "junk.png").write_bytes(b"garbage")
+    (tiny_base / "signature_then_garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    if "--base" not in change:  # refused before any model is loaded
+        import x2edit.registry
+
+        monkeypatch.setattr(x2edit.registry, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     opts = {"--image": "src.png", "--instruction": "make it red", "--out": "bad_out.png",
             "--base": str(tiny_base / "base"), "--steps": "1", **change}
     argv = ["edit"]
     for k, v in opts.items():
-        argv += [k, v if k in ("--instruction", "--steps", "--task") or v.startswith(("/", "x2edit", "flux"))
-                 else str(tiny_base / v)]
+        argv += [k, v if k in ("--instruction", "--steps", "--task", "--max-area", "--device")
+                 or v.startswith(("/", "x2edit", "flux")) else str(tiny_base / v)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1

@@ -41,3 +41,12 @@ def test_saved_pixel_space_pipeline_loads_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("PixelShuffleVAE")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused_before_loading(tmp_path, monkeypatch):
+    """torch fails late with an AssertionError ('Torch not compiled with CUDA enabled') otherwise."""
+    monkeypatch.setattr(x2edit.X2EditPipeline, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    for device, message in [("cuda", "not available here"), ("cuda:1", "not available here"), ("gpu", "unknown device")]:
+        with pytest.raises(ValueError, match=message):
+            load_pipeline(tmp_path, device=device)
