@@ -100,3 +100,23 @@ def test_edit_bad_input_exits_2_with_one_line_and_no_output(tiny_base, capsys, m
     assert message in err and len(err.splitlines()) == 1
     assert not (tiny_base / opts["--out"]).exists()
     assert not list(tiny_base.glob(".*tmp*"))
+
+
+def test_edit_caps_a_photo_at_the_embedded_models_working_size_with_one_warning(tmp_path, capsys, caplog):
+    """x2edit-tiny knows 64 px Shape World: a 3000x2000 photo used to be edited at full size (61 s, 1.8 GB).
+    It is edited at 64x64's area, saying so once; --max-area overrides."""
+    ramp = np.linspace(0, 255, 3000, dtype=np.uint8)
+    Image.fromarray(np.stack([np.tile(ramp, (2000, 1))] * 3, axis=-1)).save(tmp_path / "photo.jpg")
+    argv = ["edit", "--image", str(tmp_path / "photo.jpg"), "--instruction", "make the square red",
+            "--out", str(tmp_path / "out.png")]
+    with caplog.at_level("WARNING", logger="x2edit.pipeline"):
+        assert main(argv) == 0
+    assert Image.open(tmp_path / "out.png").size == (72, 48)  # 4096 px at 3:2 (78x52), on the 8-pixel grid
+    assert [r.getMessage() for r in caplog.records] == [
+        "the source image is 3000x2000, more than this pipeline's working area of 4096 pixels (about 64x64): editing "
+        "at 72x48; pass max_area= (x2edit edit: --max-area) to change it (reported once per pipeline)"]
+    assert "72x48" in capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="x2edit.pipeline"):
+        assert main([*argv, "--max-area", "8192"]) == 0
+    assert Image.open(tmp_path / "out.png").size == (104, 72) and not caplog.records

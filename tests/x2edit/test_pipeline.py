@@ -1,5 +1,7 @@
 """X2EditPipeline end to end on tiny seeded FLUX components (CLIP+T5 and sentence-encoder layouts)."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -224,3 +226,55 @@ def test_truncated_instructions_are_reported_once_with_a_count(caplog):
         pipe.encode_prompt([long], device="cpu", max_sequence_length=8)  # every training step would say it again
     assert [r.getMessage() for r in caplog.records] == [
         "2 of 3 instructions truncated to 8 tokens (reported once per pipeline)"]
+
+
+# x2edit's defaults that differ from FluxKontextPipeline's, each on purpose (X2EditPipeline.__call__'s
+# docstring): None = the pipeline's own default, which is stock's value on a stock-configured pipeline
+# (checked below), and the source is encoded at its own size rather than a Kontext resolution.
+OWN_DEFAULTS = {"num_inference_steps": None, "max_sequence_length": None, "max_area": None, "_auto_resize": False}
+
+
+def test_call_takes_every_stock_kontext_parameter_in_order_with_its_default():
+    stock = inspect.signature(FluxKontextPipeline.__call__).parameters
+    ours = inspect.signature(X2EditPipeline.__call__).parameters
+    assert list(ours)[:len(stock)] == list(stock)
+    assert {n: ours[n].default for n in stock if ours[n].default != OWN_DEFAULTS.get(n, stock[n].default)} == {}
+    assert [n for n in ours if n not in stock] == ["task"] and ours["task"].kind is inspect.Parameter.KEYWORD_ONLY
+    undocumented = [n for n in ours if n != "self" and n not in X2EditPipeline.__call__.__doc__]
+    assert undocumented == []
+    pipe = X2EditPipeline(**tiny_kontext_components(0))
+    assert (pipe.default_num_inference_steps, pipe.default_max_sequence_length, pipe.default_max_area) == (
+        stock["num_inference_steps"].default, stock["max_sequence_length"].default, stock["max_area"].default)
+
+
+def _other_image():
+    return Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 24, 3), dtype=np.uint8))
+
+
+def _to_tensor(img):
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W) in [0, 1]
+
+
+def test_a_tensor_source_keeps_its_size_and_edits_as_the_same_pil_image(source_image):
+    pipe = _pipe()
+    from_pil = pipe(source_image, "make it red", task=0, generator=_gen(0), **KW).images
+    for tensor in (_to_tensor(source_image), _to_tensor(source_image)[None]):  # (3, H, W) and (1, 3, H, W)
+        out = pipe(tensor, "make it red", task=0, generator=_gen(0), **KW).images
+        assert out.shape == (1, 20, 24, 3)
+        np.testing.assert_allclose(out, from_pil, atol=1e-5)
+
+
+@pytest.mark.parametrize("image,message", [
+    (torch.zeros(2, 4, 20, 24), "float \\(B, 3, H, W\\)"),
+    (torch.zeros(1, 3, 20, 24, dtype=torch.uint8), "float \\(B, 3, H, W\\)"),
+    (torch.full((1, 3, 20, 24), -1.0), "in \\[0, 1\\]"),
+    (torch.zeros(1, 3, 4, 24), "at least 8 pixels"),
+])
+def test_bad_image_tensors(image, message):
+    with pytest.raises(ValueError, match=message):
+        _pipe()(image, "make it red", task=0, **KW)
+
+
+def test_sources_and_instructions_must_pair_up(source_image):
+    with pytest.raises(ValueError, match="got 2 source images for 3 instructions"):
+        _pipe()([source_image] * 2, ["a", "b", "c"], task=0, **KW)
