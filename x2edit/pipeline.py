@@ -9,7 +9,7 @@ first position-id coordinate is 1) plus what editing with X2Edit adapters needs:
    MoE-LoRA routers through ``routing_context`` for the whole denoising loop;
 3. the output keeps the source's size (rounded to the model's grid, capped at ``max_area``); the source is
    encoded at its own aspect ratio, or on the output's grid for adapters that read it there
-   (``_edit_size``);
+   (``_edit_size``); the i-th source goes with the i-th instruction and task (``prepare_latents``);
 4. a single sentence encoder may replace CLIP + T5 (the x2edit-tiny layout: all-MiniLM-L6-v2);
 5. ``save_pretrained`` / ``from_pretrained`` carry the adapter (``x2edit_adapter/NAME.safetensors``);
 6. community LoRAs load beside the MoE-LoRA with ``load_lora_weights`` and run in the same fused call;
@@ -134,7 +134,8 @@ class X2EditPipeline(FluxKontextPipeline):
                       pooled_prompt_embeds=None, max_sequence_length: int = 512, lora_scale=None):
         """(prompt_embeds (B*n, L, D), pooled_prompt_embeds (B*n, D), text_ids (L, 3)) for B instructions.
 
-        CLIP + T5 as stock Kontext, or the sentence-encoder layout (``text_encoder_2`` None).
+        CLIP + T5 as stock Kontext, or the sentence-encoder layout (``text_encoder_2`` None). Given
+        embeddings are one row per instruction and are repeated per image, as computed ones are.
         """
         device = device or self._execution_device
         given = prompt_embeds is not None
@@ -142,7 +143,7 @@ class X2EditPipeline(FluxKontextPipeline):
             prompt_embeds, pooled_prompt_embeds, text_ids = super().encode_prompt(
                 prompt, prompt_2, device, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds,
                 max_sequence_length, lora_scale)
-            repeat = 1  # stock repeats what it computes
+            repeat = num_images_per_prompt if given else 1  # stock repeats only what it computes
         else:
             if not given:
                 prompt = [prompt] if isinstance(prompt, str) else prompt
@@ -290,6 +291,12 @@ class X2EditPipeline(FluxKontextPipeline):
 
     def prepare_latents(self, image, batch_size, num_channels_latents, height, width, dtype, device, generator=None,
                         latents=None):
+        # Stock repeats several sources as whole batches, [A, B, A, B], while prompts and task ids repeat
+        # per prompt, [A, A, B, B]: encode each source once and repeat it per prompt in the same order.
+        if image is not None and 1 < image.shape[0] < batch_size and batch_size % image.shape[0] == 0:
+            if image.shape[1] != self.latent_channels:  # pixels (N, 3, H, W) -> latents (N, C, h, w)
+                image = self._encode_vae_image(image.to(device=device, dtype=dtype), generator=None)  # argmax: no noise
+            image = image.repeat_interleave(batch_size // image.shape[0], dim=0)
         latents, image_latents, latent_ids, image_ids = super().prepare_latents(
             image, batch_size, num_channels_latents, height, width, dtype, device, generator, latents)
         if self._start_from_source:  # one-step edit: the packed source tokens (B, T, C) are the start
@@ -359,11 +366,12 @@ class X2EditPipeline(FluxKontextPipeline):
             sigmas: custom noise levels for the scheduler (not with one-step adapters).
             guidance_scale: the distilled guidance FLUX.1 [dev] / Kontext embed (ignored by models without
                 guidance embedding).
-            num_images_per_prompt: outputs per instruction.
+            num_images_per_prompt: outputs per instruction; the i-th source always goes with the i-th
+                instruction and task.
             generator: a torch generator, or one per output, for reproducible noise.
             latents: starting noise, packed (B, T, C); not with one-step adapters (they start from the source).
             prompt_embeds, pooled_prompt_embeds: precomputed text embeddings (B, L, D) and (B, D), one row
-                per instruction; then ``task=`` is needed to route the MoE-LoRA.
+                per instruction (repeated per image here); then ``task=`` is needed to route the MoE-LoRA.
             ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image,
                 negative_ip_adapter_image_embeds: inputs of a loaded FLUX IP-Adapter, as in diffusers.
             negative_prompt_embeds, negative_pooled_prompt_embeds: precomputed negative embeddings.

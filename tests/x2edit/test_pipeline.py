@@ -255,6 +255,28 @@ def _to_tensor(img):
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W) in [0, 1]
 
 
+@pytest.mark.parametrize("form", ["pil", "tensor", "prompt_embeds"])
+def test_each_source_goes_with_its_own_instruction_and_task(form, source_image):
+    """Two sources, two instructions, two images each: with the same starting noise for every sample,
+    output i must be exactly the single edit of pair i // 2 (stock repeats sources [A, B, A, B])."""
+    pipe = _pipe()
+    pairs = [(source_image, "make it red", "color_change"), (_other_image(), "remove the circle", "subject_deletion")]
+    noise = torch.randn(1, 30, 16, generator=_gen(0))  # packed (B, (20/4)*(24/4) tokens, 4 x 4 channels)
+    singles = [pipe(img, p, task=t, latents=noise, **KW).images[0] for img, p, t in pairs]
+    assert np.abs(singles[0] - singles[1]).max() > 1e-2
+    images, text = [img for img, _, _ in pairs], {"prompt": [p for _, p, _ in pairs]}
+    if form == "tensor":
+        images = torch.stack([_to_tensor(img) for img in images])  # (2, 3, 20, 24)
+    if form == "prompt_embeds":  # one row per instruction, as encode_prompt gives them
+        embeds, pooled, _ = pipe.encode_prompt(text["prompt"], max_sequence_length=KW["max_sequence_length"])
+        text = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    out = pipe(images, **text, task=[t for _, _, t in pairs], num_images_per_prompt=2,
+               latents=noise.expand(4, -1, -1).clone(), **KW).images
+    assert out.shape == (4, 20, 24, 3)
+    for i in range(4):
+        np.testing.assert_allclose(out[i], singles[i // 2], atol=1e-5, err_msg=f"output {i}")
+
+
 def test_a_tensor_source_keeps_its_size_and_edits_as_the_same_pil_image(source_image):
     pipe = _pipe()
     from_pil = pipe(source_image, "make it red", task=0, generator=_gen(0), **KW).images
