@@ -16,7 +16,8 @@ first position-id coordinate is 1) plus what editing with X2Edit adapters needs:
 7. adapters with the residual reading (``x2edit.adapters.residual``) are read as the change they make
    to the source, by wrapping the transformer for the call; the loop and scheduler stay stock.
 8. adapters trained to edit in one step from the source (``AdapterConfig.source_start`` = s) start
-   the loop from the source tokens at noise level s and take one step (``prepare_latents``).
+   the loop from the source tokens at noise level s and take one step (``prepare_latents``);
+9. instructions are encoded to the text length the active adapters were trained with (``text_length``).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class X2EditPipeline(FluxKontextPipeline):
     # x2edit_embedded.json (the registry sets them on loading; x2edit-tiny: 1 step, 64x64 pixels).
     default_num_inference_steps: int = 28
     default_max_area: int = 1024**2
-    default_max_sequence_length: int = 512
+    default_max_sequence_length: int = 512  # unless the active adapters record their trained length
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer, text_encoder_2=None, tokenizer_2=None,
                  image_encoder=None, feature_extractor=None):
@@ -246,6 +247,13 @@ class X2EditPipeline(FluxKontextPipeline):
         """The noise level the active adapters edit from in one step (``AdapterConfig.source_start``)."""
         return self._active_setting("source_start", "start from the source at different noise levels")
 
+    def text_length(self) -> int:
+        """Text tokens per instruction when a call passes no ``max_sequence_length``: the length the active
+        adapters were trained with (``AdapterConfig.max_sequence_length``), else ``default_max_sequence_length``."""
+        trained = self._active_setting("max_sequence_length", "were trained with different text lengths",
+                                       "pass max_sequence_length= or activate one of them (set_adapters)")
+        return self.default_max_sequence_length if trained is None else trained
+
     def _needs_source_on_output_grid(self) -> bool:
         """Residual and one-step adapters read the source token by token as the output's own tokens."""
         return self.source_start() is not None or bool(residual_adapters(self.transformer))
@@ -381,8 +389,9 @@ class X2EditPipeline(FluxKontextPipeline):
             callback_on_step_end: ``f(pipe, step, timestep, tensors) -> dict`` after each step; returned
                 "latents" / "prompt_embeds" replace the pipeline's.
             callback_on_step_end_tensor_inputs: names of the tensors handed to the callback.
-            max_sequence_length: text tokens per instruction (at most 512); None:
-                ``default_max_sequence_length`` (512).
+            max_sequence_length: text tokens per instruction (at most 512); None: the length the active
+                adapters were trained with (``AdapterConfig.max_sequence_length``), else 512. Refused when
+                active adapters disagree.
             max_area: cap on the output's and the source's pixel area (never enlarges, unlike stock Kontext,
                 which scales to it); None: ``default_max_area`` (1024^2; x2edit-tiny: 64x64, its training
                 size), with one warning per pipeline when it shrinks an image.
@@ -428,7 +437,7 @@ class X2EditPipeline(FluxKontextPipeline):
 
         # 2. Text length, steps and the one-step schedule.
         if max_sequence_length is None:
-            max_sequence_length = self.default_max_sequence_length
+            max_sequence_length = self.text_length()
         if start is not None:
             if num_inference_steps not in (None, 1):
                 raise ValueError(f"this pipeline's adapter edits in one step from the source (source_start={start}); "

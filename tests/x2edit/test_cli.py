@@ -44,6 +44,9 @@ def tiny_base(tmp_path_factory):
     inject_adapters(pipe.transformer, AdapterConfig(rank=4, num_experts=3, top_k=2))
     randomize_adapters(pipe.transformer)
     save_adapter(pipe.transformer, d / "moe.safetensors")
+    inject_adapters(pipe.transformer, AdapterConfig(rank=4, num_experts=3, top_k=2, max_sequence_length=16), "len16")
+    randomize_adapters(pipe.transformer, "len16")
+    save_adapter(pipe.transformer, d / "moe16.safetensors", "len16")  # trained with 16-token instructions
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(d / "src.png")
     return d
 
@@ -100,6 +103,26 @@ def test_edit_bad_input_exits_2_with_one_line_and_no_output(tiny_base, capsys, m
     assert message in err and len(err.splitlines()) == 1
     assert not (tiny_base / opts["--out"]).exists()
     assert not list(tiny_base.glob(".*tmp*"))
+
+
+def test_edit_encodes_the_instruction_to_the_adapters_trained_length(tiny_base, monkeypatch):
+    """x2edit edit passes no max_sequence_length: the pipeline takes the adapter's (else 512, cut to the
+    tokenizer's 77 here)."""
+    from diffusers import FluxTransformer2DModel
+
+    lengths, forward = [], FluxTransformer2DModel.forward
+
+    def spy(self, *args, **kwargs):
+        lengths.append(kwargs["encoder_hidden_states"].shape[1])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", spy)
+    for adapter, expected in [("moe.safetensors", 77), ("moe16.safetensors", 16)]:
+        lengths.clear()
+        assert main(["edit", "--image", str(tiny_base / "src.png"), "--instruction", "make it red", "--out",
+                     str(tiny_base / "len.png"), "--base", str(tiny_base / "base"), "--adapter", str(tiny_base / adapter),
+                     "--steps", "1", "--task", "color_change"]) == 0
+        assert lengths == [expected]
 
 
 def test_edit_caps_a_photo_at_the_embedded_models_working_size_with_one_warning(tmp_path, capsys, caplog):

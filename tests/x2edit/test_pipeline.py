@@ -300,3 +300,26 @@ def test_bad_image_tensors(image, message):
 def test_sources_and_instructions_must_pair_up(source_image):
     with pytest.raises(ValueError, match="got 2 source images for 3 instructions"):
         _pipe()([source_image] * 2, ["a", "b", "c"], task=0, **KW)
+
+
+def _text_lengths(transformer_inputs, pipe, image, **kwargs):
+    with transformer_inputs(pipe) as seen:
+        pipe(image, "make it red", task=0, num_inference_steps=1, output_type="latent", **kwargs)
+    return [kw["encoder_hidden_states"].shape[1] for kw in seen]
+
+
+def test_instructions_are_encoded_to_the_length_the_adapter_was_trained_with(source_image, transformer_inputs):
+    """T5 pads to max_sequence_length: 512 tokens unless the adapter records its trained length."""
+    pipe = X2EditPipeline(**tiny_kontext_components(0))
+    pipe.set_progress_bar_config(disable=True)
+    assert _text_lengths(transformer_inputs, pipe, source_image) == [512]  # no adapter: stock's default
+    inject_adapters(pipe.transformer, AdapterConfig(rank=4, num_experts=3, top_k=2, max_sequence_length=16))
+    assert pipe.text_length() == 16
+    assert _text_lengths(transformer_inputs, pipe, source_image) == [16]
+    assert _text_lengths(transformer_inputs, pipe, source_image, max_sequence_length=24) == [24]  # the caller's wins
+    inject_adapters(pipe.transformer, AdapterConfig(rank=4, num_experts=3, top_k=2, max_sequence_length=32), "other")
+    with pytest.raises(ValueError, match=r"different text lengths .*\[16, 32\]"):
+        _text_lengths(transformer_inputs, pipe, source_image)
+    assert _text_lengths(transformer_inputs, pipe, source_image, max_sequence_length=24) == [24]
+    pipe.set_adapters(["other"])  # only active adapters count
+    assert _text_lengths(transformer_inputs, pipe, source_image) == [32]
