@@ -259,16 +259,18 @@ class X2EditPipeline(FluxKontextPipeline):
         return self.source_start() is not None or bool(residual_adapters(self.transformer))
 
     def _edit_size(self, source: tuple[int, int] | None, height: int | None, width: int | None, max_area: int,
-                   on_grid: bool) -> tuple[tuple[int, int], tuple[int, int] | None]:
+                   on_grid: bool, warn: bool = False) -> tuple[tuple[int, int], tuple[int, int] | None]:
         """((height, width) of the output, (height, width) the source is encoded at, or None without one).
 
         Both are capped at ``max_area`` pixels (never enlarged) and rounded down to the model's grid. The
         output is ``height`` x ``width``; a missing side keeps the source's aspect ratio (without a source:
         the model's default side). The source keeps its own aspect ratio, as in stock Kontext; adapters
         that read it on the output's grid (``on_grid``) get it at the output's size, which must then have
-        the source's aspect ratio: stretching it would edit a distorted image.
+        the source's aspect ratio: stretching it would edit a distorted image. ``warn``: ``max_area`` is
+        the pipeline's default, so say (once) when it shrinks the source or a size the caller asked for.
         """
         grid = self.vae_scale_factor * 2
+        asked = height is not None or width is not None
         if source is None:
             side = self.default_sample_size * self.vae_scale_factor
             height, width = height or side, width or side
@@ -278,16 +280,21 @@ class X2EditPipeline(FluxKontextPipeline):
             height = max(1, round(width * source[0] / source[1]))
         elif width is None:
             width = max(1, round(height * source[1] / source[0]))
-        out = _fit(height, width, max_area, grid, "the output size")
+        out = encode = _fit(height, width, max_area, grid, "the output size")
         if source is None:
-            return out, None
-        if not on_grid:
-            return out, _fit(*source, max_area, grid, "the source image")
-        if not _same_aspect((height, width), source):
+            encode = None
+        elif not on_grid:
+            encode = _fit(*source, max_area, grid, "the source image")
+        elif not _same_aspect((height, width), source):
             raise ValueError(f"this pipeline's adapter reads the source on the output's grid, and a {width}x{height} "
                              f"output would stretch the {source[1]}x{source[0]} source: give a height/width of the "
                              "source's aspect ratio (or leave them unset)")
-        return out, out  # the source scaled onto the output's grid: the same rounding as the output's own
+        # (on the grid, the source is scaled onto the output's size: the same rounding as the output's own)
+        if warn and source is not None:
+            self._warn_capped("the source image", source, encode, max_area)
+        if warn and asked:
+            self._warn_capped("the requested output", (height, width), out, max_area)
+        return out, encode
 
     def _warn_capped(self, what: str, size: tuple[int, int], used: tuple[int, int], max_area: int) -> None:
         if self._size_warned or size[0] * size[1] <= max_area:
@@ -427,11 +434,7 @@ class X2EditPipeline(FluxKontextPipeline):
             raise ValueError(f"got {count} source images for {n_prompts} instructions: pass one image, or one per "
                              "instruction")
         cap = self.default_max_area if max_area is None else max_area
-        (height, width), encode = self._edit_size(source, height, width, cap, on_grid)
-        if max_area is None:
-            requested = (height, width) if source is None else source
-            self._warn_capped("the source image" if source is not None else "the output", requested,
-                              encode or (height, width), cap)
+        (height, width), encode = self._edit_size(source, height, width, cap, on_grid, warn=max_area is None)
         if image is not None and not _auto_resize:
             image = _resize_sources(image, encode)
 

@@ -136,3 +136,22 @@ def test_auto_resize_encodes_the_source_at_a_kontext_resolution_as_stock(source_
     pipe = _pipe()
     assert _tokens(transformer_inputs, pipe, source_image, "make it red", _auto_resize=True) == (5 * 6, 4 * 6)
     assert _tokens(transformer_inputs, pipe, source_image, "make it red") == (5 * 6, 5 * 6)
+
+
+@pytest.mark.parametrize("image,size", [(None, {"height": 24, "width": 32}),
+                                        ("source", {"height": 40, "width": 48})], ids=["text_to_image", "edit"])
+def test_a_requested_output_over_the_default_max_area_is_reported_too(image, size, source_image, caplog):
+    pipe = _pipe()
+    pipe.default_max_area = 480
+    with caplog.at_level("WARNING", logger="x2edit.pipeline"):
+        pipe(source_image if image else None, "make it red", **size, **KW)
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+        f"the requested output is {size['width']}x{size['height']}, more than this pipeline's working area of 480 "
+        f"pixels (about 21x21): editing at {'24x20' if image else '24x16'}"]
+    caplog.clear()
+    for call in ({}, {**size, "max_area": 480}):  # fresh pipelines: the warning comes once per pipeline
+        pipe = _pipe()
+        pipe.default_max_area = 480
+        with caplog.at_level("WARNING", logger="x2edit.pipeline"):
+            pipe(None, "make it red", **call, **KW)  # the default side (256) was not asked for; max_area was
+        assert not caplog.records
