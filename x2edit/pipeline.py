@@ -535,6 +535,10 @@ def _check_sources(image):
         image = [as_rgb_image(im, f"image {i}") for i, im in enumerate(image)]
         if not image:
             raise ValueError("image is an empty list")
+        for i, im in enumerate(image[1:], 1):  # one batch tensor: every source at one size, unstretched
+            if not _same_aspect(im.size[::-1], image[0].size[::-1]):
+                raise ValueError(f"source image {i} is {im.size[0]}x{im.size[1]}, another aspect ratio than source 0 "
+                                 f"({image[0].size[0]}x{image[0].size[1]}): edit it in a separate call")
         return image, len(image), image[0].size[::-1]
     image = as_rgb_image(image)
     return image, 1, image.size[::-1]
@@ -558,17 +562,12 @@ def _same_aspect(size: tuple[int, int], source: tuple[int, int]) -> bool:
 
 
 def _resize_sources(image, size: tuple[int, int]):
-    """Every source at ``size`` (height, width); a batch whose sources have other aspect ratios is refused."""
+    """Every source at ``size`` (height, width)."""
     h, w = size
     if torch.is_tensor(image):
         if tuple(image.shape[-2:]) == (h, w):
             return image
         return torch.nn.functional.interpolate(image, size=(h, w), mode="bilinear", antialias=True,
                                                align_corners=False).clamp(0, 1)
-    many = isinstance(image, list)
-    for i, im in enumerate(image if many else [image]):
-        if i and not _same_aspect(im.size[::-1], image[0].size[::-1]):
-            raise ValueError(f"source image {i} is {im.size[0]}x{im.size[1]}, another aspect ratio than source 0 "
-                             f"({image[0].size[0]}x{image[0].size[1]}): edit it in a separate call")
     resize = lambda im: im if im.size == (w, h) else im.resize((w, h))  # noqa: E731
-    return [resize(im) for im in image] if many else resize(image)
+    return [resize(im) for im in image] if isinstance(image, list) else resize(image)

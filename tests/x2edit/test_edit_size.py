@@ -81,8 +81,9 @@ def test_adapters_reading_the_source_on_the_output_grid_refuse_to_stretch_it(con
 
 def test_a_batch_of_sources_of_different_aspect_ratios_is_refused(source_image):
     square = Image.new("RGB", (24, 24))
-    with pytest.raises(ValueError, match="source image 1 is 24x24, another aspect ratio than source 0 \\(24x20\\)"):
-        _pipe()([source_image, square], ["a", "b"], **KW)
+    for auto_resize in (False, True):  # stock's snapping would stretch it too
+        with pytest.raises(ValueError, match="source image 1 is 24x24, another aspect ratio than source 0 \\(24x20\\)"):
+            _pipe()([source_image, square], ["a", "b"], _auto_resize=auto_resize, **KW)
     same_shape = source_image.resize((48, 40))  # scaled to the first source's size, not stretched
     assert _pipe()([source_image, same_shape], ["a", "b"], **KW).images.shape == (2, 20, 24, 3)
 
