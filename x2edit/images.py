@@ -1,8 +1,9 @@
 """Reading and validating input images: one place for what the toolkit accepts.
 
 Accepted: anything PIL decodes, converted to 8-bit RGB (palette, grayscale, CMYK; alpha is composited
-on white; 16-bit and float images are rescaled to 8 bits). Refused with a one-line ``ValueError``:
-unreadable or truncated files, zero-size images, images over ``MAX_PIXELS``.
+on white; 16-bit and float images are rescaled to 8 bits); files are turned upright by their EXIF
+orientation, as viewers show them. Refused with a one-line ``ValueError``: unreadable, corrupt or
+truncated files, zero-size images, images over ``MAX_PIXELS``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 4096 * 4096  # 16.8 MP: far beyond any FLUX resolution; larger inputs are refused
 MIN_SIDE = 8
@@ -55,11 +56,18 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
         raise ValueError(f"{path} is not an image PIL can read") from None
     except Image.DecompressionBombError as e:
         raise ValueError(f"{path}: {e}") from None
+    except PermissionError:
+        raise ValueError(f"{path} cannot be read: permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # a known signature, then a broken header
+        raise ValueError(f"{path} is corrupt or truncated ({e})") from None
     check_size(img, str(path), max_pixels)  # header only: refuse huge images before decoding them
     try:
         img.load()
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"{path} is corrupt or truncated ({e})") from None
+        img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 (PIL's decoders raise many types on broken data; all are bad input)
+        raise ValueError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from None
     return to_rgb(img)
 
 

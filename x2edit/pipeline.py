@@ -7,7 +7,9 @@ first position-id coordinate is 1) plus what editing with X2Edit adapters needs:
 1. inputs are validated (image mode/size, non-empty instruction, known task) with one-line errors;
 2. the task of each instruction comes from ``task=`` or the task classifier, and is fed to the
    MoE-LoRA routers through ``routing_context`` for the whole denoising loop;
-3. the output keeps the source's size (rounded to the model's multiple, capped at ``max_area``);
+3. the output keeps the source's size (rounded to the model's grid, capped at ``max_area``); the source is
+   encoded at its own aspect ratio, or on the output's grid for adapters that read it there
+   (``_edit_size``); the i-th source goes with the i-th instruction and task (``prepare_latents``);
 4. a single sentence encoder may replace CLIP + T5 (the x2edit-tiny layout: all-MiniLM-L6-v2);
 5. ``save_pretrained`` / ``from_pretrained`` carry the adapter (``x2edit_adapter/NAME.safetensors``);
 6. community LoRAs load beside the MoE-LoRA with ``load_lora_weights`` and run in the same fused call;
@@ -15,15 +17,19 @@ first position-id coordinate is 1) plus what editing with X2Edit adapters needs:
 7. adapters with the residual reading (``x2edit.adapters.residual``) are read as the change they make
    to the source, by wrapping the transformer for the call; the loop and scheduler stay stock.
 8. adapters trained to edit in one step from the source (``AdapterConfig.source_start`` = s) start
-   the loop from the source tokens at noise level s and take one step (``prepare_latents``).
+   the loop from the source tokens at noise level s and take one step (``prepare_latents``);
+9. instructions are encoded to the text length the active adapters were trained with (``text_length``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import FluxKontextPipeline
@@ -42,7 +48,7 @@ from x2edit.adapters import (
 )
 from x2edit.adapters.community import COMMUNITY
 from x2edit.adapters.inject import _set_submodule
-from x2edit.images import as_rgb_image
+from x2edit.images import MIN_SIDE, as_rgb_image
 from x2edit.pipeline_lora import X2EditLoraMixin
 from x2edit.pixel_vae import PixelShuffleVAE  # noqa: F401 (diffusers loads saved components only from imported modules)
 from x2edit.schedulers import FlowMatchSampleScheduler, prediction_type, unshifted_sigma  # noqa: F401 (same reason)
@@ -86,9 +92,11 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
     """
 
     _optional_components = ["text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor"]
-    # Steps used when the caller gives none: FLUX's 28, or what a bundled model was measured best at
-    # (x2edit-tiny records it in x2edit_embedded.json; the registry sets it on loading).
+    # What a call that passes None gets: stock Kontext's values, or what a bundled model records in its
+    # x2edit_embedded.json (the registry sets them on loading; x2edit-tiny: 1 step, 64x64 pixels).
     default_num_inference_steps: int = 28
+    default_max_area: int = 1024**2
+    default_max_sequence_length: int = 512  # unless the active adapters record their trained length
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer, text_encoder_2=None, tokenizer_2=None,
                  image_encoder=None, feature_extractor=None):
@@ -98,6 +106,7 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
         self._task_classifier = None
         self._truncation_warned = False  # warn once per pipeline: training calls encode_prompt every batch
         self._start_from_source = False  # set for the length of a call by a one-step adapter
+        self._size_warned = False  # warn once per pipeline when the default max_area shrinks an image
 
     # -- tasks -------------------------------------------------------------------------------
     @property
@@ -131,28 +140,40 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
 
     def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1, prompt_embeds=None,
                       pooled_prompt_embeds=None, max_sequence_length: int = 512, lora_scale=None):
-        if self.text_encoder_2 is not None:
-            return super().encode_prompt(prompt, prompt_2, device, num_images_per_prompt, prompt_embeds,
-                                         pooled_prompt_embeds, max_sequence_length, lora_scale)
+        """(prompt_embeds (B*n, L, D), pooled_prompt_embeds (B*n, D), text_ids (L, 3)) for B instructions.
+
+        CLIP + T5 as stock Kontext, or the sentence-encoder layout (``text_encoder_2`` None). Given
+        embeddings are one row per instruction and are repeated per image, as computed ones are.
+        """
         device = device or self._execution_device
-        if prompt_embeds is None:
-            prompt = [prompt] if isinstance(prompt, str) else prompt
-            max_len = min(max_sequence_length, self.tokenizer.model_max_length)
-            tok = self.tokenizer(prompt, padding="max_length", max_length=max_len, truncation=True,
-                                 return_tensors="pt")
-            if not self._truncation_warned and (tok.attention_mask[:, -1] == 1).any():  # full rows: maybe cut
-                self._warn_truncation(prompt, max_len)
-            enc_device = self.text_encoder.device
-            mask = tok.attention_mask.to(enc_device)
-            states = self.text_encoder(input_ids=tok.input_ids.to(enc_device), attention_mask=mask)[0]  # (B, L, D)
-            m = mask[..., None].to(states.dtype)
-            prompt_embeds = states * m  # padding positions carry nothing
-            pooled_prompt_embeds = (states * m).sum(1) / m.sum(1).clamp(min=1)  # (B, D), sentence-transformers pooling
-        dtype = self.transformer.dtype
-        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, 0)
-        pooled_prompt_embeds = pooled_prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
-            num_images_per_prompt, 0)
-        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
+        given = prompt_embeds is not None
+        if self.text_encoder_2 is not None:
+            prompt_embeds, pooled_prompt_embeds, text_ids = super().encode_prompt(
+                prompt, prompt_2, device, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds,
+                max_sequence_length, lora_scale)
+            repeat = num_images_per_prompt if given else 1  # stock repeats only what it computes
+        else:
+            if not given:
+                prompt = [prompt] if isinstance(prompt, str) else prompt
+                max_len = min(max_sequence_length, self.tokenizer.model_max_length)
+                tok = self.tokenizer(prompt, padding="max_length", max_length=max_len, truncation=True,
+                                     return_tensors="pt")
+                if not self._truncation_warned and (tok.attention_mask[:, -1] == 1).any():  # full rows: maybe cut
+                    self._warn_truncation(prompt, max_len)
+                enc_device = self.text_encoder.device
+                mask = tok.attention_mask.to(enc_device)
+                states = self.text_encoder(input_ids=tok.input_ids.to(enc_device), attention_mask=mask)[0]  # (B, L, D)
+                m = mask[..., None].to(states.dtype)
+                prompt_embeds = states * m  # padding positions carry nothing
+                pooled_prompt_embeds = (states * m).sum(1) / m.sum(1).clamp(min=1)  # (B, D), sentence-transformers pooling
+            dtype = self.transformer.dtype if self.transformer is not None else prompt_embeds.dtype
+            prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+            pooled_prompt_embeds = pooled_prompt_embeds.to(device=device, dtype=dtype)
+            text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
+            repeat = num_images_per_prompt
+        if repeat > 1:  # each instruction's images side by side, [A, A, B, B], as task ids and sources
+            prompt_embeds = prompt_embeds.repeat_interleave(repeat, 0)
+            pooled_prompt_embeds = pooled_prompt_embeds.repeat_interleave(repeat, 0)
         return prompt_embeds, pooled_prompt_embeds, text_ids
 
     # -- adapters ------------------------------------------------------------------------------
@@ -203,79 +224,218 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
         return pipe
 
     # -- editing -------------------------------------------------------------------------------
+    def _active_setting(self, field: str, disagreement: str, fix: str = "activate one of them (set_adapters)"):
+        """The one value of ``AdapterConfig.<field>`` among the active adapters (None if none sets it)."""
+        values = {getattr(layer.adapters[n].config, field) for _, layer in adapter_layers(self.transformer)
+                  for n in layer.active_adapters} - {None}
+        if len(values) > 1:
+            raise ValueError(f"the active adapters {disagreement} {sorted(values)}; {fix}")
+        return values.pop() if values else None
+
     def source_start(self) -> float | None:
         """The noise level the active adapters edit from in one step (``AdapterConfig.source_start``)."""
-        levels = {layer.adapters[n].config.source_start for _, layer in adapter_layers(self.transformer)
-                  for n in layer.active_adapters} - {None}
-        if len(levels) > 1:
-            raise ValueError(f"the active adapters start from the source at different noise levels {sorted(levels)}; "
-                             "activate one of them (set_adapters)")
-        return levels.pop() if levels else None
+        return self._active_setting("source_start", "start from the source at different noise levels")
 
-    def prepare_latents(self, image, *args, **kwargs):
-        latents, image_latents, latent_ids, image_ids = super().prepare_latents(image, *args, **kwargs)
+    def text_length(self) -> int:
+        """Text tokens per instruction when a call passes no ``max_sequence_length``: the length the active
+        adapters were trained with (``AdapterConfig.max_sequence_length``), else ``default_max_sequence_length``."""
+        trained = self._active_setting("max_sequence_length", "were trained with different text lengths",
+                                       "pass max_sequence_length= or activate one of them (set_adapters)")
+        return self.default_max_sequence_length if trained is None else trained
+
+    def _needs_source_on_output_grid(self) -> bool:
+        """Residual and one-step adapters read the source token by token as the output's own tokens."""
+        return self.source_start() is not None or bool(residual_adapters(self.transformer))
+
+    def _edit_size(self, source: tuple[int, int] | None, height: int | None, width: int | None, max_area: int,
+                   on_grid: bool, warn: bool = False) -> tuple[tuple[int, int], tuple[int, int] | None]:
+        """((height, width) of the output, (height, width) the source is encoded at, or None without one).
+
+        Both are capped at ``max_area`` pixels (never enlarged) and rounded down to the model's grid. The
+        output is ``height`` x ``width``; a missing side keeps the source's aspect ratio (without a source:
+        the model's default side). The source keeps its own aspect ratio, as in stock Kontext; adapters
+        that read it on the output's grid (``on_grid``) get it at the output's size, which must then have
+        the source's aspect ratio: stretching it would edit a distorted image. ``warn``: ``max_area`` is
+        the pipeline's default, so say (once) when it shrinks the source or a size the caller asked for.
+        """
+        grid = self.vae_scale_factor * 2
+        asked = height is not None or width is not None
+        if source is None:
+            side = self.default_sample_size * self.vae_scale_factor
+            height, width = height or side, width or side
+        elif height is None and width is None:
+            height, width = source
+        elif height is None:
+            height = max(1, round(width * source[0] / source[1]))
+        elif width is None:
+            width = max(1, round(height * source[1] / source[0]))
+        out = encode = _fit(height, width, max_area, grid, "the output size")
+        if source is None:
+            encode = None
+        elif not on_grid:
+            encode = _fit(*source, max_area, grid, "the source image")
+        elif not _same_aspect((height, width), source):
+            raise ValueError(f"this pipeline's adapter reads the source on the output's grid, and a {width}x{height} "
+                             f"output would stretch the {source[1]}x{source[0]} source: give a height/width of the "
+                             "source's aspect ratio (or leave them unset)")
+        # (on the grid, the source is scaled onto the output's size: the same rounding as the output's own)
+        if warn and source is not None:
+            self._warn_capped("the source image", source, encode, max_area)
+        if warn and asked:
+            self._warn_capped("the requested output", (height, width), out, max_area)
+        return out, encode
+
+    def _warn_capped(self, what: str, size: tuple[int, int], used: tuple[int, int], max_area: int) -> None:
+        if self._size_warned or size[0] * size[1] <= max_area:
+            return
+        self._size_warned = True  # once per pipeline: every photo given to a small model would say it again
+        logger.warning("%s is %dx%d, more than this pipeline's working area of %d pixels (about %dx%d): editing at "
+                       "%dx%d; pass max_area= (x2edit edit: --max-area) to change it (reported once per pipeline)",
+                       what, size[1], size[0], max_area, math.isqrt(max_area), math.isqrt(max_area), used[1], used[0])
+
+    def prepare_latents(self, image, batch_size, num_channels_latents, height, width, dtype, device, generator=None,
+                        latents=None):
+        # Stock repeats several sources as whole batches, [A, B, A, B], while prompts and task ids repeat
+        # per prompt, [A, A, B, B]: encode each source once and repeat it per prompt in the same order.
+        if image is not None and 1 < image.shape[0] < batch_size and batch_size % image.shape[0] == 0:
+            if image.shape[1] != self.latent_channels:  # pixels (N, 3, H, W) -> latents (N, C, h, w)
+                image = self._encode_vae_image(image.to(device=device, dtype=dtype), generator=None)  # argmax: no noise
+            image = image.repeat_interleave(batch_size // image.shape[0], dim=0)
+        latents, image_latents, latent_ids, image_ids = super().prepare_latents(
+            image, batch_size, num_channels_latents, height, width, dtype, device, generator, latents)
         if self._start_from_source:  # one-step edit: the packed source tokens (B, T, C) are the start
             latents = image_latents.clone()
         return latents, image_latents, latent_ids, image_ids
 
-    def _edit_size(self, image, height, width, max_area) -> tuple[int, int, int]:
-        multiple = self.vae_scale_factor * 2
-        if height is None or width is None:
-            width, height = image.size if image is not None else (self.default_sample_size * self.vae_scale_factor,) * 2
-        if max_area is None:
-            max_area = min(height * width, 1024**2)
-        scale = min(1.0, (max_area / (height * width)) ** 0.5)
-        h, w = int(height * scale) // multiple * multiple, int(width * scale) // multiple * multiple
-        if h == 0 or w == 0:
-            raise ValueError(f"{width}x{height} is smaller than the model's {multiple}-pixel grid")
-        return h, w, h * w
-
     @torch.no_grad()
-    def __call__(self, image=None, prompt=None, task=None, height: int | None = None, width: int | None = None,
-                 max_area: int | None = None, **kwargs):
-        """Edit ``image`` following ``prompt`` (the instruction).
+    def __call__(
+        self,
+        image=None,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        true_cfg_scale: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 3.5,
+        num_images_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        negative_ip_adapter_image=None,
+        negative_ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock's default; never mutated)
+        max_sequence_length: int | None = None,
+        max_area: int | None = None,
+        _auto_resize: bool = False,
+        *,
+        task: str | int | list[str | int] | None = None,
+    ):
+        """Edit ``image`` following the instruction ``prompt``.
+
+        The parameters are ``FluxKontextPipeline.__call__``'s, in its order and with its defaults, except
+        where x2edit's default is the pipeline's own (``num_inference_steps``, ``max_sequence_length``,
+        ``max_area``: None) or differs by design (``_auto_resize``), plus ``task``.
 
         Args:
-            image: source image(s): PIL, path, uint8 array, or a list of them (one per prompt). None
-                generates from text alone (as the base text-to-image model).
-            prompt: instruction or list of instructions (non-empty, at most 2000 characters).
-            task: a task name/id, one per prompt, or None to classify each instruction.
-            height, width: output size; default: the source image's size.
-            max_area: cap on height*width (default: min(source area, 1024^2)).
-            **kwargs: everything ``FluxKontextPipeline.__call__`` takes (num_inference_steps,
-                guidance_scale, generator, num_images_per_prompt, output_type, callback_on_step_end,
-                latents, prompt_embeds, ...).
+            image: the source: a PIL image, a path, an HxWx3 uint8 array, a list of them (one per
+                instruction, or one for all), or a float tensor (B, 3, H, W) or (3, H, W) in [0, 1].
+                None generates from text alone, as the base text-to-image model.
+            prompt: the instruction, or one per source (non-empty, at most 2000 characters). Or pass
+                ``prompt_embeds``.
+            prompt_2: the instruction for the second text encoder (T5); default: ``prompt``.
+            negative_prompt, negative_prompt_2: what to steer away from; used when ``true_cfg_scale`` > 1.
+            true_cfg_scale: real classifier-free guidance with ``negative_prompt`` when > 1 (two
+                transformer calls per step).
+            height, width: output size in pixels. Default: the source's size; one side alone keeps the
+                source's aspect ratio. Both are capped at ``max_area`` and rounded down to the model's grid
+                (``vae_scale_factor * 2`` pixels). The source keeps its own aspect ratio (as in stock
+                Kontext); adapters that read the source on the output's grid (``AdapterConfig.reading ==
+                "residual"`` or ``source_start`` set) refuse a height/width of another aspect ratio instead
+                of stretching the source.
+            num_inference_steps: denoising steps; None: ``default_num_inference_steps`` (28, FLUX's; a
+                bundled model may record its own). One-step adapters take exactly one and refuse others.
+            sigmas: custom noise levels for the scheduler (not with one-step adapters).
+            guidance_scale: the distilled guidance FLUX.1 [dev] / Kontext embed (ignored by models without
+                guidance embedding).
+            num_images_per_prompt: outputs per instruction; the i-th source always goes with the i-th
+                instruction and task.
+            generator: a torch generator, or one per output, for reproducible noise.
+            latents: starting noise, packed (B, T, C); not with one-step adapters (they start from the source).
+            prompt_embeds, pooled_prompt_embeds: precomputed text embeddings (B, L, D) and (B, D), one row
+                per instruction (repeated per image here); then ``task=`` is needed to route the MoE-LoRA.
+            ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image,
+                negative_ip_adapter_image_embeds: inputs of a loaded FLUX IP-Adapter, as in diffusers.
+            negative_prompt_embeds, negative_pooled_prompt_embeds: precomputed negative embeddings.
+            output_type: "pil", "np", "pt" or "latent" (packed tokens).
+            return_dict: return a ``FluxPipelineOutput`` (else a one-element tuple).
+            joint_attention_kwargs: passed to the transformer's attention processors unchanged.
+            callback_on_step_end: ``f(pipe, step, timestep, tensors) -> dict`` after each step; returned
+                "latents" / "prompt_embeds" replace the pipeline's.
+            callback_on_step_end_tensor_inputs: names of the tensors handed to the callback.
+            max_sequence_length: text tokens per instruction (at most 512); None: the length the active
+                adapters were trained with (``AdapterConfig.max_sequence_length``), else 512. Refused when
+                active adapters disagree.
+            max_area: cap on the output's and the source's pixel area (never enlarges, unlike stock Kontext,
+                which scales to it); None: ``default_max_area`` (1024^2; x2edit-tiny: 64x64, its training
+                size), with one warning per pipeline when it shrinks an image.
+            _auto_resize: True encodes the source at the preferred FLUX.1 Kontext resolution nearest its
+                aspect ratio (stock's default); x2edit's default False encodes it at its own size (capped).
+            task: task name or id, or one per instruction, routing the MoE-LoRA; None classifies each
+                instruction with ``task_classifier``.
+
+        Returns:
+            ``FluxPipelineOutput`` with ``images``, or ``(images,)`` when ``return_dict`` is False.
         """
-        prompts = None
-        if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            for p in prompts:
-                if not isinstance(p, str) or not p.strip():
-                    raise ValueError("the instruction is empty: say what to change, e.g. 'make the car red'")
-                if len(p) > MAX_INSTRUCTION_CHARS:
-                    raise ValueError(f"the instruction has {len(p)} characters; the limit is {MAX_INSTRUCTION_CHARS}")
-        if image is not None and not (torch.is_tensor(image) and image.dim() == 4):
-            if isinstance(image, (list, tuple)):
-                image = [as_rgb_image(im, f"image {i}") for i, im in enumerate(image)]
-            else:
-                image = as_rgb_image(image)
-            first = image[0] if isinstance(image, list) else image
-            height, width, area = self._edit_size(first, height, width, max_area)
-            resize = lambda im: im if im.size == (width, height) else im.resize((width, height))  # noqa: E731
-            image = [resize(im) for im in image] if isinstance(image, list) else resize(image)
-        else:
-            height, width, area = self._edit_size(None, height, width, max_area)
-        kwargs.setdefault("_auto_resize", False)
+        prompts = _check_instructions(prompt)
+        if num_images_per_prompt is None or isinstance(num_images_per_prompt, bool) \
+                or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        for name, value in (("height", height), ("width", width), ("max_area", max_area)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         start = self.source_start()
+        on_grid = self._needs_source_on_output_grid()
+        if on_grid and image is None:
+            what = f"edits in one step from the source (source_start={start})" if start is not None \
+                else "edits a source image (residual reading)"
+            raise ValueError(f"this pipeline's adapter {what}: pass image=")
+        if on_grid and _auto_resize:
+            raise ValueError("_auto_resize=True encodes the source at a Kontext resolution, but this pipeline's adapter "
+                             "reads it on the output's grid: leave _auto_resize unset")
+
+        # 1. Sources (validated, one per instruction or one for all) and sizes.
+        image, count, source = _check_sources(image)
+        n_prompts = len(prompts) if prompts is not None else (prompt_embeds.shape[0] if prompt_embeds is not None else 1)
+        if count not in (0, 1, n_prompts):
+            raise ValueError(f"got {count} source images for {n_prompts} instructions: pass one image, or one per "
+                             "instruction")
+        cap = self.default_max_area if max_area is None else max_area
+        (height, width), encode = self._edit_size(source, height, width, cap, on_grid, warn=max_area is None)
+        if image is not None and not _auto_resize:
+            image = _resize_sources(image, encode)
+
+        # 2. Text length, steps and the one-step schedule.
+        if max_sequence_length is None:
+            max_sequence_length = self.text_length()
         if start is not None:
-            if image is None:
-                raise ValueError(f"this pipeline's adapter edits in one step from the source (source_start={start}): "
-                                 "pass image=")
-            if kwargs.get("num_inference_steps") not in (None, 1):
+            if num_inference_steps not in (None, 1):
                 raise ValueError(f"this pipeline's adapter edits in one step from the source (source_start={start}); "
-                                 f"num_inference_steps={kwargs['num_inference_steps']} is not supported, leave it unset")
-            for key in ("latents", "sigmas", "timesteps"):
-                if kwargs.get(key) is not None:
+                                 f"num_inference_steps={num_inference_steps} is not supported, leave it unset")
+            for key, value in (("latents", latents), ("sigmas", sigmas)):
+                if value is not None:
                     raise ValueError(f"{key}= cannot be given to a one-step adapter: it starts from the source at "
                                      f"noise level {start}")
             mu, cfg = None, self.scheduler.config
@@ -283,20 +443,17 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
                 tokens = (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
                 mu = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                                      cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-            kwargs.update(num_inference_steps=1, sigmas=[unshifted_sigma(self.scheduler, start, mu)])
-        elif kwargs.get("num_inference_steps") is None:
-            kwargs["num_inference_steps"] = self.default_num_inference_steps
+            num_inference_steps, sigmas = 1, [unshifted_sigma(self.scheduler, start, mu)]
+        elif num_inference_steps is None:
+            num_inference_steps = self.default_num_inference_steps
 
+        # 3. Routing by task (ids in the order of the batch: each instruction's images side by side).
         routing = contextlib.nullcontext()
         if self._routes_by_task():
-            if prompts is None:
-                if task is None:
-                    raise ValueError("pass task= when calling with prompt_embeds: there is no instruction to classify")
-                n = kwargs["prompt_embeds"].shape[0] // (kwargs.get("num_images_per_prompt") or 1)
-                prompts = [""] * n
-            ids = self.resolve_tasks(prompts, task)
-            per_prompt = kwargs.get("num_images_per_prompt") or 1
-            task_ids = torch.tensor(ids, dtype=torch.long).repeat_interleave(per_prompt)
+            if prompts is None and task is None:
+                raise ValueError("pass task= when calling with prompt_embeds: there is no instruction to classify")
+            ids = self.resolve_tasks(prompts if prompts is not None else [""] * n_prompts, task)
+            task_ids = torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_prompt)
             routing = routing_context(self.transformer, task_ids=task_ids)
         elif task is not None:  # no router to feed, but an unknown task name is still an error
             for t in task if isinstance(task, (list, tuple)) else [task]:
@@ -306,14 +463,101 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
             if prediction_type(self.scheduler) != "flow":
                 raise ValueError("a residual-reading adapter needs a flow (velocity) base; this base's scheduler reads "
                                  f"its output as {prediction_type(self.scheduler)!r}")
-            if image is None:
-                raise ValueError("this pipeline's adapter edits a source image (residual reading): pass image=")
             reading = residual_reading(self.transformer)
+
+        # 4. Stock Kontext from here: text encoding, latents, timesteps, loop, decode.
         self._start_from_source = start is not None
         try:
             # LoRA hook: joint_attention_kwargs={"scale": s} scales the community LoRAs (pipeline_lora.py)
-            with routing, reading, self._community_lora_scale(kwargs.get("joint_attention_kwargs")):
-                return super().__call__(image=image, prompt=prompt, height=height, width=width, max_area=area,
-                                        **kwargs)
+            with routing, reading, self._community_lora_scale(joint_attention_kwargs):
+                return super().__call__(
+                    image=image, prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt,
+                    negative_prompt_2=negative_prompt_2, true_cfg_scale=true_cfg_scale, height=height, width=width,
+                    num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
+                    num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+                    prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                    ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+                    negative_ip_adapter_image=negative_ip_adapter_image,
+                    negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, output_type=output_type,
+                    return_dict=return_dict, joint_attention_kwargs=joint_attention_kwargs,
+                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                    max_sequence_length=max_sequence_length, max_area=height * width, _auto_resize=_auto_resize)
         finally:
             self._start_from_source = False
+
+
+# -- input checks and sizes (module level: they need no pipeline state) ------------------------------
+def _check_instructions(prompt) -> list[str] | None:
+    if prompt is None:
+        return None
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError("the instruction is empty: say what to change, e.g. 'make the car red'")
+        if len(p) > MAX_INSTRUCTION_CHARS:
+            raise ValueError(f"the instruction has {len(p)} characters; the limit is {MAX_INSTRUCTION_CHARS}")
+    return prompts
+
+
+def _check_sources(image):
+    """(sources, how many, (height, width) of the first) for a call's ``image``; (None, 0, None) without one.
+
+    Tensors stay tensors, (B, 3, H, W) in [0, 1]; everything else becomes RGB PIL images (``as_rgb_image``).
+    """
+    if image is None:
+        return None, 0, None
+    if torch.is_tensor(image):
+        if image.dim() == 3:
+            image = image[None]
+        if image.dim() != 4 or image.shape[1] != 3 or not image.is_floating_point():
+            raise ValueError(f"an image tensor must be float (B, 3, H, W) or (3, H, W), got {image.dtype} "
+                             f"{tuple(image.shape)}")
+        if image.numel() and (image.min() < 0 or image.max() > 1):
+            raise ValueError(f"image tensor values must be in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
+        h, w = image.shape[-2:]
+        if min(h, w) < MIN_SIDE:
+            raise ValueError(f"image is {w}x{h}: both sides must be at least {MIN_SIDE} pixels")
+        return image, image.shape[0], (h, w)
+    if isinstance(image, (list, tuple)):
+        image = [as_rgb_image(im, f"image {i}") for i, im in enumerate(image)]
+        if not image:
+            raise ValueError("image is an empty list")
+        for i, im in enumerate(image[1:], 1):  # one batch tensor: every source at one size, unstretched
+            if not _same_aspect(im.size[::-1], image[0].size[::-1]):
+                raise ValueError(f"source image {i} is {im.size[0]}x{im.size[1]}, another aspect ratio than source 0 "
+                                 f"({image[0].size[0]}x{image[0].size[1]}): edit it in a separate call")
+        return image, len(image), image[0].size[::-1]
+    image = as_rgb_image(image)
+    return image, 1, image.size[::-1]
+
+
+def _fit(height: int, width: int, max_area: int, grid: int, what: str) -> tuple[int, int]:
+    """(height, width) scaled down to at most ``max_area`` pixels (never up), rounded down to ``grid``."""
+    scale = min(1.0, (max_area / (height * width)) ** 0.5)
+    h, w = int(height * scale) // grid * grid, int(width * scale) // grid * grid
+    if h == 0 or w == 0:
+        capped = f" capped at max_area={max_area}" if scale < 1 else ""
+        raise ValueError(f"{what} {width}x{height}{capped} is smaller than the model's {grid}-pixel grid")
+    return h, w
+
+
+def _same_aspect(size: tuple[int, int], source: tuple[int, int]) -> bool:
+    """Whether ``size`` (height, width) has the aspect ratio of ``source`` to within one pixel of ``size``:
+    |h - w * sh / sw| <= 1 or |w - h * sw / sh| <= 1, the best a whole-pixel size can do."""
+    (h, w), (sh, sw) = size, source
+    return abs(h * sw - w * sh) <= max(sh, sw)
+
+
+def _resize_sources(image, size: tuple[int, int]):
+    """Every source at ``size`` (height, width)."""
+    h, w = size
+    if torch.is_tensor(image):
+        if tuple(image.shape[-2:]) == (h, w):
+            return image
+        return torch.nn.functional.interpolate(image, size=(h, w), mode="bilinear", antialias=True,
+                                               align_corners=False).clamp(0, 1)
+    resize = lambda im: im if im.size == (w, h) else im.resize((w, h))  # noqa: E731
+    return [resize(im) for im in image] if isinstance(image, list) else resize(image)

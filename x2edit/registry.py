@@ -93,6 +93,9 @@ def resolve_base(name_or_path: str | os.PathLike) -> tuple[str, BaseModel | None
 
 
 EMBEDDED_META = "x2edit_embedded.json"
+# Keys of x2edit_embedded.json that set what the pipeline uses when a call passes None: the step count
+# a bundled model was measured best at, and the pixel area it works at (x2edit-tiny: 64x64 Shape World).
+PIPELINE_DEFAULTS = {"num_inference_steps": "default_num_inference_steps", "max_area": "default_max_area"}
 
 
 def embedded_text_components(path: Path, meta: dict) -> dict:
@@ -113,10 +116,34 @@ def embedded_text_components(path: Path, meta: dict) -> dict:
     return {"text_encoder": AutoModel.from_pretrained(minilm_path()).float().eval(), "tokenizer": tokenizer}
 
 
+def resolve_device(device: str | None = None) -> str:
+    """``device``, checked to exist on this machine (one-line ``ValueError`` otherwise); None: cuda if
+    available, else cpu. torch itself fails late, with an assertion, on a CUDA device it does not have."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: expected cpu, cuda, cuda:N, mps, ...") from None
+    backend = getattr(torch, kind.type, None) if kind.type != "mps" else torch.backends.mps
+    if kind.type != "cpu" and backend is not None and hasattr(backend, "is_available"):
+        if not backend.is_available():
+            raise ValueError(f"device {device!r} is not available here (torch {torch.__version__} sees no "
+                             f"{kind.type.upper()} device): use cpu")
+        count = getattr(backend, "device_count", lambda: 1)()
+        if kind.index is not None and kind.index >= count:
+            raise ValueError(f"device {device!r} does not exist: this machine has {count} {kind.type} device(s)")
+    return device
+
+
 def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=None, device: str | None = None):
     """Load an ``X2EditPipeline`` for a registered name or a local directory."""
     from x2edit.pipeline import X2EditPipeline
 
+    if device is not None:
+        resolve_device(device)  # before loading anything
     source, model = resolve_base(name_or_path)
     if model is not None and model.mode == "diptych":
         raise ValueError(f"{model.name} is a Fill model for diptych editing, which X2EditPipeline does not run; "
@@ -124,12 +151,19 @@ def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=No
     # Bundled layout (no sentence encoder inside): the registered x2edit-tiny, or such a directory.
     meta_file = Path(source) / EMBEDDED_META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    defaults = {}
+    for key, attribute in PIPELINE_DEFAULTS.items():
+        value = (meta or {}).get(key)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{meta_file}: {key} must be a positive integer, got {value!r}")
+            defaults[attribute] = value
     components = embedded_text_components(Path(source), meta) if meta is not None else {}
     try:
         pipe = X2EditPipeline.from_pretrained(source, torch_dtype=torch_dtype, **components)
     except OSError as e:
         raise ValueError(f"could not load base model {name_or_path!r} from {source} ({str(e).splitlines()[0]}); "
                          "without network access, download it elsewhere and pass the local directory") from None
-    if meta is not None and meta.get("num_inference_steps") is not None:
-        pipe.default_num_inference_steps = int(meta["num_inference_steps"])
+    for attribute, value in defaults.items():
+        setattr(pipe, attribute, value)
     return pipe.to(device) if device else pipe

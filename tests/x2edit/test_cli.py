@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from x2edit import X2EditPipeline
@@ -43,6 +44,9 @@ def tiny_base(tmp_path_factory):
     inject_adapters(pipe.transformer, AdapterConfig(rank=4, num_experts=3, top_k=2))
     randomize_adapters(pipe.transformer)
     save_adapter(pipe.transformer, d / "moe.safetensors")
+    inject_adapters(pipe.transformer, AdapterConfig(rank=4, num_experts=3, top_k=2, max_sequence_length=16), "len16")
+    randomize_adapters(pipe.transformer, "len16")
+    save_adapter(pipe.transformer, d / "moe16.safetensors", "len16")  # trained with 16-token instructions
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(d / "src.png")
     return d
 
@@ -64,6 +68,7 @@ def test_edit_end_to_end(tiny_base, capsys):
 @pytest.mark.parametrize("change,message", [
     ({"--image": "absent.png"}, "image not found"),
     ({"--image": "junk.png"}, "not an image"),
+    ({"--image": "signature_then_garbage.png"}, "corrupt or truncated"),
     ({"--instruction": "  "}, "instruction is empty"),
     ({"--task": "recolor"}, "unknown task"),
     ({"--out": "out.gif"}, "--out must end in"),
@@ -73,17 +78,68 @@ def test_edit_end_to_end(tiny_base, capsys):
     ({"--base": "nonexistent_dir/"}, "not found"),
     ({"--adapter": "absent.safetensors"}, "adapter file not found"),
     ({"--adapter": "junk.png"}, "not a readable safetensors"),
+    ({"--lora": "absent.safetensors"}, "LoRA file not found"),
+    ({"--lora": "junk.png"}, "not a readable safetensors"),
+    ({"--lora": "moe.safetensors"}, "is an x2edit adapter: pass it with --adapter"),
+    ({"--max-area": "0"}, "--max-area must be >= 1"),
+    ({"--device": "cuda:7"}, "not available here" if not torch.cuda.is_available() else "does not exist"),
+    ({"--device": "gpu"}, "unknown device 'gpu'"),
 ])
-def test_edit_bad_input_exits_2_with_one_line_and_no_output(tiny_base, capsys, change, message):
+def test_edit_bad_input_exits_2_with_one_line_and_no_output(tiny_base, capsys, monkeypatch, change, message):
     (tiny_base / "junk.png").write_bytes(b"garbage")
+    (tiny_base / "signature_then_garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    if "--base" not in change:  # refused before any model is loaded
+        import x2edit.registry
+
+        monkeypatch.setattr(x2edit.registry, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     opts = {"--image": "src.png", "--instruction": "make it red", "--out": "bad_out.png",
             "--base": str(tiny_base / "base"), "--steps": "1", **change}
     argv = ["edit"]
     for k, v in opts.items():
-        argv += [k, v if k in ("--instruction", "--steps", "--task") or v.startswith(("/", "x2edit", "flux"))
-                 else str(tiny_base / v)]
+        argv += [k, v if k in ("--instruction", "--steps", "--task", "--max-area", "--device")
+                 or v.startswith(("/", "x2edit", "flux")) else str(tiny_base / v)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tiny_base / opts["--out"]).exists()
     assert not list(tiny_base.glob(".*tmp*"))
+
+
+def test_edit_encodes_the_instruction_to_the_adapters_trained_length(tiny_base, monkeypatch):
+    """x2edit edit passes no max_sequence_length: the pipeline takes the adapter's (else 512, cut to the
+    tokenizer's 77 here)."""
+    from diffusers import FluxTransformer2DModel
+
+    lengths, forward = [], FluxTransformer2DModel.forward
+
+    def spy(self, *args, **kwargs):
+        lengths.append(kwargs["encoder_hidden_states"].shape[1])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", spy)
+    for adapter, expected in [("moe.safetensors", 77), ("moe16.safetensors", 16)]:
+        lengths.clear()
+        assert main(["edit", "--image", str(tiny_base / "src.png"), "--instruction", "make it red", "--out",
+                     str(tiny_base / "len.png"), "--base", str(tiny_base / "base"), "--adapter", str(tiny_base / adapter),
+                     "--steps", "1", "--task", "color_change"]) == 0
+        assert lengths == [expected]
+
+
+def test_edit_caps_a_photo_at_the_embedded_models_working_size_with_one_warning(tmp_path, capsys, caplog):
+    """x2edit-tiny knows 64 px Shape World: a 3000x2000 photo used to be edited at full size (61 s, 1.8 GB).
+    It is edited at 64x64's area, saying so once; --max-area overrides."""
+    ramp = np.linspace(0, 255, 3000, dtype=np.uint8)
+    Image.fromarray(np.stack([np.tile(ramp, (2000, 1))] * 3, axis=-1)).save(tmp_path / "photo.jpg")
+    argv = ["edit", "--image", str(tmp_path / "photo.jpg"), "--instruction", "make the square red",
+            "--out", str(tmp_path / "out.png")]
+    with caplog.at_level("WARNING", logger="x2edit.pipeline"):
+        assert main(argv) == 0
+    assert Image.open(tmp_path / "out.png").size == (72, 48)  # 4096 px at 3:2 (78x52), on the 8-pixel grid
+    assert [r.getMessage() for r in caplog.records] == [
+        "the source image is 3000x2000, more than this pipeline's working area of 4096 pixels (about 64x64): editing "
+        "at 72x48; pass max_area= (x2edit edit: --max-area) to change it (reported once per pipeline)"]
+    assert "72x48" in capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="x2edit.pipeline"):
+        assert main([*argv, "--max-area", "8192"]) == 0
+    assert Image.open(tmp_path / "out.png").size == (104, 72) and not caplog.records

@@ -51,3 +51,25 @@ def test_size_limits():
         as_rgb_image(Image.new("RGB", (0, 0)))
     with pytest.raises(ValueError, match="MP limit"):
         as_rgb_image(Image.new("L", (4097, 4097)).convert("RGB"), max_pixels=MAX_PIXELS)
+
+
+def test_a_known_signature_followed_by_garbage_is_refused_in_one_line(tmp_path):
+    """PIL raises OSError('Truncated File Read') from Image.open for these, before any decoding."""
+    for name, head in [("sig.png", b"\x89PNG\r\n\x1a\n"), ("sig.jpg", b"\xff\xd8\xff\xe0"), ("sig.gif", b"GIF89a")]:
+        (tmp_path / name).write_bytes(head + b"garbage" * 10)
+        with pytest.raises(ValueError, match="corrupt or truncated|not an image") as e:
+            load_image(tmp_path / name)
+        assert "\n" not in str(e.value)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored landscape with 'rotate 90' in EXIF is the portrait image viewers show."""
+    img = Image.new("RGB", (30, 10), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 10, 10))  # red on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    img.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = load_image(tmp_path / "phone.jpg")
+    assert upright.size == (10, 30)
+    r, g, b = upright.getpixel((5, 2))  # the stored left edge is now the top
+    assert r > 200 and b < 50

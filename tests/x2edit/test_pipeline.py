@@ -1,5 +1,7 @@
 """X2EditPipeline end to end on tiny seeded FLUX components (CLIP+T5 and sentence-encoder layouts)."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +173,100 @@ def test_truncated_instructions_are_reported_once_with_a_count(caplog):
         pipe.encode_prompt([long], device="cpu", max_sequence_length=8)  # every training step would say it again
     assert [r.getMessage() for r in caplog.records] == [
         "2 of 3 instructions truncated to 8 tokens (reported once per pipeline)"]
+
+
+# x2edit's defaults that differ from FluxKontextPipeline's, each on purpose (X2EditPipeline.__call__'s
+# docstring): None = the pipeline's own default, which is stock's value on a stock-configured pipeline
+# (checked below), and the source is encoded at its own size rather than a Kontext resolution.
+OWN_DEFAULTS = {"num_inference_steps": None, "max_sequence_length": None, "max_area": None, "_auto_resize": False}
+
+
+def test_call_takes_every_stock_kontext_parameter_in_order_with_its_default():
+    stock = inspect.signature(FluxKontextPipeline.__call__).parameters
+    ours = inspect.signature(X2EditPipeline.__call__).parameters
+    assert list(ours)[:len(stock)] == list(stock)
+    assert {n: ours[n].default for n in stock if ours[n].default != OWN_DEFAULTS.get(n, stock[n].default)} == {}
+    assert [n for n in ours if n not in stock] == ["task"] and ours["task"].kind is inspect.Parameter.KEYWORD_ONLY
+    undocumented = [n for n in ours if n != "self" and n not in X2EditPipeline.__call__.__doc__]
+    assert undocumented == []
+    pipe = X2EditPipeline(**tiny_kontext_components(0))
+    assert (pipe.default_num_inference_steps, pipe.default_max_sequence_length, pipe.default_max_area) == (
+        stock["num_inference_steps"].default, stock["max_sequence_length"].default, stock["max_area"].default)
+
+
+def _other_image():
+    return Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 24, 3), dtype=np.uint8))
+
+
+def _to_tensor(img):
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W) in [0, 1]
+
+
+@pytest.mark.parametrize("form", ["pil", "tensor", "prompt_embeds"])
+def test_each_source_goes_with_its_own_instruction_and_task(form, source_image):
+    """Two sources, two instructions, two images each: with the same starting noise for every sample,
+    output i must be exactly the single edit of pair i // 2 (stock repeats sources [A, B, A, B])."""
+    pipe = _pipe()
+    pairs = [(source_image, "make it red", "color_change"), (_other_image(), "remove the circle", "subject_deletion")]
+    noise = torch.randn(1, 30, 16, generator=_gen(0))  # packed (B, (20/4)*(24/4) tokens, 4 x 4 channels)
+    singles = [pipe(img, p, task=t, latents=noise, **KW).images[0] for img, p, t in pairs]
+    assert np.abs(singles[0] - singles[1]).max() > 1e-2
+    images, text = [img for img, _, _ in pairs], {"prompt": [p for _, p, _ in pairs]}
+    if form == "tensor":
+        images = torch.stack([_to_tensor(img) for img in images])  # (2, 3, 20, 24)
+    if form == "prompt_embeds":  # one row per instruction, as encode_prompt gives them
+        embeds, pooled, _ = pipe.encode_prompt(text["prompt"], max_sequence_length=KW["max_sequence_length"])
+        text = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    out = pipe(images, **text, task=[t for _, _, t in pairs], num_images_per_prompt=2,
+               latents=noise.expand(4, -1, -1).clone(), **KW).images
+    assert out.shape == (4, 20, 24, 3)
+    for i in range(4):
+        np.testing.assert_allclose(out[i], singles[i // 2], atol=1e-5, err_msg=f"output {i}")
+
+
+def test_a_tensor_source_keeps_its_size_and_edits_as_the_same_pil_image(source_image):
+    pipe = _pipe()
+    from_pil = pipe(source_image, "make it red", task=0, generator=_gen(0), **KW).images
+    for tensor in (_to_tensor(source_image), _to_tensor(source_image)[None]):  # (3, H, W) and (1, 3, H, W)
+        out = pipe(tensor, "make it red", task=0, generator=_gen(0), **KW).images
+        assert out.shape == (1, 20, 24, 3)
+        np.testing.assert_allclose(out, from_pil, atol=1e-5)
+
+
+@pytest.mark.parametrize("image,message", [
+    (torch.zeros(2, 4, 20, 24), "float \\(B, 3, H, W\\)"),
+    (torch.zeros(1, 3, 20, 24, dtype=torch.uint8), "float \\(B, 3, H, W\\)"),
+    (torch.full((1, 3, 20, 24), -1.0), "in \\[0, 1\\]"),
+    (torch.zeros(1, 3, 4, 24), "at least 8 pixels"),
+])
+def test_bad_image_tensors(image, message):
+    with pytest.raises(ValueError, match=message):
+        _pipe()(image, "make it red", task=0, **KW)
+
+
+def test_sources_and_instructions_must_pair_up(source_image):
+    with pytest.raises(ValueError, match="got 2 source images for 3 instructions"):
+        _pipe()([source_image] * 2, ["a", "b", "c"], task=0, **KW)
+
+
+def _text_lengths(transformer_inputs, pipe, image, **kwargs):
+    with transformer_inputs(pipe) as seen:
+        pipe(image, "make it red", task=0, num_inference_steps=1, output_type="latent", **kwargs)
+    return [kw["encoder_hidden_states"].shape[1] for kw in seen]
+
+
+def test_instructions_are_encoded_to_the_length_the_adapter_was_trained_with(source_image, transformer_inputs):
+    """T5 pads to max_sequence_length: 512 tokens unless the adapter records its trained length."""
+    pipe = X2EditPipeline(**tiny_kontext_components(0))
+    pipe.set_progress_bar_config(disable=True)
+    assert _text_lengths(transformer_inputs, pipe, source_image) == [512]  # no adapter: stock's default
+    inject_adapters(pipe.transformer, AdapterConfig(rank=4, num_experts=3, top_k=2, max_sequence_length=16))
+    assert pipe.text_length() == 16
+    assert _text_lengths(transformer_inputs, pipe, source_image) == [16]
+    assert _text_lengths(transformer_inputs, pipe, source_image, max_sequence_length=24) == [24]  # the caller's wins
+    inject_adapters(pipe.transformer, AdapterConfig(rank=4, num_experts=3, top_k=2, max_sequence_length=32), "other")
+    with pytest.raises(ValueError, match=r"different text lengths .*\[16, 32\]"):
+        _text_lengths(transformer_inputs, pipe, source_image)
+    assert _text_lengths(transformer_inputs, pipe, source_image, max_sequence_length=24) == [24]
+    pipe.set_adapters(["other"])  # only active adapters count
+    assert _text_lengths(transformer_inputs, pipe, source_image) == [32]

