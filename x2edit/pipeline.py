@@ -45,6 +45,7 @@ from x2edit.adapters import (
     residual_reading,
     routing_context,
     save_adapter,
+    static_merge,
 )
 from x2edit.adapters.community import COMMUNITY
 from x2edit.adapters.inject import _set_submodule
@@ -458,7 +459,11 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
         elif task is not None:  # no router to feed, but an unknown task name is still an error
             for t in task if isinstance(task, (list, tuple)) else [task]:
                 get_task(t)
-        reading = contextlib.nullcontext()
+        # Static adapters (plain and community LoRAs, a task-routed MoE-LoRA on a one-task batch) are folded
+        # into transient merged weights for the loop where that is cheaper than the low-rank term at every
+        # step (kernels' cost rule); the base weights are not written. Not under the residual reading, whose
+        # calls switch adapters off and on within each step.
+        reading = static_merge(self.transformer, calls=num_inference_steps)
         if residual_adapters(self.transformer):
             if prediction_type(self.scheduler) != "flow":
                 raise ValueError("a residual-reading adapter needs a flow (velocity) base; this base's scheduler reads "

@@ -200,3 +200,39 @@ def test_the_cost_rule_decides_per_layer():
     with pytest.raises(ValueError, match="calls"):
         with static_merge(layer, calls=0):
             pass
+
+
+def test_the_pipeline_runs_static_adapters_merged_for_its_loop(monkeypatch):
+    """X2EditPipeline wraps its loop in static_merge: with merging cheaper (forced here; on a GPU the cost rule
+    decides), a task-routed MoE-LoRA is folded into transient weights for the whole call, gives the unmerged
+    edit, and leaves the base weights bit for bit."""
+    import numpy as np
+    from PIL import Image
+
+    from x2edit import X2EditPipeline
+    from x2edit.testing import tiny_kontext_components
+
+    pipe = X2EditPipeline(**tiny_kontext_components(0))
+    pipe.set_progress_bar_config(disable=True)
+    inject_adapters(pipe.transformer, TASK_MOE)
+    randomize(pipe.transformer, "default")
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    call = dict(image=source, prompt="make it red", task="color_change", num_inference_steps=2,
+                max_sequence_length=16, output_type="np")
+    unmerged = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    before = base_weights(pipe.transformer)
+    built = []
+    real = layers_module.StaticMerge.weight
+
+    def spy(self, layer, key, x, R, build):
+        merged = real(self, layer, key, x, R, build)
+        built.append(merged is not None)
+        return merged
+
+    monkeypatch.setattr(kernels, "merge_is_cheaper", lambda *a, **k: True)
+    monkeypatch.setattr(layers_module.StaticMerge, "weight", spy)
+    merged = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert built and all(built)  # every adapted layer ran on its merged weight
+    np.testing.assert_allclose(merged, unmerged, atol=1e-4)
+    after = base_weights(pipe.transformer)
+    assert all(torch.equal(before[n], after[n]) for n in before)
