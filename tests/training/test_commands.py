@@ -32,6 +32,7 @@ def test_bundle_has_no_sentence_encoder_and_loads_by_path(bundled):
     assert adapter_names(pipe.transformer) == ["default"]
     assert pipe.default_num_inference_steps == 3  # the bundle's own step count, from x2edit_embedded.json
     assert pipe.tokenizer.model_max_length == 16
+    assert pipe.default_max_area == 64 * 64  # the training resolution, from x2edit_embedded.json
     assert pipe.text_encoder.config.hidden_size == 384  # the real all-MiniLM-L6-v2 from its package
     size = sum(f.stat().st_size for f in bundled.rglob("*") if f.is_file())
     assert size < 1e6  # the test model is tiny; the real bundle is checked by tests/x2edit/test_embedded.py

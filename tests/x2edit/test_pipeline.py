@@ -270,3 +270,14 @@ def test_instructions_are_encoded_to_the_length_the_adapter_was_trained_with(sou
     assert _text_lengths(transformer_inputs, pipe, source_image, max_sequence_length=24) == [24]
     pipe.set_adapters(["other"])  # only active adapters count
     assert _text_lengths(transformer_inputs, pipe, source_image) == [32]
+
+
+@pytest.mark.gpu
+def test_text_encoders_on_the_cpu_beside_a_gpu_transformer(source_image):
+    """model.text_encoder_device: cpu keeps CLIP + T5 off the GPU; the pipeline encodes there and moves the result."""
+    pipe = _pipe()
+    pipe.to("cuda")
+    pipe.text_encoder.to("cpu")
+    pipe.text_encoder_2.to("cpu")
+    out = pipe(source_image, "make it red", task="color_change", generator=_gen(0), **KW).images
+    assert np.isfinite(out).all()
