@@ -150,8 +150,9 @@ def randomize_adapters(model, adapter_name: str = "default", std: float = 0.1, s
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in adapter_layers(model):
-            for p in layer.adapters[adapter_name].parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+            if adapter_name in layer.adapters:  # other adapters may cover other layers
+                for p in layer.adapters[adapter_name].parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def tiny_flux_inputs(batch: int = 2, img_tokens: int = 16, txt_tokens: int = 8, seed: int = 0) -> dict:

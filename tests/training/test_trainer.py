@@ -503,32 +503,30 @@ def _two_task_trainer(tmp_path, base_dir, **over):
     return trainer
 
 
-def test_contrastive_term_changes_the_adapters_gradient(tmp_path, base_dir):
-    """Fails if the contrastive term is dropped from the loss (or multiplied by 0)."""
-    batch = None
-    grads = {}
+def _grads_off_and_on(tmp_path, base_dir, term: str, other: str):
+    """(loss parts with the term on, adapter gradients with its weight 0 and 1) on the same batch; ``other``
+    (the other auxiliary weight) is 0 in both."""
+    batch, grads = None, {}
     for weight in (0.0, 1.0):
-        trainer = _two_task_trainer(tmp_path / str(weight), base_dir, **{"loss.contrastive_weight": weight,
-                                                                          "loss.balance_weight": 0})
+        trainer = _two_task_trainer(tmp_path / str(weight), base_dir, **{term: weight, other: 0})
         batch = batch or trainer.batch(0)
         parts, grads[weight] = _adapter_grads(trainer, batch)
+    return parts, grads[0.0], grads[1.0]
+
+
+def test_contrastive_term_changes_the_adapters_gradient(tmp_path, base_dir):
+    """Fails if the contrastive term is dropped from the loss (or multiplied by 0)."""
+    parts, off, on = _grads_off_and_on(tmp_path, base_dir, "loss.contrastive_weight", "loss.balance_weight")
     assert parts["contrastive"] > 0
-    diff = {n: (grads[1.0][n] - grads[0.0][n]).abs().max().item() for n in grads[0.0]}
-    assert any(v > 1e-6 for k, v in diff.items() if ".lora_" in k)  # it reaches the experts
+    assert any((on[n] - off[n]).abs().max() > 1e-6 for n in off if ".lora_" in n)  # it reaches the experts
 
 
 def test_balance_term_reaches_the_router_gate(tmp_path, base_dir):
     """Fails if the balance term is dropped from the loss (or multiplied by 0)."""
-    batch = None
-    grads = {}
-    for weight in (0.0, 1.0):
-        trainer = _two_task_trainer(tmp_path / str(weight), base_dir, **{"loss.balance_weight": weight,
-                                                                          "loss.contrastive_weight": 0})
-        batch = batch or trainer.batch(0)
-        parts, grads[weight] = _adapter_grads(trainer, batch)
+    parts, off, on = _grads_off_and_on(tmp_path, base_dir, "loss.balance_weight", "loss.contrastive_weight")
     assert parts["balance"] > 0
-    gate = [n for n in grads[0.0] if n.endswith("router.gate.weight")]
-    assert gate and any((grads[1.0][n] - grads[0.0][n]).abs().max() > 1e-7 for n in gate)
+    gate = [n for n in off if n.endswith("router.gate.weight")]
+    assert gate and any((on[n] - off[n]).abs().max() > 1e-7 for n in gate)
 
 
 @pytest.mark.parametrize("router", ["token_topk", "task"])

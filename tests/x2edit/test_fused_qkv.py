@@ -15,7 +15,6 @@ import kernels
 from x2edit.adapters import (
     AdapterConfig,
     FusedAdapterLinear,
-    adapter_layers,
     fuse_qkv_projections,
     inject_adapters,
     load_community_lora,
@@ -23,7 +22,7 @@ from x2edit.adapters import (
     routing_context,
     static_merge,
 )
-from x2edit.testing import tiny_flux_inputs, tiny_flux_transformer
+from x2edit.testing import randomize_adapters, tiny_flux_inputs, tiny_flux_transformer
 
 MOE = AdapterConfig(rank=4, num_experts=3, top_k=2)  # token routing, X2Edit's placement
 TASK_MOE = AdapterConfig(rank=4, num_experts=3, top_k=2, router="task")
@@ -34,12 +33,7 @@ QK_LORA = AdapterConfig(kind="lora", rank=2, alpha=3.0,
 
 
 def randomize(model, name, std=0.2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapter_layers(model):
-            if name in layer.adapters:
-                for p in layer.adapters[name].parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+    randomize_adapters(model, name, std=std, seed=seed)
 
 
 def model_with(*configs, seed=0):

@@ -26,7 +26,7 @@ from x2edit.adapters import (
 )
 from x2edit.adapters import layers as layers_module
 from x2edit.adapters.inject import make_adapter
-from x2edit.testing import tiny_flux_inputs, tiny_flux_transformer
+from x2edit.testing import randomize_adapters, tiny_flux_inputs, tiny_flux_transformer
 
 TASK_MOE = AdapterConfig(rank=4, num_experts=4, top_k=2, router="task")
 TOKEN_MOE = AdapterConfig(rank=4, num_experts=4, top_k=2)
@@ -34,12 +34,7 @@ LORA = AdapterConfig(kind="lora", rank=3, alpha=6.0)
 
 
 def randomize(model, name, std=0.2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapter_layers(model):
-            if name in layer.adapters:
-                for p in layer.adapters[name].parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+    randomize_adapters(model, name, std=std, seed=seed)
 
 
 def model_with(*configs, dtype=torch.float32):
