@@ -703,6 +703,10 @@ class Trainer:
         bar.close()
         writer.close()
         self.save_final()
+        # Every process waits for the main one's files, then the process group goes down in order (a rank
+        # leaving while gloo's threads still run aborted at exit: "terminate called without an active exception").
+        acc.wait_for_everyone()
+        acc.end_training()
         return self.out
 
     def save_final(self) -> None:
