@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# x2edit-tiny release 4 in one command on one H100/H200 (~9 minutes): stage 1 (text-to-image base),
+# x2edit-tiny release 4 in one command on one H100/H200 (~8 minutes): stage 1 (text-to-image base),
 # stage 2 (the X2Edit MoE-LoRA editing adapter on the frozen base), the bundle, `x2edit eval` with
 # label and classifier routing, and the demo grid. Each stage has its own time budget.
 #
@@ -12,7 +12,7 @@
 #   log.txt              everything the stages printed
 # and OUT/work/ the stages' own folders (checkpoints, metrics.jsonl, configs), which stay there.
 # --smoke runs every stage for a few steps on tiny pools (CPU, ~2 minutes): what CI runs, so the
-# recipe cannot rot. Environment: BASE_S, ADAPTER_S (stage budgets in seconds, default 240 and 150),
+# recipe cannot rot. Environment: BASE_S, ADAPTER_S (stage budgets in seconds, default 210 and 120),
 # ADAPTER (adapter | adapter_multistep: configs/x2edit_tiny/gpu/ADAPTER.yaml), STEPS (the bundle's
 # denoising steps: 1 for the one-step adapter, default 8 for the multi-step one), PYTHON.
 #
@@ -21,7 +21,7 @@
 #               python -m training.recipes.pack_minilm .minilm
 #               python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#                 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 webdataset==0.2.86 braceexpand
+#                 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1
 #   run (carry [".whl", ".minilm"], timeout_s 600):
 #     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
 #     export PYTHONPATH=/tmp/site:$PWD X2EDIT_MINILM=$PWD/.minilm PYTHON=python3 || exit;
@@ -33,8 +33,8 @@ SMOKE=${2:-}
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 ADAPTER=${ADAPTER:-adapter}
-BASE_S=${BASE_S:-240}
-ADAPTER_S=${ADAPTER_S:-150}
+BASE_S=${BASE_S:-210}
+ADAPTER_S=${ADAPTER_S:-120}
 if [ "$ADAPTER" = adapter ]; then STEPS=${STEPS:-1}; else STEPS=${STEPS:-8}; fi
 CFG=configs/x2edit_tiny/gpu
 mkdir -p "$OUT/work"
