@@ -11,12 +11,15 @@ fused with the base matmul where a fast kernel is available.
 
 Routing inputs (task ids, timestep) do not flow through diffusers' forward signatures, so they are
 set for the duration of one call by ``routing_context`` (see ``x2edit.adapters.inject``) as a
-``RoutingState`` on each layer; outside such a context ``routing`` is None.
+``RoutingState`` on each layer; outside such a context ``routing`` is None. The same state may carry
+``adapter_gates``: per-sample gates for named adapters supplied from outside (the multi-LoRA fusion
+of ``retrieval.fusion``), folded into the gates of the one kernel call.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,11 +39,15 @@ class RoutingState:
         task_ids: (B,) long tensor of task ids, one per sample of the batch.
         timestep: (B,) diffusion time in [0, 1], for timestep-dependent gates.
         aux_losses: router balance losses appended by each MoE layer during the call.
+        adapter_gates: called by each layer with itself; returns {adapter name: (B,) gate}, a
+            per-sample multiplier of that adapter's output in this layer (adapters not named keep
+            theirs). How a gated fusion of several LoRAs reaches the layers, per layer and per step.
     """
 
     task_ids: torch.Tensor | None = None
     timestep: torch.Tensor | None = None
     aux_losses: list[torch.Tensor] = field(default_factory=list)
+    adapter_gates: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
 
     @property
     def balance_loss(self) -> torch.Tensor | None:
@@ -151,6 +158,12 @@ def _pad_rank(A: torch.Tensor, B: torch.Tensor, rank: int):
     return F.pad(A, (0, 0, 0, rank - r)), F.pad(B, (0, rank - r))
 
 
+def _times_sample_gate(gates: torch.Tensor | None, g: torch.Tensor, x: torch.Tensor, experts: int) -> torch.Tensor:
+    """An adapter's gates (..., E) (None: all ones) times a per-sample gate ``g`` (B,), broadcast over tokens."""
+    g = g.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))  # (B, 1, ..., 1)
+    return (gates if gates is not None else x.new_ones(*x.shape[:-1], experts)) * g
+
+
 def check_adapter_name(name) -> None:
     """Adapter names key a ModuleDict: no dots, not empty, and not one of nn.Module's own attributes."""
     if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict, name):
@@ -216,9 +229,13 @@ class AdapterLinear(nn.Module):
         if not names:
             return self.base_layer(x)
         sparse = all(self.adapters[n].sparse_gates for n in names)
+        state = self.routing
+        external = state.adapter_gates(self) if state is not None and state.adapter_gates is not None else {}
         terms = []
         for n in names:
             A, B, gates, scale = self.adapters[n].factors(x, self.routing)
+            if n in external:  # a per-sample gate from outside (a multi-LoRA fusion), in the same call
+                gates = _times_sample_gate(gates, external[n], x, A.shape[0])
             terms.append((A.to(x.dtype), B.to(x.dtype), gates, scale * self.adapter_weights[n]))
         if len(terms) == 1:
             A, B, gates, scale = terms[0]
