@@ -1,4 +1,5 @@
-"""Fixtures for the AutoLoRA tests: the tiny base saved as a pipeline directory, and a tiny pool trained in seconds on it by the same code as the shipped ones (session-wide: several
+"""Fixtures for the AutoLoRA tests: the tiny base saved as a pipeline directory, and a tiny pool and weight
+encoder trained in seconds on it by the same code as the shipped ones (session-wide: several
 test files read them). Helpers are in autolora_helpers.py.
 """
 
@@ -54,6 +55,17 @@ def tiny_pool(tiny_base_dir, tmp_path_factory):
         checkpoint_every=0, seed=0)
     with one_thread():
         return out, make_pool(config, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_pool, tmp_path_factory):
+    """A weight encoder trained on the tiny pool (path)."""
+    from retrieval.encoder import EncoderTrainConfig, train_encoder
+
+    path = tmp_path_factory.mktemp("encoder") / "encoder.safetensors"
+    with one_thread():
+        train_encoder(tiny_pool[0], path, EncoderTrainConfig(steps=30, dim=32, layers=1, heads=2, batch=16))
+    return path
 
 
 @pytest.fixture
