@@ -4,9 +4,10 @@
     x2edit lora train-encoder --pool runs/autolora/pool --out runs/autolora/encoder.safetensors
     x2edit lora index DIR --out INDEX.parquet [--encoder FILE] [--workers N]
     x2edit lora search "QUERY" --index INDEX.parquet [-k 5] [--json]
+    x2edit lora train-gate --pool runs/autolora/pool --out runs/autolora/gate.safetensors [--encoder FILE]
 
 Each training command takes a YAML ``--config`` and ``key=value`` overrides of its dataclass
-(``PoolConfig``, ``EncoderTrainConfig``).
+(``PoolConfig``, ``EncoderTrainConfig``, ``GateTrainConfig``).
 """
 
 from __future__ import annotations
@@ -42,11 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=5, help="results")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("train-gate", help="train the fusion gate on composition pairs of a pool's train LoRAs")
+    p.add_argument("--pool", required=True, help="pool directory (x2edit lora pool)")
+    p.add_argument("--out", required=True, help="gate file to write (.safetensors)")
+    p.add_argument("--encoder", default=None, help="weight encoder file (default: the shipped x2edit-tiny encoder)")
+    p.add_argument("--config", default=None, help="GateTrainConfig YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+
 
 def run(args) -> int:
     from retrieval.config import load
 
-    if args.lora_command in ("pool", "train-encoder"):
+    if args.lora_command in ("pool", "train-encoder", "train-gate"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.lora_command == "pool":
         from retrieval.pool import PoolConfig, make_pool
@@ -57,6 +65,11 @@ def run(args) -> int:
         from retrieval.encoder import EncoderTrainConfig, train_encoder
 
         summary = train_encoder(args.pool, args.out, load(EncoderTrainConfig, args.config, args.overrides))
+        print(f"wrote {args.out} ({summary['train_loras']} LoRAs, {summary['steps']} steps, {summary['train_s']:.0f} s)")
+    elif args.lora_command == "train-gate":
+        from retrieval.fusion import GateTrainConfig, train_gate
+
+        summary = train_gate(args.pool, args.encoder, args.out, load(GateTrainConfig, args.config, args.overrides))
         print(f"wrote {args.out} ({summary['train_loras']} LoRAs, {summary['steps']} steps, {summary['train_s']:.0f} s)")
     elif args.lora_command == "index":
         from retrieval.index import build_index

@@ -1,5 +1,5 @@
-"""Fixtures for the AutoLoRA tests: the tiny base saved as a pipeline directory, and a tiny pool and weight
-encoder trained in seconds on it by the same code as the shipped ones (session-wide: several
+"""Fixtures for the AutoLoRA tests: the tiny base saved as a pipeline directory, and a tiny pool, weight
+encoder and gate trained in seconds on it by the same code as the shipped ones (session-wide: several
 test files read them). Helpers are in autolora_helpers.py.
 """
 
@@ -65,6 +65,16 @@ def tiny_encoder(tiny_pool, tmp_path_factory):
     path = tmp_path_factory.mktemp("encoder") / "encoder.safetensors"
     with one_thread():
         train_encoder(tiny_pool[0], path, EncoderTrainConfig(steps=30, dim=32, layers=1, heads=2, batch=16))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gate(tiny_pool, tiny_encoder, tmp_path_factory):
+    from retrieval.fusion import GateTrainConfig, train_gate
+
+    path = tmp_path_factory.mktemp("gate") / "gate.safetensors"
+    with one_thread():
+        train_gate(tiny_pool[0], tiny_encoder, path, GateTrainConfig(steps=4, scenes_per_step=2, hidden=16))
     return path
 
 
