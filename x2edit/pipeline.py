@@ -312,7 +312,10 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
         self._start_from_source = start is not None
         try:
             # LoRA hook: joint_attention_kwargs={"scale": s} scales the community LoRAs (pipeline_lora.py)
-            with routing, reading, self._community_lora_scale(kwargs.get("joint_attention_kwargs")):
+            # AutoLoRA hook: lora_index= / auto_lora_top_k= retrieve and load LoRAs, fuse_loras() gates them per
+            # layer and step (pipeline_lora.py); entered first, so the routing and the reading see them
+            with self._lora_fusion_call(prompts, kwargs), routing, reading, \
+                    self._community_lora_scale(kwargs.get("joint_attention_kwargs")):
                 return super().__call__(image=image, prompt=prompt, height=height, width=width, max_area=area,
                                         **kwargs)
         finally:
