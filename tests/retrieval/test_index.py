@@ -54,7 +54,11 @@ def test_rebuilds_read_only_new_and_changed_files(folder, tmp_path, tiny_encoder
     build_index(folder, out, tiny_encoder)
     first = {r["path"]: r for r in read_index(out)[0]}
     calls = _count_reads(monkeypatch)
+    hashed = []
+    real_sha = index_module._sha256
+    monkeypatch.setattr(index_module, "_sha256", lambda p: hashed.append(p.name) or real_sha(p))
     assert build_index(folder, out, tiny_encoder)["unchanged"] == 4 and calls == []
+    assert hashed == []  # same size and mtime: not even hashed
 
     # touched (same bytes, new mtime): not re-read; copied under a new name: the embedding is reused
     os.utime(folder / "l0.safetensors", ns=(1, 1))

@@ -62,6 +62,23 @@ def test_fuse_loras_sum_is_set_adapters_and_the_gate_moves_it(tmp_path, image16,
     assert sorted(pipe.get_active_adapters()) == ["L0", "L1", "default"]
 
 
+def test_composite_in_the_pipeline_is_the_mean_of_the_single_lora_edits(tmp_path, image16):
+    """With the editing adapter at weight 0 each one-step edit is source - s dF, linear in dF: the two
+    passes of LoRA Composite average to the mean of the two single-LoRA edits."""
+    pipe, _ = _editor_pipe(tmp_path)
+    singles = []
+    for name in ("L0", "L1"):
+        set_adapters(pipe.transformer, ["default", name], [0.0, 1.0])
+        singles.append(_call(pipe, image16))
+    set_adapters(pipe.transformer, ["default", "L0", "L1"], [0.0, 1.0, 1.0])
+    pipe.fuse_loras(["L0", "L1"], fusion="composite")
+    comp = _call(pipe, image16)
+    inside = np.all([(o > 0) & (o < 255) for o in (*singles, comp)], axis=0)  # outputs are clipped to [0, 255]
+    assert inside.mean() > 0.5
+    assert np.abs(comp - (singles[0] + singles[1]) / 2)[inside].max() <= 1
+    assert np.abs(singles[0] - singles[1])[inside].max() > 4
+
+
 def test_gated_fusion_in_the_pipeline(tmp_path, image16, tiny_encoder, tiny_gate):
     """A gate trained on another model's LoRAs is refused by layer; one for this base runs per layer."""
     from retrieval.fusion import GateConfig, GateNet
