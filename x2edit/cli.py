@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli", "train a MoE-LoRA editing adapter (or pretrain a base) with flow matching"),
     "build-data": ("data_pipeline.cli", "build, score, filter and shard editing pairs (Shape World by default)"),
     "data": ("training.data_command", "inspect training data: layouts, task labels, scores, what a config keeps"),
+    "lora": ("retrieval.cli", "AutoLoRA: make a LoRA pool, train the weight encoder and fusion gate, index and search LoRAs"),
 }
 
 

@@ -345,6 +345,9 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
         _auto_resize: bool = False,
         *,
         task: str | int | list[str | int] | None = None,
+        lora_index: str | None = None,
+        auto_lora_top_k: int | None = None,
+        auto_lora_fusion: str = "gated",
     ):
         """Edit ``image`` following the instruction ``prompt``.
 
@@ -398,6 +401,10 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
                 aspect ratio (stock's default); x2edit's default False encodes it at its own size (capped).
             task: task name or id, or one per instruction, routing the MoE-LoRA; None classifies each
                 instruction with ``task_classifier``.
+            lora_index: an AutoLoRA index (``x2edit lora index``): the instruction retrieves LoRAs from it,
+                which are loaded and fused for this call only (``pipe.retrieved_loras`` lists them).
+            auto_lora_top_k: LoRAs to retrieve (default 3); needs ``lora_index``.
+            auto_lora_fusion: how the retrieved LoRAs combine (``fuse_loras``' modes; default "gated").
 
         Returns:
             ``FluxPipelineOutput`` with ``images``, or ``(images,)`` when ``return_dict`` is False.
@@ -476,7 +483,11 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
         self._start_from_source = start is not None
         try:
             # LoRA hook: joint_attention_kwargs={"scale": s} scales the community LoRAs (pipeline_lora.py)
-            with routing, reading, self._community_lora_scale(joint_attention_kwargs):
+            # AutoLoRA hook: lora_index= / auto_lora_top_k= retrieve and load LoRAs, fuse_loras() gates them per
+            # layer and step (pipeline_lora.py); entered first, so the routing and the reading see them
+            auto = {"lora_index": lora_index, "auto_lora_top_k": auto_lora_top_k, "auto_lora_fusion": auto_lora_fusion}
+            with self._lora_fusion_call(prompts, auto), routing, reading, \
+                    self._community_lora_scale(joint_attention_kwargs):
                 return super().__call__(
                     image=image, prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt,
                     negative_prompt_2=negative_prompt_2, true_cfg_scale=true_cfg_scale, height=height, width=width,

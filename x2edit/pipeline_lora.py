@@ -14,10 +14,17 @@ not, so without this mixin they would silently do nothing. The rule:
 Where stock's behaviour is surprising we keep it, so a script behaves the same on either pipeline:
 ``fuse_lora(lora_scale=s)`` leaves the LoRAs multiplied by s after ``unfuse_lora``, and
 ``fuse_lora`` followed by ``unload_lora_weights`` keeps the fused update in the base weights.
+
+Beyond stock (AutoLoRA, ``retrieval``): ``fuse_loras(names, fusion=...)`` runs several community LoRAs
+through one fusion, with gates per layer and per step (``retrieval.fusion``; unlike ``fuse_lora``
+nothing is merged into the weights), and a call with ``lora_index=INDEX, auto_lora_top_k=k``
+retrieves the k LoRAs nearest to the instruction from an index (``retrieval.index``), loads them,
+fuses them for that call and removes them again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from x2edit.adapters import adapter_layers, adapter_names, remove_adapter, residual_adapters, set_adapters
@@ -35,6 +42,15 @@ from x2edit.adapters.community import (
 
 logger = logging.getLogger(__name__)
 
+
+def layer_weight(model, name: str) -> float:
+    """The ``set_adapters`` weight of adapter ``name`` (the same in every layer that holds it)."""
+    for _, layer in adapter_layers(model):
+        if name in layer.adapters:
+            return layer.adapter_weights[name]
+    raise ValueError(f"no adapter named {name!r}")
+
+
 _COMPONENTS = ("transformer", "text_encoder")  # stock's LoRA-loadable components of a Flux pipeline
 
 
@@ -48,6 +64,10 @@ class X2EditLoraMixin:
     # {name: weight} of the community LoRAs while disable_lora() is in force (their layer weights are 0
     # meanwhile); None while enabled.
     _disabled_lora_weights: dict[str, float] | None = None
+    # The multi-LoRA fusion set by fuse_loras() (a retrieval.fusion.Fusion), None without one.
+    _lora_fusion = None
+    # The hits of the last call's lora_index= retrieval ([{rank, file, score, title, ...}]).
+    retrieved_loras: list[dict] | None = None
 
     # -- loading -------------------------------------------------------------------------------
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
@@ -147,6 +167,96 @@ class X2EditLoraMixin:
     def _community_lora_scale(self, joint_attention_kwargs: dict | None):
         """Context for one call: the ``scale`` of ``joint_attention_kwargs`` multiplies the community LoRAs."""
         return community_lora_scale(self.transformer, (joint_attention_kwargs or {}).get("scale", 1.0))
+
+    # -- several LoRAs through one fusion (AutoLoRA) ----------------------------------------------
+    def fuse_loras(self, names: list[str], fusion: str = "gated", weights: list[float] | None = None,
+                   gate: str | None = None, encoder: str | None = None):
+        """Run community LoRAs ``names`` together through one fusion, per layer and per step.
+
+        Args:
+            names: LoRAs loaded with ``load_lora_weights``; they are activated beside the active x2edit
+                adapters (the editing adapter stays as it is), other community LoRAs are switched off.
+            fusion: "gated" (the learned gate: per layer, noise level, LoRA and instruction) or a
+                training-free one: "sum", "average", "switch", "composite", "klora" (``retrieval.fusion``).
+            weights: per-LoRA multipliers (default 1).
+            gate, encoder: the gate and weight-encoder files of "gated" (default: those shipped for
+                x2edit-tiny).
+        All k LoRAs of a layer stay one kernel call (stacked, gated per sample). ``unfuse_loras()`` ends it.
+        Returns the fusion.
+        """
+        from retrieval.fusion import FUSIONS, make_fusion
+
+        names = [names] if isinstance(names, str) else list(names)
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}: expected one of {FUSIONS}")
+        loras = community_loras(self.transformer)
+        unknown = [n for n in names if n not in loras]
+        if unknown:
+            raise ValueError(f"fuse_loras: {unknown} are not LoRAs loaded with load_lora_weights (those are {loras})")
+        if self.fused_loras & set(names):
+            raise ValueError(f"LoRAs {sorted(self.fused_loras & set(names))} are merged into the base weights: "
+                             "unfuse_lora() first")
+        extra = {}
+        if fusion == "gated":
+            from retrieval.fusion import GateNet, default_gate_path, lora_factors
+            from retrieval.index import load_encoder
+
+            weight_encoder = load_encoder(encoder)
+            import torch
+
+            with torch.no_grad():
+                factors = [lora_factors(self.transformer, n) for n in names]
+                for f in factors:
+                    weight_encoder.check(f)
+                extra = {"gate": GateNet.load(gate or default_gate_path()), "embeddings": weight_encoder(factors)}
+        editing = [n for n in self.get_active_adapters() if n not in loras]
+        set_adapters(self.transformer, editing + names,
+                     [layer_weight(self.transformer, n) for n in editing] + [1.0] * len(names))
+        self._lora_fusion = make_fusion(fusion, names, weights, **extra).bind(self.transformer)
+        return self._lora_fusion
+
+    def unfuse_loras(self):
+        """End ``fuse_loras``: the LoRAs stay loaded and active, summed as ``set_adapters`` does."""
+        self._lora_fusion = None
+
+    @contextlib.contextmanager
+    def _lora_fusion_call(self, prompts: list[str] | None, kwargs: dict):
+        """One call's AutoLoRA and fusion: pops ``lora_index``, ``auto_lora_top_k`` (default 3) and
+        ``auto_lora_fusion`` (default "gated") from the call's kwargs; retrieves with the instruction,
+        loads and fuses the hits for the call, and removes them after it."""
+        from retrieval.fusion import Gated, fused_forward
+
+        index, top_k = kwargs.pop("lora_index", None), kwargs.pop("auto_lora_top_k", None)
+        kind = kwargs.pop("auto_lora_fusion", "gated")
+        if index is None and top_k is not None:
+            raise ValueError("auto_lora_top_k= needs lora_index= (the index to retrieve LoRAs from)")
+        loaded, previous = [], self._lora_fusion
+        try:
+            if index is not None:
+                from retrieval.index import search
+
+                if not prompts or len(set(prompts)) != 1:
+                    raise ValueError("lora_index= retrieves one set of LoRAs per call, with the instruction: pass one "
+                                     "instruction (prompt=)")
+                self.retrieved_loras = search(index, prompts[0], k=3 if top_k is None else int(top_k))
+                for i, hit in enumerate(self.retrieved_loras):
+                    self.load_lora_weights(hit["file"], adapter_name=f"auto_lora_{i}")
+                    loaded.append(f"auto_lora_{i}")
+                self.fuse_loras(loaded, fusion=kind)
+            fusion = self._lora_fusion
+            if fusion is None:
+                yield
+                return
+            if isinstance(fusion, Gated) and fusion.gate.instruction is not None and prompts:
+                from retrieval.encoder import TextEncoder
+
+                fusion.instruction = TextEncoder()(prompts)  # (B, D) one row per instruction
+            with fused_forward(self.transformer, fusion):
+                yield
+        finally:
+            if loaded:
+                self._lora_fusion = previous
+                self.delete_adapters(loaded)
 
     # -- every adapter -------------------------------------------------------------------------
     def set_adapters(self, adapter_names: list[str] | str, adapter_weights: float | list[float] | None = None):

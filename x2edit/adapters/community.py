@@ -1,7 +1,10 @@
 """Community LoRAs (kohya, ComfyUI, XLabs, diffusers/PEFT files) beside the x2edit adapters.
 
 Reading. diffusers' Flux converters (``FluxKontextPipeline.lora_state_dict``) turn every layout into
-diffusers/PEFT keys; nothing here re-writes them. The strength of each module is the one stock gives
+diffusers/PEFT keys; nothing here re-writes them. ``read_community_lora`` is the one reader: it gives
+{module: (A, B, scale)} without a model, ``load_community_lora`` loads what it returns, and
+``retrieval`` (the weight encoder, the LoRA index) reads files only through it and
+``read_lora_header``. The strength of each module is the one stock gives
 it: PEFT's ``LoraConfig`` (built from the file's metadata, or by diffusers' ``get_peft_kwargs`` from
 the ranks and ``.alpha`` tensors), resolved per module with PEFT's ``get_pattern_key``:
 
@@ -181,21 +184,21 @@ def _strip(prefix: str, mapping: dict | None) -> dict | None:
     return out or None
 
 
-def load_community_lora(model: nn.Module, source: str | os.PathLike | dict, adapter_name: str,
-                        prefix: str = "transformer", **kwargs) -> list[str]:
-    """Load a Flux LoRA file (any layout diffusers converts) into ``model`` as adapter ``adapter_name``.
+def read_community_lora(source: str | os.PathLike | dict, prefix: str = "transformer",
+                        **kwargs) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Read a Flux LoRA file (any layout diffusers converts) into per-module factors, without a model.
+
+    The one reader of community LoRA files: ``load_community_lora`` loads what it returns, and
+    ``retrieval`` (the weight encoder, the index) reads files only through it.
 
     Args:
-        model: the transformer (with or without adapters already).
         source: a .safetensors file, a directory (with ``weight_name=`` in kwargs), or a state dict.
-        adapter_name: name of the new adapter.
         prefix: the component prefix of keys in the file (diffusers writes ``transformer.``).
-        **kwargs: how to find the file, as ``lora_state_dict`` takes them (weight_name, subfolder, ...).
-    Returns the adapted module names. On error the model is left unchanged.
+        **kwargs: how to find the file (weight_name, subfolder, ...), as ``lora_state_dict`` takes them.
+    Returns {diffusers module name: (A (r, K), B (N, r), scale)}, sorted by module name; the module's
+    update is ``scale * B @ A`` (scale = alpha / r as stock resolves it). Raises ``ValueError`` with
+    one line naming the problem for files that are not plain transformer LoRAs.
     """
-    check_adapter_name(adapter_name)
-    if adapter_name in adapter_names(model):
-        raise ValueError(f"an adapter named {adapter_name!r} is already loaded; pick another adapter_name")
     raw, metadata = _read(source, kwargs)
     state, alphas = _convert(raw)
     metadata, alphas = _strip(prefix, metadata), _strip(prefix, alphas)
@@ -217,12 +220,59 @@ def load_community_lora(model: nn.Module, source: str | os.PathLike | dict, adap
                        len(skipped))
     if not pairs:
         raise ValueError("the LoRA file holds no transformer LoRA weights")
+    for module_name, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"LoRA for {module_name} has only {sorted(ab)}; both lora_A and lora_B are needed")
+        A, B = ab["A"], ab["B"]
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"LoRA for {module_name}: A {tuple(A.shape)} and B {tuple(B.shape)} are not the factors "
+                             "of one low-rank update")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise ValueError(f"LoRA for {module_name} holds non-finite values (NaN/inf)")
+    scalings = _scalings(pairs, alphas, metadata)
+    return {m: (pairs[m]["A"], pairs[m]["B"], scalings[m]) for m in sorted(pairs)}
+
+
+def read_lora_header(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
+    """(key layout, header metadata) of a LoRA .safetensors file, from its header only (no weights read).
+
+    The layout is the converter family of its keys ("kohya/ComfyUI", "XLabs", "diffusers/PEFT"; "mixed"
+    for several); the metadata is the header's strings (kohya ``ss_*`` fields, ``modelspec.*``,
+    diffusers' ``lora_adapter_metadata``). Other files give ("unknown", {}).
+    """
+    from safetensors import safe_open
+
+    if not str(path).endswith(".safetensors"):
+        return "unknown", {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys, metadata = list(f.keys()), dict(f.metadata() or {})
+    except Exception as e:
+        raise ValueError(f"cannot read the header of {path}: {_one_line(e)}") from e
+    layouts = {_layout(k) for k in keys} - {None}
+    return (layouts.pop() if len(layouts) == 1 else "mixed" if layouts else "unknown"), metadata
+
+
+def load_community_lora(model: nn.Module, source: str | os.PathLike | dict, adapter_name: str,
+                        prefix: str = "transformer", **kwargs) -> list[str]:
+    """Load a Flux LoRA file (any layout diffusers converts) into ``model`` as adapter ``adapter_name``.
+
+    Args:
+        model: the transformer (with or without adapters already).
+        source: a .safetensors file, a directory (with ``weight_name=`` in kwargs), or a state dict.
+        adapter_name: name of the new adapter.
+        prefix: the component prefix of keys in the file (diffusers writes ``transformer.``).
+        **kwargs: how to find the file, as ``lora_state_dict`` takes them (weight_name, subfolder, ...).
+    Returns the adapted module names. On error the model is left unchanged.
+    """
+    check_adapter_name(adapter_name)
+    if adapter_name in adapter_names(model):
+        raise ValueError(f"an adapter named {adapter_name!r} is already loaded; pick another adapter_name")
+    factors = read_community_lora(source, prefix, **kwargs)
 
     # Validate everything before touching the model.
     plan = []
-    for module_name, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"LoRA for {module_name} has only {sorted(ab)}; both lora_A and lora_B are needed")
+    for module_name, (A, B, scaling) in factors.items():
         try:
             target = model.get_submodule(module_name)
         except AttributeError:
@@ -232,21 +282,16 @@ def load_community_lora(model: nn.Module, source: str | os.PathLike | dict, adap
                              f"another base model?{hint}") from None
         if not isinstance(target, (nn.Linear, AdapterLinear)):
             raise ValueError(f"LoRA targets {module_name!r}, a {type(target).__name__}, not a linear layer")
-        A, B = ab["A"], ab["B"]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != target.in_features or B.shape[0] != target.out_features \
-                or B.shape[1] != A.shape[0]:
+        if A.shape[1] != target.in_features or B.shape[0] != target.out_features:
             raise ValueError(f"LoRA for {module_name}: A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a linear "
                              f"{target.in_features}->{target.out_features}; is the LoRA for another base model?")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise ValueError(f"LoRA for {module_name} holds non-finite values (NaN/inf)")
-        plan.append((module_name, target, A, B))
-    scalings = _scalings(pairs, alphas, metadata)
+        plan.append((module_name, target, A, B, scaling))
 
-    for module_name, target, A, B in plan:
+    for module_name, target, A, B, scaling in plan:
         if isinstance(target, nn.Linear):
             target = AdapterLinear(target)
             _set_submodule(model, module_name, target)
-        rank, scaling = A.shape[0], scalings[module_name]
+        rank = A.shape[0]
         lora = LoRA(target.in_features, target.out_features, rank, scaling,
                     AdapterConfig(kind="lora", rank=rank, alpha=scaling * rank, targets=[module_name],
                                   extra={"source": COMMUNITY}))

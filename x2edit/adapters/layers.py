@@ -11,7 +11,9 @@ fused with the base matmul where a fast kernel is available.
 
 Routing inputs (task ids, timestep) do not flow through diffusers' forward signatures, so they are
 set for the duration of one call by ``routing_context`` (see ``x2edit.adapters.inject``) as a
-``RoutingState`` on each layer; outside such a context ``routing`` is None.
+``RoutingState`` on each layer; outside such a context ``routing`` is None. The same state may carry
+``adapter_gates``: per-sample gates for named adapters supplied from outside (the multi-LoRA fusion
+of ``retrieval.fusion``), folded into the gates of the one kernel call.
 
 Static adapters (a plain LoRA, a task-routed MoE-LoRA while every sample has the same task) can be
 folded into a transient copy of the base weight for the length of a ``static_merge`` block, when the
@@ -24,6 +26,7 @@ block-stacked factors.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,11 +46,15 @@ class RoutingState:
         task_ids: (B,) long tensor of task ids, one per sample of the batch.
         timestep: (B,) diffusion time in [0, 1], for timestep-dependent gates.
         aux_losses: router balance losses appended by each MoE layer during the call.
+        adapter_gates: called by each layer with itself; returns {adapter name: (B,) gate}, a
+            per-sample multiplier of that adapter's output in this layer (adapters not named keep
+            theirs). How a gated fusion of several LoRAs reaches the layers, per layer and per step.
     """
 
     task_ids: torch.Tensor | None = None
     timestep: torch.Tensor | None = None
     aux_losses: list[torch.Tensor] = field(default_factory=list)
+    adapter_gates: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
 
     def single_task(self) -> int | None:
         """The task id when every sample of the call has the same one, else None (read once per state)."""
@@ -245,6 +252,16 @@ def _merged(base: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
     return merged.to(base.dtype)
 
 
+def _times_sample_gate(gates: torch.Tensor | None, g: torch.Tensor, x: torch.Tensor, experts: int) -> torch.Tensor:
+    """An adapter's gates (None: all ones; (B, E) per sample or (..., E) per token) times a per-sample gate
+    ``g`` (B,): per sample, (B, E), where the adapter's own gates allow it (see ``_stack_terms``)."""
+    g = g.to(x.dtype)
+    if x.dim() == 3 and (gates is None or gates.dim() == 2):
+        return (gates.to(x.dtype) if gates is not None else x.new_ones(x.shape[0], experts)) * g[:, None]
+    g = g.reshape(-1, *([1] * (x.dim() - 1)))  # (B, 1, ..., 1)
+    return (gates if gates is not None else x.new_ones(*x.shape[:-1], experts)) * g
+
+
 def check_adapter_name(name) -> None:
     """Adapter names key a ModuleDict: no dots, not empty, and not one of nn.Module's own attributes."""
     if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict, name):
@@ -314,19 +331,27 @@ class AdapterLinear(nn.Module):
         """Active adapters that are not merged into the base weight and have a non-zero weight."""
         return [n for n in self.active_adapters if n not in self.merged and self.adapter_weights[n] != 0]
 
+    def _external_gates(self) -> dict[str, torch.Tensor]:
+        """{adapter name: (B,) gate} supplied from outside for this call (``RoutingState.adapter_gates``)."""
+        state = self.routing
+        return state.adapter_gates(self) if state is not None and state.adapter_gates is not None else {}
+
     def _terms(self, x: torch.Tensor, names: list[str]) -> list[tuple]:
         """(A, B, gates, scale) of each adapter in ``names``, factors in x's dtype."""
-        terms = []
+        terms, external = [], self._external_gates()
         for n in names:
             A, B, gates, scale = self.adapters[n].factors(x, self.routing)
+            if n in external:  # a per-sample gate from outside (a multi-LoRA fusion), in the same call
+                gates = _times_sample_gate(gates, external[n], x, A.shape[0])
             terms.append((A.to(x.dtype), B.to(x.dtype), gates, scale * self.adapter_weights[n]))
         return terms
 
     def _split_static(self, names: list[str]) -> tuple[list[tuple[str, int | None]], list[str]]:
         """Inside ``static_merge``: ([(name, task id)] merged for this call, [names] computed as usual)."""
-        static, dynamic = [], []
+        static, dynamic, external = [], [], self._external_gates()
         for n in names:
             ok, task = _adapter_task(self.adapters[n], self.routing)
+            ok = ok and n not in external  # gated from outside: per sample, layer and step
             (static.append((n, task)) if ok else dynamic.append(n))
         return static, dynamic
 

@@ -18,6 +18,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--adapter", default=None, help="x2edit adapter file (.safetensors) to load")
     parser.add_argument("--lora", action="append", default=[],
                         help="community LoRA file (.safetensors: kohya, XLabs or diffusers keys) to add (repeatable)")
+    parser.add_argument("--fusion", default=None, choices=["gated", "sum", "average", "switch", "composite", "klora"],
+                        help="how the --lora / --auto-lora LoRAs combine, per layer and step (default: a plain sum; "
+                             "--auto-lora: gated)")
+    parser.add_argument("--auto-lora", default=None, metavar="INDEX",
+                        help="retrieve LoRAs for the instruction from this index (x2edit lora index) and fuse them")
+    parser.add_argument("--auto-lora-top-k", type=int, default=3, help="LoRAs --auto-lora retrieves")
     parser.add_argument("--task", default=None, help="task name (default: classified from the instruction)")
     parser.add_argument("--steps", type=int, default=None,
                         help="denoising steps (default: the model's own: 28 for FLUX; x2edit-tiny edits in one step from the source)")
@@ -73,6 +79,10 @@ def run(args) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.max_area is not None and args.max_area < 1:
         raise ValueError(f"--max-area must be >= 1, got {args.max_area}")
+    if args.auto_lora is not None and not Path(args.auto_lora).is_file():
+        raise FileNotFoundError(f"LoRA index not found: {args.auto_lora}")
+    if args.fusion and not (args.lora or args.auto_lora):
+        raise ValueError("--fusion combines LoRAs: give --lora FILE (repeatable) or --auto-lora INDEX")
     if args.adapter:
         read_adapter_header(args.adapter)  # exists, format and config, before loading any model
     for f in args.lora:
@@ -88,14 +98,20 @@ def run(args) -> int:
         pipe.load_adapter(args.adapter, adapter_name="cli", replace=True)  # in place of the base's own
     for i, f in enumerate(args.lora):
         pipe.load_lora_weights(f, adapter_name=f"lora_{i}")
+    if args.fusion and args.lora:
+        pipe.fuse_loras([f"lora_{i}" for i in range(len(args.lora))], fusion=args.fusion)
+    auto = {"lora_index": args.auto_lora, "auto_lora_top_k": args.auto_lora_top_k,
+            "auto_lora_fusion": args.fusion or "gated"} if args.auto_lora else {}
     task = args.task
     if task is None and pipe._routes_by_task():
         task = pipe.task_classifier([args.instruction])[0]
     result = pipe(image=image, prompt=args.instruction, task=task, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, max_area=args.max_area,
-                  generator=torch.Generator(device="cpu").manual_seed(args.seed)).images[0]
+                  generator=torch.Generator(device="cpu").manual_seed(args.seed), **auto).images[0]
     with atomic_path(out) as tmp:  # an interrupted run leaves no partial output file
         result.save(tmp)
     print(f"wrote {out} ({result.size[0]}x{result.size[1]}, task={task or '-'}, "
           f"{time.perf_counter() - t0:.1f} s)")
+    for hit in pipe.retrieved_loras or []:
+        print(f"  retrieved {hit['file']} (score {hit['score']:.3f})")
     return 0

@@ -1,0 +1,371 @@
+"""AutoLoRA benchmark: retrieval of LoRAs by their weights, and gated fusion of 2 and 3 LoRAs, exactly.
+
+    python benchmarks/autolora.py --pool runs/autolora/pool --out runs/autolora/bench \
+        [--encoder FILE] [--gate FILE] [--quick]
+
+Retrieval. The searched pool is the index of ``POOL/loras`` without the LoRAs the encoder trained on:
+held-out instances of seen concepts, every instance of the unseen concepts, near-duplicates and noise
+LoRAs. A query is a phrasing of a concept; the relevant LoRAs are those of that concept (near-
+duplicates included: they do it too). Three query sets: held-out instances (seen concepts, training
+phrasings), unseen concepts (concepts the encoder never saw), unseen phrasing (seen concepts, the
+held-out synonym in held-out templates). R@1, R@5 and MRR of the weight encoder and of three
+baselines: random (exact chance), filename/metadata text match (MiniLM on the file name, title and
+trigger words) and flattened-dW PCA + ridge regression to the text space (trained on the same LoRAs).
+
+Composition. For each combination of concepts the pool has a jointly trained LoRA for, the held-out
+instance of each concept (never seen by the encoder or the gate), on held-out scenes, with the
+combined instruction, by each fusion (``retrieval.fusion``) and by the joint LoRA (upper bound), in
+1 step (the pipeline's edit) and in 4 and 8 steps of the LoRA flow (``retrieval.flow``): edit gain
+against the exact render with all concepts applied, per-concept attribute accuracy (nearest exact
+render inside the concept's region), all-correct rate, error inside / outside the edited region,
+per-scene win rate of the gate against each baseline (by edit gain), and the gate's cost per step.
+
+Writes ``OUT/autolora.json`` and ``OUT/autolora.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipeline.metrics import psnr  # noqa: E402
+from data_pipeline.shapeworld.concepts import ConceptWorld, get_concept, instruction  # noqa: E402
+
+BASELINES = ("sum", "average", "switch", "composite", "klora")
+
+
+# -- retrieval -----------------------------------------------------------------------------------
+
+
+def _ranks(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """(Q,) 1-based rank of the first relevant item per query, from (Q, N) scores and (Q, N) bool."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    hit = np.take_along_axis(relevant, order, axis=1)
+    return hit.argmax(1) + 1
+
+
+def _metrics(ranks: np.ndarray) -> dict:
+    return {"R@1": float(np.mean(ranks <= 1)), "R@5": float(np.mean(ranks <= 5)), "MRR": float(np.mean(1 / ranks))}
+
+
+def _chance(relevant: np.ndarray) -> dict:
+    """Expected metrics of a uniformly random ranking (exact)."""
+    n = relevant.shape[1]
+    out = {"R@1": [], "R@5": [], "MRR": []}
+    for r in relevant.sum(1):
+        out["R@1"].append(r / n)
+        out["R@5"].append(1 - math.comb(n - r, min(5, n)) / math.comb(n, min(5, n)))
+        # E[1 / rank of the first of r relevant among n] = sum_k P(first = k) / k
+        out["MRR"].append(sum(math.comb(n - k, r - 1) / math.comb(n, r) / k for k in range(1, n - r + 2)))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def _dw_features(factor_list: list[dict]) -> dict[str, np.ndarray]:
+    """{module: (N, out*in) flattened s B A}, zeros where a LoRA lacks the module; each LoRA's whole
+    vector scaled to unit norm (as the encoder ignores overall strength)."""
+    modules = sorted({m for f in factor_list for m in f})
+    shapes = {}
+    for f in factor_list:
+        for m, (A, B, _) in f.items():
+            shapes[m] = (B.shape[0], A.shape[1])
+    norms = np.zeros(len(factor_list))
+    out = {}
+    for m in modules:
+        rows = np.zeros((len(factor_list), shapes[m][0] * shapes[m][1]), dtype=np.float32)
+        for i, f in enumerate(factor_list):
+            if m in f:
+                A, B, s = f[m]
+                rows[i] = (s * B.double() @ A.double()).flatten().numpy()
+        norms += (rows.astype(np.float64) ** 2).sum(1)
+        out[m] = rows
+    for m in modules:
+        out[m] /= np.sqrt(norms).clip(1e-12)[:, None]
+    return out
+
+
+def pca_ridge(train: list[dict], train_text: np.ndarray, test: list[dict], dims: int = 32,
+              ridge: float = 1e-2) -> np.ndarray:
+    """Baseline: PCA of the flattened updates (fitted on ``train``) + ridge regression to the text space.
+    Returns (N_test, D) unit predictions. Computed through Gram matrices, module by module."""
+    feats = _dw_features(train + test)
+    n = len(train)
+    gram, cross = np.zeros((n, n)), np.zeros((len(test), n))
+    for rows in feats.values():
+        x = rows.astype(np.float64)
+        mu = x[:n].mean(0)
+        xt, xs = x[:n] - mu, x[n:] - mu
+        gram += xt @ xt.T
+        cross += xs @ xt.T
+    lam, vec = np.linalg.eigh(gram)
+    keep = np.argsort(lam)[::-1][: min(dims, n - 1)]
+    lam, vec = lam[keep].clip(1e-12), vec[:, keep]
+    s_train = vec * np.sqrt(lam)  # (n, d) PCA scores
+    s_test = cross @ vec / np.sqrt(lam)
+    W = np.linalg.solve(s_train.T @ s_train + ridge * np.eye(len(lam)), s_train.T @ train_text)
+    pred = s_test @ W
+    return pred / np.linalg.norm(pred, axis=1, keepdims=True).clip(1e-12)
+
+
+def retrieval_benchmark(pool: Path, manifest: dict, encoder_path: str | None, index_path: Path, quick: bool) -> dict:
+    from retrieval.encoder import TextEncoder, read_factors
+    from retrieval.index import build_index, read_index
+
+    t0 = time.perf_counter()
+    counts = build_index(pool / "loras", index_path, encoder_path)
+    rows = {r["path"]: r for r in read_index(index_path)[0]}
+    by_file = {e["file"]: e for e in manifest["loras"]}
+    searched = [(f"loras/{p}", r) for p, r in rows.items() if r["status"] == "ok"
+                and by_file.get(f"loras/{p}", {}).get("role") != "train"]
+    entries = [by_file[f] for f, _ in searched]
+    emb = np.asarray([r["embedding"] for _, r in searched], dtype=np.float32)  # (N, D)
+    text = TextEncoder()
+    unseen = set(manifest["config"]["unseen_concepts"])
+    concepts_in_pool = sorted({c for e in entries for c in e["concepts"]})
+    seen = [c for c in concepts_in_pool if c not in unseen]
+    queries = {
+        "held-out instances": [(c, p) for c in seen for p in get_concept(c).phrases()[:2]],
+        "unseen concepts": [(c, p) for c in concepts_in_pool if c in unseen for p in get_concept(c).phrases()[:2]],
+        "unseen phrasing": [(c, p) for c in seen for p in get_concept(c).phrases(held_out=True)],
+    }
+    if quick:
+        queries = {k: v[:6] for k, v in queries.items()}
+
+    # baselines' scores over the same rows
+    names_text = [" ".join([Path(f).stem.replace("_", " "), r["title"], *r["trigger_words"]]) for f, r in searched]
+    name_emb = text(names_text).numpy()
+    train = [e for e in manifest["loras"] if e["role"] == "train" and e["passed"]]
+    train_text = text([get_concept(e["concepts"][0]).description for e in train]).numpy()
+    pca = pca_ridge([read_factors(pool / e["file"]) for e in train], train_text,
+                    [read_factors(pool / f) for f, _ in searched], dims=32)
+
+    results = {"pool_size": len(searched), "index": counts, "train_loras": len(train),
+               "roles": {role: sum(e["role"] == role for e in entries) for role in
+                         ("heldout_instance", "unseen_concept", "near_duplicate", "noise")}, "splits": {}}
+    for split, qs in queries.items():
+        if not qs:
+            continue
+        q = text([p for _, p in qs]).numpy()  # (Q, D)
+        relevant = np.asarray([[c in e["concepts"] for e in entries] for c, _ in qs])
+        keep = relevant.any(1)
+        q, relevant, qs = q[keep], relevant[keep], [x for x, k in zip(qs, keep) if k]
+        split_res = {"queries": len(qs), "concepts": len({c for c, _ in qs}),
+                     "relevant_per_query": float(relevant.sum(1).mean()), "chance": _chance(relevant)}
+        for method, scores in (("weight encoder", q @ emb.T), ("filename/metadata", q @ name_emb.T),
+                               ("dW PCA + ridge", q @ pca.T)):
+            split_res[method] = _metrics(_ranks(scores, relevant))
+        results["splits"][split] = split_res
+    results["wall_s"] = time.perf_counter() - t0
+    return results
+
+
+# -- composition ---------------------------------------------------------------------------------
+
+
+def _pick(manifest: dict, concept: str) -> dict | None:
+    """The LoRA of ``concept`` a composition uses: its kept held-out instance (best gain if several)."""
+    cands = [e for e in manifest["loras"] if e["role"] == "heldout_instance" and e["passed"] and e["concepts"] == [concept]]
+    return max(cands, key=lambda e: e["gain_db"]["1"]) if cands else None
+
+
+def composition_benchmark(pool: Path, manifest: dict, encoder_path: str | None, gate_path: str | None,
+                          quick: bool) -> dict:
+    from retrieval.encoder import TextEncoder
+    from retrieval.flow import LoraFlow
+    from retrieval.fusion import Gated, GateNet, default_gate_path, lora_factors, make_fusion
+    from retrieval.index import load_encoder
+    from x2edit.adapters import adapter_layers, adapter_names, load_community_lora, remove_adapter
+    from x2edit.registry import load_pipeline
+
+    cfg = manifest["config"]
+    pipe = load_pipeline(cfg["base"])
+    pipe.set_progress_bar_config(disable=True)
+    for name in adapter_names(pipe.transformer):
+        remove_adapter(pipe.transformer, name)
+    flow, world = LoraFlow(pipe, cfg["sigma_start"]), ConceptWorld(cfg["resolution"])
+    encoder, gate = load_encoder(encoder_path), GateNet.load(gate_path or default_gate_path())
+    text = TextEncoder(encoder.config.text_model)
+    n_scenes, step_counts = (2, [1, 4]) if quick else (8, [1, 4, 8])
+    joints = {tuple(e["concepts"]): e for e in manifest["loras"] if e["role"] == "joint"}
+    combos = [list(c) for c in joints]
+    if quick:
+        combos = [next(c for c in combos if len(c) == k) for k in (2, 3) if any(len(c) == k for c in combos)]
+    loaded: dict[str, str] = {}
+
+    def load(entry) -> str:
+        if entry["file"] not in loaded:
+            name = f"b{len(loaded):02d}"
+            load_community_lora(pipe.transformer, pool / entry["file"], name)
+            loaded[entry["file"]] = name
+        return loaded[entry["file"]]
+
+    methods = [*BASELINES, "gated", "joint"]
+    per_scene, skipped = [], []
+    timing = {"gate_s": [], "forward_s": []}
+    kernel_calls = {}
+    for combo in combos:
+        picks = [_pick(manifest, c) for c in combo]
+        if any(p is None for p in picks):
+            skipped.append({"combo": combo, "reason": "a concept has no kept held-out instance"})
+            continue
+        names = [load(p) for p in picks]
+        joint = load(joints[tuple(combo)])
+        with torch.no_grad():
+            emb = torch.stack([encoder([lora_factors(pipe.transformer, n)])[0] for n in names])
+        pairs = [world.pair(combo, seed=i, split="eval") for i in range(n_scenes)]
+        rng = np.random.default_rng(0)
+        prompts = [instruction([get_concept(c) for c in combo], rng) for _ in pairs]
+        instr = text(prompts)
+        caches = [{} for _ in pairs]
+        for steps in step_counts:
+            for method in methods:
+                if method == "joint":
+                    use, fusion = [joint], make_fusion("sum", [joint])
+                elif method == "gated":
+                    use, fusion = names, Gated(names, gate, emb, instruction=instr)
+                else:
+                    use, fusion = names, make_fusion(method, names)
+                fusion.bind(pipe.transformer)
+                t = time.perf_counter()
+                outs = flow.edit([p.source for p in pairs], prompts, use, fusion.plan, steps=steps)
+                if method == "gated" and steps == step_counts[-1]:
+                    timing["forward_s"].append((time.perf_counter() - t) / steps)
+                    t = time.perf_counter()
+                    for k in range(steps):
+                        fusion.layer_gates(torch.full((len(pairs),), flow.s * (1 - k / steps)), k)
+                    timing["gate_s"].append((time.perf_counter() - t) / steps)
+                for p, o, cache in zip(pairs, outs, caches):
+                    acc = world.attribute_accuracy(p, o, cache=cache)
+                    diff = np.abs(o.astype(np.float64) - p.target).mean(-1) / 255.0
+                    mask = p.mask
+                    per_scene.append({
+                        "combo": "+".join(combo), "k": len(combo), "steps": steps, "method": method, "seed": p.seed,
+                        "gain_db": psnr(o, p.target) - psnr(p.source, p.target),
+                        "correct": acc, "all_correct": all(acc.values()),
+                        "err_in": float(diff[mask].mean()), "err_out": float(diff[~mask].mean()) if (~mask).any() else None})
+        # one kernel call per adapter layer, whatever k is
+        import kernels
+
+        for k in range(1, len(names) + 1):
+            calls = []
+            real = kernels.lora_linear
+            kernels.lora_linear = lambda *a, **kw: calls.append(1) or real(*a, **kw)  # noqa: B023
+            try:
+                f = make_fusion("sum", names[:k]).bind(pipe.transformer)
+                flow.edit([pairs[0].source], [prompts[0]], names[:k], f.plan, steps=1)
+            finally:
+                kernels.lora_linear = real
+            layers = sum(1 for _, lay in adapter_layers(pipe.transformer) if any(n in lay.adapters for n in names[:k]))
+            kernel_calls[str(k)] = {"calls_per_forward": len(calls) // 1, "adapter_layers": layers}
+    return {"per_scene": per_scene, "skipped": skipped, "scenes_per_combo": n_scenes, "steps": step_counts,
+            "combos": ["+".join(c) for c in combos], "summary": summarize(per_scene, methods, step_counts),
+            "gate_cost": {"gate_ms_per_step": 1000 * float(np.mean(timing["gate_s"])) if timing["gate_s"] else None,
+                          "step_ms": 1000 * float(np.mean(timing["forward_s"])) if timing["forward_s"] else None,
+                          "gate_params": sum(p.numel() for p in gate.parameters())},
+            "kernel_calls": kernel_calls}
+
+
+def summarize(rows: list[dict], methods: list[str], step_counts: list[int]) -> dict:
+    out = {}
+    for k in sorted({r["k"] for r in rows}):
+        for steps in step_counts:
+            sel = [r for r in rows if r["k"] == k and r["steps"] == steps]
+            if not sel:
+                continue
+            table = {}
+            for m in methods:
+                rs = [r for r in sel if r["method"] == m]
+                concept_acc = [v for r in rs for v in r["correct"].values()]
+                outs = [r["err_out"] for r in rs if r["err_out"] is not None]
+                table[m] = {"gain_db": float(np.mean([r["gain_db"] for r in rs])),
+                            "attribute_acc": float(np.mean(concept_acc)), "all_correct": float(np.mean([r["all_correct"] for r in rs])),
+                            "err_in": float(np.mean([r["err_in"] for r in rs])),
+                            "err_out": float(np.mean(outs)) if outs else None, "n": len(rs)}
+            gated = {(r["combo"], r["seed"]): r["gain_db"] for r in sel if r["method"] == "gated"}
+            for m in BASELINES:
+                other = {(r["combo"], r["seed"]): r["gain_db"] for r in sel if r["method"] == m}
+                wins = [1.0 if gated[key] > other[key] + 1e-9 else 0.5 if abs(gated[key] - other[key]) <= 1e-9 else 0.0
+                        for key in gated]
+                table[m]["gated_win_rate"] = float(np.mean(wins))
+            best = max(BASELINES, key=lambda m: (table[m]["all_correct"], table[m]["gain_db"]))
+            table["_best_baseline"] = best
+            table["_gated_margin_all_correct"] = table["gated"]["all_correct"] - table[best]["all_correct"]
+            out[f"k={k}, steps={steps}"] = table
+    return out
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def markdown(result: dict) -> str:
+    r = result["retrieval"]
+    lines = [f"### Retrieval (pool of {r['pool_size']} LoRAs: " + ", ".join(f"{v} {k}" for k, v in r["roles"].items())
+             + f"; encoder trained on {r['train_loras']} other LoRAs)", "",
+             "| split | queries | relevant / query | method | R@1 | R@5 | MRR |", "|---|---:|---:|---|---:|---:|---:|"]
+    for split, s in r["splits"].items():
+        for method in ("weight encoder", "dW PCA + ridge", "filename/metadata", "chance"):
+            m = s[method]
+            lines.append(f"| {split} | {s['queries']} | {s['relevant_per_query']:.1f} | {method} | {m['R@1']:.2f} | "
+                         f"{m['R@5']:.2f} | {m['MRR']:.2f} |")
+    c = result["composition"]
+    lines += ["", f"### Composition ({', '.join(c['combos'])}; {c['scenes_per_combo']} held-out scenes each)", "",
+              "| LoRAs, steps | method | gain (dB) | attribute acc. | all correct | err in | err out | gated wins |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for key, table in c["summary"].items():
+        for m, v in table.items():
+            if m.startswith("_"):
+                continue
+            win = f"{v['gated_win_rate']:.2f}" if "gated_win_rate" in v else "-"
+            eo = "-" if v["err_out"] is None else f"{v['err_out']:.3f}"
+            name = f"**{m}**" if m == "gated" else m + (" (upper bound)" if m == "joint" else "")
+            lines.append(f"| {key} | {name} | {v['gain_db']:+.2f} | {v['attribute_acc']:.2f} | {v['all_correct']:.2f} | "
+                         f"{v['err_in']:.3f} | {eo} | {win} |")
+        lines.append(f"| {key} | gated - best baseline ({table['_best_baseline']}), all correct | | | "
+                     f"{table['_gated_margin_all_correct']:+.2f} | | | |")
+    g = c["gate_cost"]
+    if g["gate_ms_per_step"] is not None:
+        lines += ["", f"Gate cost: {g['gate_ms_per_step']:.2f} ms per step for all layers ({g['gate_params']:,} "
+                  f"parameters), against {g['step_ms']:.0f} ms for the step's transformer calls. Kernel calls per "
+                  "forward: " + ", ".join(f"k={k}: {v['calls_per_forward']} for {v['adapter_layers']} adapter layers"
+                                          for k, v in c["kernel_calls"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pool", required=True, help="pool directory (x2edit lora pool)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--encoder", default=None, help="weight encoder (default: the shipped one)")
+    parser.add_argument("--gate", default=None, help="fusion gate (default: the shipped one)")
+    parser.add_argument("--quick", action="store_true", help="a few queries, one combination per size, 2 scenes")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from retrieval.pool import load_manifest
+
+    pool, out = Path(args.pool), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(pool)
+    t0 = time.perf_counter()
+    result = {"pool": str(pool), "quick": args.quick,
+              "pool_summary": manifest["summary"], "bar_db": manifest["bar_db"],
+              "retrieval": retrieval_benchmark(pool, manifest, args.encoder, out / "index.parquet", args.quick),
+              "composition": composition_benchmark(pool, manifest, args.encoder, args.gate, args.quick)}
+    result["wall_s"] = time.perf_counter() - t0
+    (out / "autolora.json").write_text(json.dumps(result, indent=1))
+    (out / "autolora.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

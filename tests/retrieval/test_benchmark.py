@@ -1,0 +1,61 @@
+"""benchmarks/autolora.py in small: its metrics exactly, and a --quick run on the tiny pool (what CI runs)."""
+
+import itertools
+import json
+
+import numpy as np
+import torch
+
+from benchmarks.autolora import _chance, _metrics, _ranks, main, pca_ridge
+
+
+def test_ranks_and_chance_are_exact():
+    scores = np.array([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.7, 0.1]])
+    relevant = np.array([[False, False, True, True], [True, False, False, False]])
+    ranks = _ranks(scores, relevant)
+    assert ranks.tolist() == [2, 3]
+    assert _metrics(ranks) == {"R@1": 0.0, "R@5": 1.0, "MRR": (1 / 2 + 1 / 3) / 2}
+    # chance against every ordering of 6 items with 2 relevant
+    rel = np.array([[True, True, False, False, False, False]])
+    firsts = [min(p.index(0), p.index(1)) + 1 for p in itertools.permutations(range(6))]
+    c = _chance(rel)
+    assert abs(c["MRR"] - np.mean([1 / f for f in firsts])) < 1e-12
+    assert abs(c["R@1"] - np.mean([f <= 1 for f in firsts])) < 1e-12
+    assert abs(c["R@5"] - np.mean([f <= 5 for f in firsts])) < 1e-12
+
+
+def test_pca_ridge_baseline_learns_a_planted_map():
+    """Updates made of one direction per concept plus noise; each concept's text a random unit vector:
+    held-out updates are mapped nearest to their own concept's text."""
+    g = torch.Generator().manual_seed(0)
+    dirs = [(torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g)) for _ in range(3)]
+    text = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=1).numpy()
+
+    def lora(c):
+        A, B = dirs[c]
+        return {"m": (A + 0.1 * torch.randn(2, 6, generator=g), B + 0.1 * torch.randn(5, 2, generator=g), 1.0)}
+
+    train = [lora(c) for c in (0, 1, 2) * 3]
+    test = [lora(c) for c in (0, 1, 2)]
+    pred = pca_ridge(train, text[[0, 1, 2] * 3], test, dims=4)
+    assert (pred @ text.T).argmax(1).tolist() == [0, 1, 2]
+
+
+def test_quick_benchmark_on_the_tiny_pool(tiny_pool, tiny_encoder, tiny_gate, tmp_path):
+    pool, manifest = tiny_pool
+    assert main(["--pool", str(pool), "--out", str(tmp_path), "--encoder", str(tiny_encoder), "--gate",
+                 str(tiny_gate), "--quick"]) == 0
+    result = json.loads((tmp_path / "autolora.json").read_text())
+    r = result["retrieval"]
+    assert r["pool_size"] == sum(1 for e in manifest["loras"] if e["file"].startswith("loras/") and e["role"] != "train")
+    for split in ("held-out instances", "unseen concepts", "unseen phrasing"):
+        s = r["splits"][split]
+        for method in ("weight encoder", "dW PCA + ridge", "filename/metadata", "chance"):
+            assert 0 <= s[method]["R@1"] <= s[method]["R@5"] <= 1 and 0 < s[method]["MRR"] <= 1
+    c = result["composition"]
+    table = c["summary"]["k=2, steps=1"]
+    assert set(table) >= {"sum", "average", "switch", "composite", "klora", "gated", "joint"}
+    assert all(0 <= v["all_correct"] <= 1 for m, v in table.items() if not m.startswith("_"))
+    assert c["kernel_calls"]["1"]["calls_per_forward"] == c["kernel_calls"]["1"]["adapter_layers"]
+    assert c["kernel_calls"]["2"]["calls_per_forward"] == c["kernel_calls"]["2"]["adapter_layers"]
+    assert "| gated" not in (tmp_path / "autolora.md").read_text() or "**gated**" in (tmp_path / "autolora.md").read_text()

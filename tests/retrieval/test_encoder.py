@@ -1,0 +1,131 @@
+"""The weight encoder sees a LoRA only through its update B A: exact invariances, and what it learns."""
+
+import pytest
+import torch
+from autolora_helpers import KOHYA_MODULES, random_factors, tiny_pipe
+
+from retrieval.encoder import EncoderConfig, WeightEncoder, embed_files, module_set, module_type, read_factors
+from retrieval.formats import write_lora
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    """A random encoder of the tiny base with every weight perturbed (no zero or symmetric init left)."""
+    torch.manual_seed(0)
+    enc = WeightEncoder(EncoderConfig([list(m) for m in module_set(tiny_pipe().transformer)], probes=3, dim=16,
+                                      layers=1, heads=2))
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    return enc.eval()
+
+
+def _embed(encoder, factors):
+    with torch.no_grad():
+        return encoder([factors])[0]
+
+
+def test_module_set_is_read_from_the_transformer():
+    names = [m[0] for m in module_set(tiny_pipe().transformer)]
+    assert "transformer_blocks.0.attn.to_q" in names and "single_transformer_blocks.0.proj_out" in names
+    assert module_type("single_transformer_blocks.12.attn.to_q") == "single_transformer_blocks.#.attn.to_q"
+    assert module_type("transformer_blocks.3.attn.to_out.0") == "transformer_blocks.#.attn.to_out.0"
+
+
+def test_rank_reparametrisation_and_zero_padding_leave_the_embedding_unchanged(encoder):
+    """B A = (B M)(M^-1 A) for any invertible M, and zero rows/columns of a padded rank add nothing."""
+    f = random_factors(KOHYA_MODULES, rank=3, seed=1)
+    g = torch.Generator().manual_seed(2)
+    reparam, padded = {}, {}
+    for m, (A, B, s) in f.items():
+        M = torch.randn(3, 3, generator=g) + 3 * torch.eye(3)
+        reparam[m] = (torch.linalg.solve(M, A), B @ M, s)
+        padded[m] = (torch.cat([A, torch.zeros(5, A.shape[1])]), torch.cat([B, torch.zeros(B.shape[0], 5)], 1), s)
+    e = _embed(encoder, f)
+    torch.testing.assert_close(_embed(encoder, reparam), e, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_embed(encoder, padded), e, atol=1e-5, rtol=1e-4)
+    # ... while another update of the same shapes embeds elsewhere (the test is not of a constant map).
+    assert (_embed(encoder, random_factors(KOHYA_MODULES, rank=3, seed=9)) - e).abs().max() > 1e-2
+
+
+def test_the_files_of_one_update_in_every_layout_embed_the_same(encoder, tmp_path):
+    """kohya (fused q/k/v, alpha != rank), ComfyUI, diffusers/PEFT with metadata and without, read
+    through the community reader: one embedding."""
+    f = random_factors(KOHYA_MODULES, rank=2, seed=3, scale=0.5)
+    paths = [write_lora(tmp_path / f"{fmt}.safetensors", f, fmt, kohya_alpha_ratio=0.5)
+             for fmt in ("kohya", "comfyui", "peft", "diffusers")]
+    emb = embed_files(encoder, paths)
+    for e in emb[1:]:
+        torch.testing.assert_close(e, emb[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(emb[0], _embed(encoder, f), atol=1e-5, rtol=1e-4)
+    # The kohya file really is another factorisation (one fused qkv key of rank 6), read back exactly.
+    A, B, s = read_factors(paths[0])["transformer_blocks.0.attn.to_q"]
+    A0, B0, s0 = f["transformer_blocks.0.attn.to_q"]
+    torch.testing.assert_close(s * B @ A, s0 * B0 @ A0, atol=1e-5, rtol=1e-5)
+
+
+def test_the_overall_strength_is_ignored_but_the_update_is_not(encoder):
+    f = random_factors(KOHYA_MODULES, seed=4)
+    stronger = {m: (A, B, 3 * s) for m, (A, B, s) in f.items()}
+    one_module = {m: (A, 5 * B, s) if m == "x_embedder" else (A, B, s) for m, (A, B, s) in f.items()}
+    e = _embed(encoder, f)
+    torch.testing.assert_close(_embed(encoder, stronger), e, atol=1e-5, rtol=1e-4)
+    assert (_embed(encoder, one_module) - e).abs().max() > 1e-3
+
+
+def test_modules_a_lora_does_not_touch_are_masked_out(encoder):
+    """Whatever the encoder holds for an absent module (here its position embedding) cannot reach the
+    embedding; the same change for a present module does."""
+    f = random_factors({m: KOHYA_MODULES[m] for m in ("x_embedder", "proj_out")}, seed=5)
+    e = _embed(encoder, f)
+    shift = torch.randn(encoder.config.dim, generator=torch.Generator().manual_seed(0))
+    for module, moves in (("transformer_blocks.0.attn.to_q", False), ("x_embedder", True)):
+        i = encoder.index[module]
+        with torch.no_grad():
+            encoder.pos[i] += shift
+        try:
+            changed = (_embed(encoder, f) - e).abs().max().item()
+        finally:
+            with torch.no_grad():
+                encoder.pos[i] -= shift
+        assert (changed > 1e-3) == moves, (module, changed)
+
+
+def test_a_lora_for_another_base_is_refused(encoder):
+    with pytest.raises(ValueError, match="another base"):
+        encoder.check({"transformer_blocks.7.attn.to_q": (torch.zeros(2, 32), torch.zeros(32, 2), 1.0)})
+    with pytest.raises(ValueError, match="another base"):
+        encoder.check({"x_embedder": (torch.zeros(2, 64), torch.zeros(32, 2), 1.0)})
+
+
+def test_save_and_load_keep_the_embedding(encoder, tmp_path):
+    f = random_factors(KOHYA_MODULES, seed=6)
+    once = WeightEncoder.load(encoder.save(tmp_path / "a.safetensors"))  # float16 on disk
+    twice = WeightEncoder.load(once.save(tmp_path / "b.safetensors"))
+    torch.testing.assert_close(_embed(twice, f), _embed(once, f))
+    assert once.fingerprint() == twice.fingerprint()
+    torch.testing.assert_close(_embed(once, f), _embed(encoder, f), atol=5e-3, rtol=0)
+
+
+def test_training_aligns_held_out_loras_with_their_concepts(tiny_pool, tiny_encoder):
+    """The tiny pool's held-out instances (never trained on) embed nearest their own concept's text, and
+    closer to it than the untrained encoder puts them."""
+    from data_pipeline.shapeworld.concepts import get_concept
+    from retrieval.encoder import TextEncoder
+
+    pool, manifest = tiny_pool
+    trained = WeightEncoder.load(tiny_encoder)
+    fresh = WeightEncoder(trained.config)
+    held = [e for e in manifest["loras"] if e["role"] == "heldout_instance"]
+    concepts = sorted({e["concepts"][0] for e in manifest["loras"] if e["role"] == "train"})
+    text = TextEncoder()(
+        [get_concept(c).description for c in concepts])
+    margins = {}
+    for name, enc in (("trained", trained), ("fresh", fresh)):
+        emb = embed_files(enc, [pool / e["file"] for e in held])
+        sims = emb @ text.T
+        own = torch.tensor([concepts.index(e["concepts"][0]) for e in held])
+        margins[name] = (sims[torch.arange(len(held)), own] - sims.mean(1)).mean().item()
+        if name == "trained":
+            assert (sims.argmax(1) == own).all(), sims
+    assert margins["trained"] > margins["fresh"] + 0.05

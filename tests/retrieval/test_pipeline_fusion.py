@@ -1,0 +1,137 @@
+"""The pipeline side: the LoRA flow is the pipeline's one-step edit, fuse_loras, and auto-LoRA calls."""
+
+import numpy as np
+import pytest
+import torch
+from autolora_helpers import KOHYA_MODULES, RES, random_factors, tiny_pipe
+from PIL import Image
+
+from retrieval.flow import LoraFlow
+from retrieval.formats import write_lora
+from x2edit.adapters import AdapterConfig, inject_adapters, load_community_lora, set_adapters
+from x2edit.cli import main
+from x2edit.testing import randomize_adapters
+
+EDITOR = AdapterConfig(kind="lora", rank=4, reading="residual", source_start=0.5, targets="x2edit")
+
+
+def _editor_pipe(tmp_path, n_loras=2):
+    """A tiny one-step residual editor (as x2edit-tiny's, randomised) and n community LoRAs beside it."""
+    pipe = tiny_pipe()
+    inject_adapters(pipe.transformer, EDITOR, "default")
+    randomize_adapters(pipe.transformer, "default", std=0.1)
+    files = [write_lora(tmp_path / f"L{j}.safetensors", random_factors(KOHYA_MODULES, rank=2, seed=10 + j, std=0.3),
+                        "peft") for j in range(n_loras)]
+    for j, f in enumerate(files):
+        pipe.load_lora_weights(f, adapter_name=f"L{j}")
+    return pipe, files
+
+
+def _call(pipe, image, **kw):
+    out = pipe(image=Image.fromarray(image), prompt="give the picture a sepia tone", output_type="np", **kw).images[0]
+    return np.round(out * 255).astype(np.int64)
+
+
+def test_the_lora_flow_in_one_step_is_the_pipelines_edit(tmp_path, image16):
+    """With the editing adapter at weight 0 the pipeline's reading of direct LoRAs is source - s dF: one
+    Euler step of the LoRA flow (``retrieval.flow``), the form the pool's LoRAs are trained in."""
+    pipe, _ = _editor_pipe(tmp_path)
+    set_adapters(pipe.transformer, ["default", "L0", "L1"], [0.0, 1.0, 1.0])
+    out = _call(pipe, image16)
+    flow = LoraFlow(pipe)
+    mine = flow.edit([image16], ["give the picture a sepia tone"], ["L0", "L1"], lambda s, k: [(None, 1.0)], steps=1)[0]
+    assert np.abs(out - mine).max() <= 1
+    assert np.abs(mine.astype(int) - image16).mean() > 2  # the LoRAs do change the image
+
+
+def test_fuse_loras_sum_is_set_adapters_and_the_gate_moves_it(tmp_path, image16, tiny_encoder):
+    pipe, _ = _editor_pipe(tmp_path)
+    plain = _call(pipe, image16)  # both LoRAs active at weight 1, editing adapter on: the stock sum
+    pipe.fuse_loras(["L0", "L1"], fusion="sum")
+    np.testing.assert_array_equal(_call(pipe, image16), plain)
+    pipe.fuse_loras(["L0", "L1"], fusion="sum", weights=[1.0, 0.0])
+    only0 = _call(pipe, image16)
+    pipe.unfuse_loras()
+    set_adapters(pipe.transformer, ["default", "L0"])
+    np.testing.assert_array_equal(_call(pipe, image16), only0)
+    # switch at the one step: the first LoRA alone; composite: two passes, their mean
+    pipe.fuse_loras(["L0", "L1"], fusion="switch")
+    np.testing.assert_array_equal(_call(pipe, image16), only0)
+    pipe.fuse_loras(["L0", "L1"], fusion="composite")
+    assert np.abs(_call(pipe, image16) - plain).max() > 0
+    assert sorted(pipe.get_active_adapters()) == ["L0", "L1", "default"]
+
+
+def test_composite_in_the_pipeline_is_the_mean_of_the_single_lora_edits(tmp_path, image16):
+    """With the editing adapter at weight 0 each one-step edit is source - s dF, linear in dF: the two
+    passes of LoRA Composite average to the mean of the two single-LoRA edits."""
+    pipe, _ = _editor_pipe(tmp_path)
+    singles = []
+    for name in ("L0", "L1"):
+        set_adapters(pipe.transformer, ["default", name], [0.0, 1.0])
+        singles.append(_call(pipe, image16))
+    set_adapters(pipe.transformer, ["default", "L0", "L1"], [0.0, 1.0, 1.0])
+    pipe.fuse_loras(["L0", "L1"], fusion="composite")
+    comp = _call(pipe, image16)
+    inside = np.all([(o > 0) & (o < 255) for o in (*singles, comp)], axis=0)  # outputs are clipped to [0, 255]
+    assert inside.mean() > 0.5
+    assert np.abs(comp - (singles[0] + singles[1]) / 2)[inside].max() <= 1
+    assert np.abs(singles[0] - singles[1])[inside].max() > 4
+
+
+def test_gated_fusion_in_the_pipeline(tmp_path, image16, tiny_encoder, tiny_gate):
+    """A gate trained on another model's LoRAs is refused by layer; one for this base runs per layer."""
+    from retrieval.fusion import GateConfig, GateNet
+
+    pipe, _ = _editor_pipe(tmp_path)
+    plain = _call(pipe, image16)
+    gate = GateNet.load(tiny_gate)
+    with torch.no_grad():
+        gate.mlp[-1].bias.fill_(-1.0)  # gates 2 sigmoid(-1) = 0.54: every LoRA about halved
+    gate.save(tmp_path / "g.safetensors")
+    pipe.fuse_loras(["L0", "L1"], fusion="gated", gate=tmp_path / "g.safetensors", encoder=tiny_encoder)
+    halved = _call(pipe, image16)
+    assert np.abs(halved - plain).max() > 0
+    pipe.fuse_loras(["L0", "L1"], fusion="average")  # 0.5 each: near the gated 0.54
+    assert np.abs(halved - _call(pipe, image16)).mean() < np.abs(halved - plain).mean()
+    other = GateNet(GateConfig(["transformer_blocks.9.attn.to_q"], lora_dim=384, text_dim=0))
+    other.save(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="another base"):
+        pipe.fuse_loras(["L0"], fusion="gated", gate=tmp_path / "other.safetensors", encoder=tiny_encoder)
+
+
+def test_auto_lora_retrieves_loads_fuses_and_removes(tmp_path, image16, tiny_encoder, tiny_gate):
+    from retrieval.index import build_index, search
+
+    pipe, files = _editor_pipe(tmp_path, n_loras=0)
+    folder = tmp_path / "loras"
+    for j in range(3):
+        write_lora(folder / f"F{j}.safetensors", random_factors(KOHYA_MODULES, rank=2, seed=20 + j, std=0.3), "kohya")
+    build_index(folder, tmp_path / "i.parquet", tiny_encoder)
+    hits = search(tmp_path / "i.parquet", "give the picture a sepia tone", k=2)
+    out = _call(pipe, image16, lora_index=tmp_path / "i.parquet", auto_lora_top_k=2, auto_lora_fusion="sum")
+    assert [h["path"] for h in pipe.retrieved_loras] == [h["path"] for h in hits]
+    assert pipe.get_active_adapters() == ["default"]  # loaded for the call, removed after it
+    for j, h in enumerate(hits):
+        load_community_lora(pipe.transformer, h["file"], f"M{j}")
+    np.testing.assert_array_equal(out, _call(pipe, image16))  # the same as loading the two hits by hand
+    with pytest.raises(ValueError, match="needs lora_index"):
+        _call(pipe, image16, auto_lora_top_k=2)
+
+
+def test_edit_cli_fuses_loras(tmp_path, image16, tiny_base_dir):
+    src = tmp_path / "in.png"
+    Image.fromarray(image16).save(src)
+    files = [write_lora(tmp_path / f"L{j}.safetensors", random_factors(KOHYA_MODULES, rank=2, seed=j), "peft")
+             for j in range(2)]
+    base = ["edit", "--image", str(src), "--instruction", "sepia please", "--base", str(tiny_base_dir), "--steps", "2"]
+    outs = {}
+    for fusion in ("sum", "average"):
+        out = tmp_path / f"{fusion}.png"
+        assert main([*base, "--out", str(out), "--lora", str(files[0]), "--lora", str(files[1]),
+                     "--fusion", fusion]) == 0
+        outs[fusion] = np.asarray(Image.open(out), dtype=int)
+    assert np.abs(outs["sum"] - outs["average"]).max() > 0
+    assert main([*base, "--out", str(tmp_path / "x.png"), "--fusion", "sum"]) == 2
+    assert main([*base, "--out", str(tmp_path / "x.png"), "--auto-lora", str(tmp_path / "none.parquet")]) == 2
+    assert RES == image16.shape[0]
