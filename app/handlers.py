@@ -227,11 +227,11 @@ class Editor:
         """The image at ``path`` (an app folder), decoded and checked as ``x2edit edit`` does."""
         from x2edit.images import load_image
 
+        resolved = self.check_input_path(path)
         try:
-            return load_image(self.check_input_path(path))
+            return load_image(resolved)
         except ValueError as e:  # name the upload, not the app's temporary path
-            raise ValueError(str(e).replace(str(Path(path).resolve()), Path(path).name).replace(
-                str(path), Path(path).name)) from None
+            raise ValueError(str(e).replace(str(resolved), resolved.name)) from None
 
     def _new_path(self, stem: str, suffix: str = ".png") -> Path:
         with self._count_lock:
