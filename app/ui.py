@@ -36,11 +36,13 @@ from x2edit.tasks import TASK_NAMES
 LORA_HEADERS = ["use", "weight", "title", "score", "file"]
 EDIT_CONCURRENCY = "model"  # edit and batch share it: one model, one edit at a time
 THEME_FONTS = {"font": ["ui-sans-serif", "system-ui", "sans-serif"], "font_mono": ["ui-monospace", "monospace"]}
-CSS = "#result img, #source img { image-rendering: pixelated; }"  # small Shape World images stay sharp
+# Small images (Shape World is 64x64) are shown enlarged and sharp.
+CSS = ("#result img, #source img, #history img { image-rendering: pixelated; }\n"
+       "#source img { min-height: 240px; object-fit: contain; }")
 
 
 def user_errors(fn):
-    """Turn the handlers' ``ValueError`` / ``FileNotFoundError`` into a titled message for the user
+    """Turn the handlers' ``ValueError`` / ``FileNotFoundError`` into a message for the user
     (a toast in the page, the error text in ``gradio_client``); other exceptions are bugs and stay."""
 
     @functools.wraps(fn)
@@ -48,7 +50,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as e:
-            raise gr.Error(str(e), title="Cannot do that") from None
+            raise gr.Error(str(e), print_exception=False) from None
 
     return wrapper
 
@@ -159,7 +161,7 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
             with gr.Row(equal_height=False):
                 with gr.Column():
                     source = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], format="png",
-                                      height=320, elem_id="source")
+                                      height=280, elem_id="source")
                     instruction = gr.Textbox(label="Instruction", placeholder="e.g. make the square red",
                                              elem_id="instruction")
                     with gr.Row():
@@ -189,16 +191,18 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
                                              label="Tick the LoRAs to edit with, set their weights", elem_id="loras")
                         fusion = gr.Dropdown(list(FUSION_CHOICES), value=fusion_default, label="Fusion",
                                              info="gated: the learned gate; the others need no training")
-                    gr.Examples(examples, inputs=[source, instruction], label="Shape World examples")
                 with gr.Column():
-                    slider = gr.ImageSlider(label="Before / after", type="filepath", format="png", height=420,
+                    slider = gr.ImageSlider(label="Before / after", type="filepath", format="png", max_height=400,
                                             interactive=False, elem_id="result")
                     with gr.Row():
                         download = gr.DownloadButton("Download result", elem_id="download")
                         use = gr.Button("Use as input", elem_id="use-as-input")
                     info = gr.Markdown(elem_id="edit-info")
-            gallery = gr.Gallery(label="History (click an entry to reload it)", columns=8, height=220,
-                                 allow_preview=False, elem_id="history")
+                    gallery = gr.Gallery(label="History (click an entry to reload it)", columns=6, height=150,
+                                         allow_preview=False, fit_columns=False, object_fit="contain",
+                                         elem_id="history")
+                    gr.Examples(examples, inputs=[source, instruction], label="Shape World examples (click one)",
+                                examples_per_page=len(examples), elem_id="examples")
         with gr.Tab("Batch"):
             gr.Markdown("One instruction over several images, with the Edit tab's task, settings and LoRAs.")
             with gr.Row(equal_height=False):
