@@ -40,6 +40,8 @@ def page(served):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 960})
         page.set_default_timeout(TIMEOUT_MS)
+        page.requested = []  # every URL the page asks for (offline: all of them the app's)
+        page.on("request", lambda request: page.requested.append(request.url))
         page.goto(served[2])
         yield page
         browser.close()
@@ -102,3 +104,8 @@ def test_a_shape_world_example_runs_with_one_click(page):
     page.locator("#run").click()
     expect(page.locator("#history img")).to_have_count(3)
     expect(page.locator("#history")).to_contain_text("3. camera_move")
+
+
+def test_the_page_fetches_nothing_from_outside_the_app(page, served):
+    assert page.requested and all(u.startswith((served[2], "data:", "blob:")) for u in page.requested), \
+        [u for u in page.requested if not u.startswith((served[2], "data:", "blob:"))]
