@@ -106,6 +106,19 @@ def test_a_shape_world_example_runs_with_one_click(page):
     expect(page.locator("#history")).to_contain_text("3. camera_move")
 
 
+def test_a_history_entry_reloads_and_the_result_downloads(page, tmp_path):
+    from playwright.sync_api import expect
+
+    page.locator("#history img").nth(1).click()  # the second edit: black and white, on the first's result
+    expect(page.locator("#instruction textarea")).to_have_value("I'd like the whole image in black and white")
+    expect(page.locator("#edit-info")).to_contain_text("tone_transform")
+    with page.expect_download() as download:
+        page.locator("#download").click()
+    saved = tmp_path / "download.png"
+    download.value.save_as(saved)
+    assert Image.open(saved).format == "PNG" and Image.open(saved).size == (64, 64)
+
+
 def test_the_page_fetches_nothing_from_outside_the_app(page, served):
     assert page.requested and all(u.startswith((served[2], "data:", "blob:")) for u in page.requested), \
         [u for u in page.requested if not u.startswith((served[2], "data:", "blob:"))]

@@ -1,6 +1,7 @@
 """The launched app through its API, with ``gradio_client`` (and plain HTTP where the client checks first)."""
 
 import time
+import zipfile
 
 import httpx
 import numpy as np
@@ -94,6 +95,19 @@ def test_corrupt_upload_and_empty_instruction_are_explained(client, example, cor
         client.predict(handle_file(example), "  ", api_name="/edit")
 
 
+def test_serves_this_machine_only_and_no_share_link(served):
+    import argparse
+
+    from x2edit.commands.app import add_arguments
+
+    demo, editor, url = served
+    assert url.startswith("http://127.0.0.1:") and demo.share is False and demo.share_url is None
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = parser.parse_args([])
+    assert defaults.host == "127.0.0.1" and defaults.max_file_size == "20mb"
+
+
 def test_files_outside_the_app_folders_are_not_read_or_served(served):
     demo, editor, url = served
     assert httpx.get(url + "gradio_api/file=/etc/passwd").status_code == 403
@@ -130,7 +144,9 @@ def test_a_full_queue_is_refused_with_a_message(served, example):
     outcomes = []
     for job in jobs:
         try:
-            job.result(timeout=120)
+            results, archive, _ = job.result(timeout=120)
+            with zipfile.ZipFile(archive) as z:  # every image of the batch, edited, in the zip
+                assert len(results) == 8 and len(z.namelist()) == 8
             outcomes.append("done")
         except QueueError as e:
             outcomes.append(str(e))
