@@ -189,10 +189,13 @@ class Editor:
             self._pipe, self._loaded = pipe, (base, adapter)
         return self._pipe
 
-    def default_steps(self, base: str | None = None, adapter: str | None = None) -> int:
-        """The step count the model edits with when none is given (x2edit-tiny: 1)."""
+    def steps_setting(self, base: str | None = None, adapter: str | None = None) -> tuple[int, bool]:
+        """(the step count the model edits with when none is given, whether it is the only one): an
+        adapter that edits in one step from the source (x2edit-tiny's) takes exactly one."""
         with self._lock:
-            return int(self.pipeline(base, adapter).default_num_inference_steps)
+            pipe = self.pipeline(base, adapter)
+            one_step = pipe.source_start() is not None
+            return (1 if one_step else int(pipe.default_num_inference_steps)), one_step
 
     # -- tasks -------------------------------------------------------------------------------
     def classify(self, instruction: str) -> dict[str, float]:
@@ -204,7 +207,7 @@ class Editor:
         if not isinstance(instruction, str) or not instruction.strip():
             return {}
         with self._lock:
-            return self._classify(self.pipeline(*self._loaded or (None, None)), instruction)
+            return self._classify(self._pipe if self._pipe is not None else self.pipeline(), instruction)
 
     @staticmethod
     def _classify(pipe, instruction: str) -> dict[str, float]:

@@ -30,6 +30,7 @@ def test_edit_saves_a_lossless_result_routed_by_the_classifier(editor, example):
     assert record.task_choice == "auto" and record.task == next(iter(editor.classify(record.instruction)))
     assert record.scores[record.task] == max(record.scores.values()) and 0 < sum(record.scores.values()) <= 1
     assert record.settings["steps"] == 1 and record.settings["seed"] == 0  # x2edit-tiny: one step from the source
+    assert editor.steps_setting() == (1, True)  # and no other step count: the page locks the slider
     again = editor.edit(example, "please paint the plus sign bubblegum-pink")
     assert np.array_equal(pixels(again.result), pixels(record.result))
 
@@ -66,6 +67,7 @@ def test_progress_follows_the_denoising_steps(tmp_path):
     steps = [(f, d) for f, d in calls if d.startswith("step")]
     assert steps == [(1 / 3, "step 1/3"), (2 / 3, "step 2/3"), (1.0, "step 3/3")]
     assert calls[0][1].startswith("loading") and record.settings["steps"] == 3
+    assert editor.steps_setting() == (28, False)  # FLUX's default, free to change
 
 
 def test_bad_input_is_refused_before_any_output(editor, example, tmp_path):
