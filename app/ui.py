@@ -146,10 +146,11 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
                 s["base"], s["adapter"], (h["before"], h["result"]), h["scores"] or h["task"],
                 summary(EditRecord(**h)), h["result"])
 
-    def use_as_input(history):
-        if not history:
-            raise gr.Error("there is no result yet: run an edit first", title="Nothing to use")
-        return history[-1]["result"]
+    def use_as_input(shown):
+        """The result on the slider (the last edit, or a history entry reloaded) becomes the source."""
+        if not shown or not shown[1]:
+            raise gr.Error("there is no result yet: run an edit first", print_exception=False)
+        return shown[1]
 
     def model_changed(base, adapter):
         value, fixed = editor.steps_setting(base, adapter)
@@ -232,7 +233,7 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
               api_name="search_loras")
         gallery.select(reload, history, [source, instruction, task, steps, guidance, seed, random_seed, base, adapter,
                                          slider, task_label, info, download], api_visibility="private")
-        use.click(use_as_input, history, source, api_visibility="private")
+        use.click(use_as_input, slider, source, api_visibility="private")
         gr.on([base.change, adapter.change], user_errors(model_changed), [base, adapter], steps,
               api_visibility="private", concurrency_id=EDIT_CONCURRENCY)
     return demo

@@ -69,6 +69,7 @@ def test_edit_chain_and_history_in_the_browser(page, editor, tmp_path):
 
     # the result becomes the next input; Enter in the instruction runs it
     page.locator("#use-as-input").click()
+    expect(page.locator("#source img")).to_have_attribute("src", re.compile("result"))
     page.locator("#instruction textarea").fill("I'd like the whole image in black and white")
     page.locator("#instruction textarea").press("Enter")
     expect(page.locator("#history img")).to_have_count(2)
