@@ -14,6 +14,7 @@ import sys
 # name -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "edit": ("x2edit.commands.edit", "edit an image from an instruction"),
+    "app": ("x2edit.commands.app", "the editing app in the browser (Gradio): edit, chain, batch, history, LoRA search"),
     "info": ("x2edit.commands.info", "versions, devices, registered base models and tasks"),
     "demo": ("training.demo", "run the embedded x2edit-tiny on held-out Shape World edits of all 15 tasks"),
     "eval": ("training.eval_command", "benchmark edits: Shape World (exact targets) or real images (GEdit-Bench form)"),

@@ -53,13 +53,35 @@ def check_lora_file(path: str) -> None:
         raise ValueError(f"--lora {path} is an x2edit adapter: pass it with --adapter")
 
 
+def load_edit_pipeline(base: str | None = None, adapter: str | None = None, device: str | None = None,
+                       dtype: str | None = None):
+    """The pipeline ``x2edit edit`` (and ``x2edit app``) edits with.
+
+    Args:
+        base: registered name or local pipeline directory (default: x2edit-tiny).
+        adapter: an x2edit adapter file, loaded in place of the base's own adapter.
+        device: checked to exist (default: cuda if available).
+        dtype: "float32", "bfloat16" or "float16" (default: bfloat16 on CUDA, float32 on the CPU).
+    """
+    import torch
+
+    from x2edit.registry import DEFAULT_BASE, load_pipeline, resolve_device
+
+    device = resolve_device(device)
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    pipe = load_pipeline(base or DEFAULT_BASE, torch_dtype=torch_dtype, device=device)
+    if adapter:
+        pipe.load_adapter(adapter, adapter_name="cli", replace=True)  # in place of the base's own
+    return pipe
+
+
 def run(args) -> int:
     import torch
 
     from x2edit.adapters import read_adapter_header
     from x2edit.files import atomic_path
     from x2edit.images import load_image
-    from x2edit.registry import DEFAULT_BASE, load_pipeline, resolve_device
+    from x2edit.registry import resolve_device
     from x2edit.tasks import get_task
 
     # Validate everything cheap before loading any model.
@@ -91,11 +113,8 @@ def run(args) -> int:
         check_lora_file(f)
     device = resolve_device(args.device)
 
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.base or DEFAULT_BASE, torch_dtype=dtype, device=device)
-    if args.adapter:
-        pipe.load_adapter(args.adapter, adapter_name="cli", replace=True)  # in place of the base's own
+    pipe = load_edit_pipeline(args.base, args.adapter, device, args.dtype)
     for i, f in enumerate(args.lora):
         pipe.load_lora_weights(f, adapter_name=f"lora_{i}")
     if args.fusion and args.lora:
