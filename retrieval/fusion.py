@@ -366,9 +366,10 @@ def fused_forward(model: nn.Module, fusion: Fusion) -> Iterator[None]:
 
 # -- training the gate ---------------------------------------------------------------------------
 
-# Families whose concepts compose into one exact, checkable target; sketch and neon redraw the whole
-# image as lines, so a background or object colour under them cannot be read: they compose with tones.
-COMPOSABLE = ("background", "objects", "style", "tone")
+# Families whose concepts compose into one exact, checkable target. Sketch and neon redraw the whole
+# image as lines, so a background or object colour under them cannot be read; a tint over a tone is
+# two colour casts of the whole image, which cannot be read apart.
+COMPOSABLE = ("background", "objects", "style", "tone", "tint")
 LINE_STYLES = ("style:sketch", "style:neon")
 
 
@@ -376,7 +377,7 @@ def compatible(concepts: list[str]) -> bool:
     """Whether a concept combination has a readable exact target (module comment above)."""
     fams = [c.split(":")[0] for c in concepts]
     values = [c.split(":")[1] for c in concepts if c.split(":")[0] in ("background", "objects")]
-    if len(set(fams)) != len(fams) or len(set(values)) != len(values):
+    if len(set(fams)) != len(fams) or len(set(values)) != len(values) or {"tone", "tint"} <= set(fams):
         return False
     return not (any(c in LINE_STYLES for c in concepts) and ({"background", "objects"} & set(fams)))
 

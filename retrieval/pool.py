@@ -70,6 +70,7 @@ class PoolConfig:
         joint_instance: how joint LoRAs are made (as an ``instances`` entry).
         samples_per_lora: training pairs each LoRA sees; loras_per_batch x samples_per_lora_in_batch
             pairs make one step.
+        family_weights: {family: w}: LoRAs of that family see w times as many pairs (harder families).
         lr, decay_fraction: AdamW learning rate, linearly decayed to 0 over the last fraction of steps.
         onestep_fraction: share of samples at the one-step point (sigma = s, x = source); the others
             on the straight path at sigma ~ U(0.05 s, s).
@@ -102,6 +103,7 @@ class PoolConfig:
     joint_instance: dict = field(default_factory=lambda: {"rank": 8, "targets": "attn", "format": "peft",
                                                           "alpha_ratio": 1.0})
     samples_per_lora: int = 384
+    family_weights: dict = field(default_factory=dict)
     loras_per_batch: int = 16
     samples_per_lora_in_batch: int = 4
     lr: float = 2e-3
@@ -133,6 +135,12 @@ class PoolConfig:
                 get_concept(c)
         if not self.instances:
             raise ValueError("instances: at least one instance per concept is needed")
+        from data_pipeline.shapeworld.concepts import FAMILIES
+
+        for family, w in self.family_weights.items():
+            if family not in FAMILIES or not isinstance(w, (int, float)) or w < 1:
+                raise ValueError(f"family_weights: {family!r}: {w!r} must be a family of {list(FAMILIES)} with a "
+                                 "weight >= 1")
         if not 0 < self.sigma_start <= 1:
             raise ValueError(f"sigma_start must be in (0, 1], got {self.sigma_start}")
 
@@ -238,11 +246,19 @@ class PoolTrainer:
         decay = int(steps * self.config.decay_fraction)
         return 1.0 if step < steps - decay else max(0.0, (steps - step) / max(decay, 1))
 
+    def slots(self) -> list[int]:
+        """Spec indices in the order batches take them, each repeated by its family's weight."""
+        weights = self.config.family_weights
+        reps = [int(round(weights.get(s.concepts[0].split(":")[0], 1.0))) if s.role != "joint" else 1
+                for s in self.specs]
+        expanded = [i for i, r in enumerate(reps) for _ in range(r)]
+        return [expanded[i] for i in np.random.default_rng([self.config.seed, 1]).permutation(len(expanded))]
+
     def batch(self, step: int) -> dict:
         """The chosen LoRAs and their samples for ``step`` (a pure function of seed and step)."""
-        cfg, n = self.config, len(self.specs)
-        order = np.random.default_rng([cfg.seed, 1]).permutation(n)
-        per = cfg.samples_per_lora_in_batch
+        cfg = self.config
+        order = self.slots()
+        n, per = len(order), cfg.samples_per_lora_in_batch
         chosen = [self.specs[order[(step * min(cfg.loras_per_batch, n) + j) % n]]
                   for j in range(min(cfg.loras_per_batch, n))]
         rng = np.random.default_rng([cfg.seed, 2, step])
@@ -260,13 +276,14 @@ class PoolTrainer:
                         for _ in range(per)]
         s = cfg.sigma_start
         sigma = np.where(rng.random(len(owners)) < cfg.onestep_fraction, s, rng.uniform(0.05 * s, s, len(owners)))
-        return {"names": [c.name for c in chosen], "owners": owners, "source": torch.cat(src),
+        return {"names": list(dict.fromkeys(c.name for c in chosen)), "owners": owners, "source": torch.cat(src),
                 "target": torch.cat(tgt), "prompts": prompts, "sigma": torch.as_tensor(sigma, dtype=torch.float32)}
 
     def train(self, out: Path, resume: bool = True) -> dict:
         cfg = self.config
-        per_step = min(cfg.loras_per_batch, len(self.specs)) * cfg.samples_per_lora_in_batch
-        steps = math.ceil(len(self.specs) * cfg.samples_per_lora / per_step)
+        slots = len(self.slots())
+        per_step = min(cfg.loras_per_batch, slots) * cfg.samples_per_lora_in_batch
+        steps = math.ceil(slots * cfg.samples_per_lora / per_step)
         opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: self._lr_factor(k, steps))
         ckpt, start = out / "train_state.pt", 0

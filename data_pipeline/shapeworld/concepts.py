@@ -2,8 +2,9 @@
 exact renders of any combination of them.
 
 A concept is ``family:value``, e.g. ``tone:sepia``, ``background:red``. Families are independent
-fields of a ``Scene`` (tone, style, background colour, every object's colour, every object's fill),
-so applying several concepts of different families gives one exact target, whatever the order:
+fields of a ``Scene`` (tone, style, background colour, every object's colour, every object's fill)
+or a colour tint laid over the rendered image last, so applying several concepts of different
+families gives one exact target, whatever the order:
 
     from data_pipeline.shapeworld.concepts import ConceptWorld
     cw = ConceptWorld(resolution=64)
@@ -39,10 +40,12 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "background": tuple(vocab.COLORS),
     "objects": tuple(vocab.COLORS),
     "material": vocab.MATERIALS[1:],
+    "tint": ("red", "orange", "yellow", "green", "blue", "purple", "pink", "cyan", "brown"),
 }
+TINT_STRENGTH = 0.35  # tint:c mixes the rendered image with colour c: (1 - 0.35) image + 0.35 c
 # Which pixels a family changes: the whole image, where background shows, or the objects' footprints.
 REGIONS = {"tone": "image", "style": "image", "background": "background", "objects": "objects",
-           "material": "objects"}
+           "material": "objects", "tint": "image"}
 # Template phrasings. {p} is the concept's noun phrase ("a warm tone", "a red background").
 TRAIN_TEMPLATES = ("{p}", "give the picture {p}", "apply {p}", "change it to {p}", "{p}, please")
 HELDOUT_TEMPLATES = ("I would like the image with {p}", "could the scene get {p}?")
@@ -50,14 +53,20 @@ HELDOUT_TEMPLATES = ("I would like the image with {p}", "could the scene get {p}
 
 def _words(family: str, value: str) -> tuple[str, ...]:
     return {"tone": vocab.TONE_WORDS, "style": vocab.STYLE_WORDS, "background": vocab.COLOR_WORDS,
-            "objects": vocab.COLOR_WORDS, "material": vocab.MATERIAL_WORDS}[family][value]
+            "objects": vocab.COLOR_WORDS, "material": vocab.MATERIAL_WORDS, "tint": vocab.COLOR_WORDS}[family][value]
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
 def _noun_phrase(family: str, word: str) -> str:
     if family == "background":
-        return f"a {word} background"
+        return f"{_a(word)} background"
     if family in ("objects", "material"):
         return f"{word} shapes"
+    if family == "tint":
+        return f"{_a(word)} tint"
     return word  # tone and style words are noun phrases already
 
 
@@ -90,6 +99,9 @@ class Concept:
         return [t.format(p=_noun_phrase(self.family, w)) for w in words[:-1] for t in TRAIN_TEMPLATES]
 
     def apply(self, scene: Scene) -> Scene:
+        """The scene with this concept (a tint leaves the scene as it is: it acts on the rendered image)."""
+        if self.family == "tint":
+            return scene
         if self.family == "tone":
             return dataclasses.replace(scene, tone=self.value)
         if self.family == "style":
@@ -171,6 +183,15 @@ class ConceptWorld:
             scene = c.apply(scene)
         return scene
 
+    def render_with(self, scene: Scene, concepts: list[Concept]) -> np.ndarray:
+        """(H, W, 3) uint8 image of ``scene`` with ``concepts`` applied (tints last, on the pixels)."""
+        image = self.render(self.compose(scene, concepts))
+        for c in concepts:
+            if c.family == "tint":
+                rgb = np.asarray(vocab.COLORS[c.value], dtype=np.float32)
+                image = np.round((1 - TINT_STRENGTH) * image + TINT_STRENGTH * rgb).astype(np.uint8)
+        return image
+
     @staticmethod
     def _valid(source: Scene, target: Scene, concepts: list[Concept]) -> bool:
         if not target.objects:
@@ -209,15 +230,15 @@ class ConceptWorld:
             target_scene = self.compose(scene, concepts)
             if not self._valid(scene, target_scene, concepts):
                 continue
-            src, tgt = self.renderer.render(scene), self.renderer.render(target_scene)
+            src, tgt = self.renderer.render(scene), self.render_with(scene, concepts)
             masks = {}
             for c in concepts:
-                one = self.renderer.render(c.apply(scene)).image
+                one = self.render_with(scene, [c])
                 if int(np.any(one != src.image, axis=-1).sum()) < self.min_changed:
                     break  # this concept would be (nearly) invisible on this scene: draw another
                 masks[c.name] = self._region(c, scene, src)
             else:
-                return ConceptPair(src.image, tgt.image, concepts, scene, masks, split, int(seed))
+                return ConceptPair(src.image, tgt, concepts, scene, masks, split, int(seed))
         raise RuntimeError(f"no valid scene for {[c.name for c in concepts]} with seed {seed} in {_MAX_ATTEMPTS} attempts")
 
     @staticmethod
@@ -254,7 +275,7 @@ class ConceptWorld:
         def image(values: dict) -> np.ndarray:
             key = tuple(sorted(values.items(), key=lambda kv: kv[0]))
             if key not in cache:
-                cache[key] = self.render(self.compose(pair.scene, [Concept(f, v) for f, v in key if v is not None]))
+                cache[key] = self.render_with(pair.scene, [Concept(f, v) for f, v in key if v is not None])
             return cache[key]
 
         for _ in range(sweeps):

@@ -129,3 +129,30 @@ def test_training_aligns_held_out_loras_with_their_concepts(tiny_pool, tiny_enco
         if name == "trained":
             assert (sims.argmax(1) == own).all(), sims
     assert margins["trained"] > margins["fresh"] + 0.05
+
+
+def test_probes_start_from_the_base_inputs_mean_and_principal_directions():
+    """init_probes: per module type, row 0 is the inputs' mean and rows 1.. their top principal
+    directions scaled by their spread (sign aside), over every module of that type together."""
+    from retrieval.encoder import base_activations
+
+    pipe = tiny_pipe()
+    torch.manual_seed(0)
+    enc = WeightEncoder(EncoderConfig([list(m) for m in module_set(pipe.transformer)], probes=3, dim=16,
+                                      layers=1, heads=2))
+    lin = pipe.transformer.transformer_blocks[0].attn.to_q
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, lin.in_features, generator=g) * torch.linspace(0.1, 3, lin.in_features) + 1.5
+    acts = base_activations(pipe.transformer, lambda: lin(x))
+    assert set(acts) == {"transformer_blocks.0.attn.to_q"} and torch.equal(acts["transformer_blocks.0.attn.to_q"], x)
+    enc.init_probes(acts)
+    probe = enc.probe[enc._key[enc.type_of["transformer_blocks.0.attn.to_q"]]].detach()
+    torch.testing.assert_close(probe[0], x.mean(0))
+    centred = x - x.mean(0)
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    for i in (1, 2):
+        expected = vh[i - 1] * s[i - 1] / 40 ** 0.5
+        assert min((probe[i] - expected).abs().max(), (probe[i] + expected).abs().max()) < 1e-4
+    # a module type with no recorded inputs keeps its (random) probes
+    other = enc._key[enc.type_of["transformer_blocks.0.attn.to_k"]]
+    assert not torch.allclose(enc.probe[other][0], probe[0][: enc.probe[other].shape[1]])

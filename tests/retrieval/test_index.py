@@ -137,3 +137,19 @@ def test_cli_index_and_search(folder, tmp_path, tiny_encoder, capsys):
     assert "query is empty" in capsys.readouterr().err
     assert main(["lora", "search", "x", "--index", str(tmp_path / "missing.parquet")]) == 2
     assert "index not found" in capsys.readouterr().err
+
+
+def test_xlabs_files_are_indexed(tmp_path, tiny_encoder):
+    """XLabs' processor keys (no alphas) go through the same converter as in the pipeline."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"double_blocks.0.processor.qkv_lora1": (32, 96), "double_blocks.0.processor.proj_lora1": (32, 32),
+              "single_blocks.0.processor.qkv_lora": (32, 96), "single_blocks.0.processor.proj_lora": (160, 32)}
+    state = {}
+    for key, (k, n) in shapes.items():
+        state[f"{key}.down.weight"] = torch.randn(4, k, generator=g) * 0.3
+        state[f"{key}.up.weight"] = torch.randn(n, 4, generator=g) * 0.3
+    (tmp_path / "x").mkdir()
+    save_file(state, str(tmp_path / "x" / "xlabs.safetensors"))
+    assert build_index(tmp_path / "x", tmp_path / "i.parquet", tiny_encoder)["ok"] == 1
+    row = read_index(tmp_path / "i.parquet")[0][0]
+    assert row["layout"] == "XLabs" and "single_transformer_blocks.0.attn.to_q" in row["targets"]
