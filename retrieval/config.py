@@ -68,3 +68,40 @@ def load(cls, path: str | Path | None = None, overrides: list[str] | None = None
 
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
+
+
+def save_model(model, path: str | Path, fmt: str, metadata: dict | None = None, dtype=None) -> Path:
+    """Write ``model`` (an nn.Module with a dataclass ``config``) as safetensors: its weights (cast to
+    ``dtype`` if given), and in the header ``format``, the config and the caller's ``metadata``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.detach().to(dtype) if dtype is not None else v.detach()).contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": fmt, "config": json.dumps(dataclasses.asdict(model.config)),
+                                          "user": json.dumps(metadata or {})})
+    return path
+
+
+def load_model(cls, config_cls, path: str | Path, fmt: str, what: str):
+    """The ``cls(config_cls(...))`` saved by ``save_model`` at ``path``, in float32 and eval mode, with its
+    ``metadata``; a missing file or one of another ``format`` is refused naming ``what`` it should be."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != fmt:
+            raise ValueError(f"{path} is not a {what} file (format {meta.get('format')!r})")
+        state = {k: f.get_tensor(k).float() for k in f.keys()}
+    model = cls(config_cls(**json.loads(meta["config"])))
+    model.load_state_dict(state)
+    model.metadata = json.loads(meta.get("user", "{}"))
+    return model.eval()

@@ -21,7 +21,6 @@ Saved as one safetensors file with its config (module set, sizes, text model) in
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -172,32 +171,16 @@ class WeightEncoder(nn.Module):
 
     # -- files -------------------------------------------------------------------------------
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:
-        from safetensors.torch import save_file
+        from retrieval.config import save_model
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # float16 on disk (the file ships inside the package); computation stays float32.
-        state = {k: v.detach().to(torch.float16).contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path), metadata={"format": FORMAT, "config": json.dumps(dataclasses.asdict(self.config)),
-                                              "user": json.dumps(metadata or {})})
-        return path
+        return save_model(self, path, FORMAT, metadata, dtype=torch.float16)
 
     @classmethod
     def load(cls, path: str | Path) -> WeightEncoder:
-        from safetensors import safe_open
+        from retrieval.config import load_model
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"encoder file not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a weight encoder file (format {meta.get('format')!r})")
-            state = {k: f.get_tensor(k).float() for k in f.keys()}
-        encoder = cls(EncoderConfig(**json.loads(meta["config"])))
-        encoder.load_state_dict(state)
-        encoder.metadata = json.loads(meta.get("user", "{}"))
-        return encoder.eval()
+        return load_model(cls, EncoderConfig, path, FORMAT, "weight encoder")
 
     @torch.no_grad()
     def init_probes(self, activations: dict[str, torch.Tensor]) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -232,31 +231,15 @@ class GateNet(nn.Module):
         return 2 * torch.sigmoid(self.mlp(h)[..., 0])
 
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:
-        from safetensors.torch import save_file
+        from retrieval.config import save_model
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata={"format": GATE_FORMAT, "config": json.dumps(dataclasses.asdict(self.config)),
-                            "user": json.dumps(metadata or {})})
-        return path
+        return save_model(self, path, GATE_FORMAT, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> GateNet:
-        from safetensors import safe_open
+        from retrieval.config import load_model
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"gate file not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != GATE_FORMAT:
-                raise ValueError(f"{path} is not a fusion gate file (format {meta.get('format')!r})")
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        gate = cls(GateConfig(**json.loads(meta["config"])))
-        gate.load_state_dict(state)
-        gate.metadata = json.loads(meta.get("user", "{}"))
-        return gate.eval()
+        return load_model(cls, GateConfig, path, GATE_FORMAT, "fusion gate")
 
 
 def default_gate_path() -> Path:
