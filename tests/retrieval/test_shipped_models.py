@@ -2,8 +2,8 @@
 
 import numpy as np
 import torch
-from PIL import Image
 from autolora_helpers import random_factors
+from PIL import Image
 
 from retrieval.encoder import WeightEncoder, embed_files, module_set
 from retrieval.formats import write_lora
