@@ -6,34 +6,12 @@ Unknown keys and wrong types are refused before any work, with the key named.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from pathlib import Path
 
 import yaml
 
-
-def _check(value, tp, key: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _check(value, arg, key)
-            except ValueError:
-                pass
-        raise ValueError(f"{key}: {value!r} is not a {tp}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ValueError(f"{key}: expected None")
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    base = origin or tp
-    if base is typing.Any or (base is list and isinstance(value, list)) or (base is dict and isinstance(value, dict)):
-        return value
-    if not isinstance(value, base) or (base in (int, float) and isinstance(value, bool)):
-        raise ValueError(f"{key}: expected {getattr(base, '__name__', base)}, got {type(value).__name__} {value!r}")
-    return value
+from training.config import check_type  # one type check for every command's config
 
 
 def from_dict(cls, data: dict):
@@ -45,7 +23,7 @@ def from_dict(cls, data: dict):
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} key {unknown[0]!r}; valid keys: {sorted(names)}")
-    return cls(**{k: _check(v, hints[k], k) for k, v in data.items()})
+    return cls(**{k: check_type(v, hints[k], k) for k, v in data.items()})
 
 
 def load(cls, path: str | Path | None = None, overrides: list[str] | None = None):

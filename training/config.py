@@ -290,14 +290,14 @@ def _without_defaults(obj) -> dict:
     return out
 
 
-def _check_type(value, tp, key: str):
+def check_type(value, tp, key: str):
     """Validate (and lightly coerce: int -> float, list -> tuple) ``value`` against annotation ``tp``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         errors = []
         for arg in typing.get_args(tp):
             try:
-                return _check_type(value, arg, key)
+                return check_type(value, arg, key)
             except ValueError as e:
                 errors.append(str(e))
         raise ValueError(f"{key}: {value!r} matches none of {tp}")
@@ -336,7 +336,7 @@ def _build(cls, data: dict, prefix: str):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = _check_type(value, tp, f"{prefix}{name}")
+            kwargs[name] = check_type(value, tp, f"{prefix}{name}")
     return cls(**kwargs)
 
 

@@ -78,3 +78,16 @@ def test_the_tiny_pool(tiny_pool):
     gains = [e["gain_db"]["1"] for e in m["loras"] if e["role"] in ("train", "heldout_instance", "unseen_concept")]
     assert np.mean(gains) > 0.1, gains
     assert m["summary"]["trained"] == 12 and m["training"]["steps"] == 8
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=abc", "lr: expected float"), ("family_weights=[1]", "family_weights: expected dict"),
+    ("bar_db=true", "bar_db: expected float"), ("nope=1", "unknown PoolConfig key 'nope'"),
+    ("family_weights={tone: 0.5}", "family_weights: 'tone'"), ("unseen_concepts=[tone:neon]", "tone"),
+])
+def test_pool_config_errors_name_the_key(override, message):
+    from retrieval.config import load
+    from retrieval.pool import PoolConfig
+
+    with pytest.raises(ValueError, match=message):
+        load(PoolConfig, None, [override])
