@@ -308,6 +308,7 @@ def fused_forward(model: nn.Module, fusion: Fusion) -> Iterator[None]:
     forward = model.forward
     own = model.__dict__.get("forward")
     seen: list[float] = []
+    layers = [layer for _, layer in adapter_layers(model)]  # once per block, not per transformer call
 
     def call(*args, **kwargs):
         sigma = kwargs["timestep"]
@@ -315,7 +316,6 @@ def fused_forward(model: nn.Module, fusion: Fusion) -> Iterator[None]:
         if level not in seen:
             seen.append(level)
         step = seen.index(level)
-        layers = [layer for _, layer in adapter_layers(model)]
         if not any(n in layer.active_adapters for layer in layers for n in fusion.names):
             return forward(*args, **kwargs)  # the LoRAs are off in this call (e.g. the base term of a reading)
         saved = [layer.routing for layer in layers]
