@@ -57,9 +57,9 @@ def default_weighting(args) -> str:
 
 
 def run_variant(name: str, adapter: dict, contrastive: float, args, seed: int) -> dict:
-    from training.config import config_from_dict
-    from training.eval_command import evaluate_shapeworld
-    from training.trainer import Trainer
+    from x2edit.training.config import config_from_dict
+    from x2edit.training.eval_command import evaluate_shapeworld
+    from x2edit.training.trainer import Trainer
 
     source = "shapeworld" if args.data == "shapeworld" else {"format": "x2edit", "path": args.data}
     config = config_from_dict({

@@ -14,8 +14,8 @@ trigger words) and flattened-dW PCA + ridge regression to the text space (traine
 
 Composition. For each combination of concepts the pool has a jointly trained LoRA for, the held-out
 instance of each concept (never seen by the encoder or the gate), on held-out scenes, with the
-combined instruction, by each fusion (``retrieval.fusion``) and by the joint LoRA (upper bound), in
-1 step (the pipeline's edit) and in 4 and 8 steps of the LoRA flow (``retrieval.flow``): edit gain
+combined instruction, by each fusion (``x2edit.retrieval.fusion``) and by the joint LoRA (upper bound), in
+1 step (the pipeline's edit) and in 4 and 8 steps of the LoRA flow (``x2edit.retrieval.flow``): edit gain
 against the exact render with all concepts applied, per-concept attribute accuracy (nearest exact
 render inside the concept's region), all-correct rate, error inside / outside the edited region,
 per-scene win rate of the gate against each baseline (by edit gain), and the gate's cost per step.
@@ -35,10 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_pipeline.metrics import psnr  # noqa: E402
-from data_pipeline.shapeworld.concepts import ConceptWorld, get_concept, instruction  # noqa: E402
+from x2edit.data_pipeline.metrics import psnr
+from x2edit.data_pipeline.shapeworld.concepts import ConceptWorld, get_concept, instruction
 
 BASELINES = ("sum", "average", "switch", "composite", "klora")
 
@@ -116,8 +114,8 @@ def pca_ridge(train: list[dict], train_text: np.ndarray, test: list[dict], dims:
 
 
 def retrieval_benchmark(pool: Path, manifest: dict, encoder_path: str | None, index_path: Path, quick: bool) -> dict:
-    from retrieval.encoder import TextEncoder, read_factors
-    from retrieval.index import build_index, read_index
+    from x2edit.retrieval.encoder import TextEncoder, read_factors
+    from x2edit.retrieval.index import build_index, read_index
 
     t0 = time.perf_counter()
     counts = build_index(pool / "loras", index_path, encoder_path)
@@ -178,12 +176,12 @@ def _pick(manifest: dict, concept: str) -> dict | None:
 
 def composition_benchmark(pool: Path, manifest: dict, encoder_path: str | None, gate_path: str | None,
                           quick: bool) -> dict:
-    from retrieval.encoder import TextEncoder
-    from retrieval.flow import LoraFlow
-    from retrieval.fusion import Gated, GateNet, default_gate_path, lora_factors, make_fusion
-    from retrieval.index import load_encoder
     from x2edit.adapters import adapter_layers, adapter_names, load_community_lora, remove_adapter
+    from x2edit.adapters.fusion import Gated, lora_factors, make_fusion
     from x2edit.registry import load_pipeline
+    from x2edit.retrieval.encoder import TextEncoder, load_encoder
+    from x2edit.retrieval.flow import LoraFlow
+    from x2edit.retrieval.fusion import GateNet, default_gate_path
 
     cfg = manifest["config"]
     pipe = load_pipeline(cfg["base"])
@@ -223,14 +221,14 @@ def composition_benchmark(pool: Path, manifest: dict, encoder_path: str | None, 
         pairs = [world.pair(combo, seed=i, split="eval") for i in range(n_scenes)]
         rng = np.random.default_rng(0)
         prompts = [instruction([get_concept(c) for c in combo], rng) for _ in pairs]
-        instr = text(prompts)
         caches = [{} for _ in pairs]
         for steps in step_counts:
             for method in methods:
                 if method == "joint":
                     use, fusion = [joint], make_fusion("sum", [joint])
                 elif method == "gated":
-                    use, fusion = names, Gated(names, gate, emb, instruction=instr)
+                    use, fusion = names, Gated(names, gate, emb, text_encoder=text)
+                    fusion.set_prompts(prompts)
                 else:
                     use, fusion = names, make_fusion(method, names)
                 fusion.bind(pipe.transformer)
@@ -252,7 +250,7 @@ def composition_benchmark(pool: Path, manifest: dict, encoder_path: str | None, 
                         "correct": acc, "all_correct": all(acc.values()),
                         "err_in": float(diff[mask].mean()), "err_out": float(diff[~mask].mean()) if (~mask).any() else None})
         # one kernel call per adapter layer, whatever k is
-        import kernels
+        from x2edit import kernels
 
         for k in range(1, len(names) + 1):
             calls = []
@@ -350,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from retrieval.pool import load_manifest
+    from x2edit.retrieval.pool import load_manifest
 
     pool, out = Path(args.pool), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,14 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from x2edit.data_pipeline.config import load_config
+from x2edit.data_pipeline.runner import build
+from x2edit.data_pipeline.shapeworld import ShapeWorld
 
-from data_pipeline.config import load_config  # noqa: E402
-from data_pipeline.runner import build  # noqa: E402
-from data_pipeline.shapeworld import ShapeWorld  # noqa: E402
+HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
 
 
 def _load() -> float:

@@ -29,9 +29,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def denoise_table(pipe, sigmas: list[float], n: int = 16, seed: int = 0) -> dict:
-    from data_pipeline.shapeworld import ShapeWorld
-    from training.losses import flow_matching_pair
+    from x2edit.data_pipeline.shapeworld import ShapeWorld
     from x2edit.schedulers import predicted_sample, prediction_type, sigma_data_of
+    from x2edit.training.losses import flow_matching_pair
 
     kind = prediction_type(pipe.scheduler)
     scenes = [ShapeWorld(64).sample(i, None, "eval") for i in range(n)]
@@ -58,7 +58,7 @@ def sample_grid(pipe, n: int, steps: int, seed: int = 0, scale: int = 2):
     """PIL image, one row per held-out scene: the scene | the base's text-to-image sample of its caption."""
     from PIL import Image
 
-    from data_pipeline.shapeworld import ShapeWorld
+    from x2edit.data_pipeline.shapeworld import ShapeWorld
 
     pipe.set_progress_bar_config(disable=True)
     scenes = [ShapeWorld(64).sample(i, None, "eval") for i in range(n)]

@@ -7,7 +7,7 @@
 #                              base, MoE-LoRA per backend, task adapter merged, fused q/k/v) first,
 #                              then every linear at both token counts, then a training step
 #      <gpu>.json              the dispatch table those measurements give  } copy both into
-#      <gpu>-configs.json      the Triton launch configurations tuned      } kernels/measured/
+#      <gpu>-configs.json      the Triton launch configurations tuned      } x2edit/kernels/measured/
 # Eight files at most, each far below 16 MB, in OUT_DIR.
 #
 # Usage: benchmarks/gpu_check.sh OUT_DIR [--quick]      (--quick: stages 1-3 only)
@@ -63,9 +63,9 @@ for name in ("triton", "diffusers", "peft", "transformers", "xdist"):
         print(name, getattr(importlib.import_module(name), "__version__", "installed"))
     except ImportError as exc:
         print(name, "MISSING:", exc)
-import kernels
-from kernels import dispatch
-from kernels.env import device_name
+from x2edit import kernels
+from x2edit.kernels import dispatch
+from x2edit.kernels.env import device_name
 table = dispatch.gpu_table(device_name(torch.device("cuda")))
 print("shipped dispatch table for this GPU:", "none (the rule)" if table is None else f"{len(table.rows)} rows")
 EOF

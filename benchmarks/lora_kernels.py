@@ -8,9 +8,9 @@ Needs a CUDA GPU; refuses (exit status 2) without one. `benchmarks/gpu_check.sh`
 
 Writes DIR/kernels[-quick].json (every measurement, the environment, the targets) and
 DIR/kernels[-quick].md (tables: times and ratios to the base matmul); the full run also writes
-DIR/<gpu-name>.json, the dispatch table derived from its measurements (kernels/measured's format),
+DIR/<gpu-name>.json, the dispatch table derived from its measurements (x2edit/kernels/measured's format),
 and DIR/<gpu-name>-configs.json, the Triton launch configurations it tuned: copy both into
-kernels/measured/ to ship them.
+x2edit/kernels/measured/ to ship them.
 
 What is timed, per FLUX linear (K -> N) and token count M, in bfloat16 (CUDA events, median, rotating
 input sets larger than L2 so that no call finds its operands cached, after a clock warm-up):
@@ -50,9 +50,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import lora_linear, moe_lora_loop_reference, use_backend
-from kernels.env import device_slug, interpreter_enabled, is_hopper
+from x2edit import kernels
+from x2edit.kernels import lora_linear, moe_lora_loop_reference, use_backend
+from x2edit.kernels.env import device_slug, interpreter_enabled, is_hopper
 
 # The linears of FLUX.1 (inner dim 3072, MLP ratio 4): name -> (in_features K, out_features N).
 FLUX_LINEARS = {
@@ -446,7 +446,7 @@ def _training_calls(s: dict, device, with_base: bool) -> dict[str, Callable[[], 
 
 
 def dispatch_table(rows: list[Row], gpu: str, source: str) -> dict:
-    """kernels/measured's format: per measured call shape, the fastest backend.
+    """x2edit/kernels/measured's format: per measured call shape, the fastest backend.
 
     A Triton backend is taken only where it beat every torch backend by 3% (timing noise), so the
     table never trades a measured torch win for a Triton one.
@@ -709,13 +709,13 @@ def write_results(
 
 
 def write_tables(out_dir: Path, gpu: str, rows: list[Row], json_name: str) -> list[Path]:
-    """The dispatch table and the tuned launch configurations, named for the GPU (kernels/measured)."""
+    """The dispatch table and the tuned launch configurations, named for the GPU (x2edit/kernels/measured)."""
     slug = device_slug(gpu)
     table = dispatch_table(rows, gpu, source=f"benchmarks/results/<date>-{slug}-{json_name}")
     paths = [out_dir / f"{slug}.json"]
     paths[0].write_text(json.dumps(table, indent=1) + "\n")
     if kernels.triton_available():
-        from kernels import triton_lora, tuning
+        from x2edit.kernels import triton_lora, tuning
 
         tuned = tuning.tuned_tables(triton_lora.TUNERS)
         paths.append(out_dir / f"{slug}-configs.json")

@@ -1,6 +1,6 @@
 """GPU memory and step time of X2Edit MoE-LoRA training on a full-size FLUX transformer.
 
-One training step as the trainer runs it (training/trainer.py): a frozen bfloat16 FLUX.1
+One training step as the trainer runs it (x2edit/training/trainer.py): a frozen bfloat16 FLUX.1
 transformer (FLUX.1-dev's published config; FLUX.1 Kontext [dev]'s transformer has the same) with
 random weights, X2Edit's MoE-LoRA (float32, X2Edit's placement, shared + top-2 of 12 experts,
 rank 64, router on [token ; task embedding]), routed gradient checkpointing, an edit batch at
@@ -170,7 +170,7 @@ class Spec:
 
 def make_specs(args) -> list[Spec]:
     """Specs from the recipe YAML and the command line: one per batch size (x contrastive on/off)."""
-    from training.config import load_config
+    from x2edit.training.config import load_config
 
     recipe = load_config(args.recipe)
     if args.config in CONFIGS:
@@ -284,8 +284,8 @@ def edit_batch(spec: Spec, device, seed: int) -> dict:
 def step_loss(spec: Spec, model, batch: dict) -> torch.Tensor:
     """Forward and loss, laid out as Trainer.compute_loss does it: flow matching on the target tokens
     + balance_weight * router balance + contrastive_weight * X2Edit's contrastive loss."""
-    from training.losses import BlockOutputs, contrastive_loss, flow_matching_loss, flow_matching_pair
     from x2edit.adapters import routing_context
+    from x2edit.training.losses import BlockOutputs, contrastive_loss, flow_matching_loss, flow_matching_pair
 
     x0, sigmas = batch["x0"], batch["sigmas"]  # x0: (B, T, C) target latent tokens
     xt, target = flow_matching_pair(x0, sigmas, noise=batch["noise"])
@@ -707,7 +707,7 @@ def measure_all(specs: list[Spec], companions: dict, steps: int, log=print) -> l
 
 
 def environment() -> dict:
-    import kernels
+    from x2edit import kernels
 
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "python": platform.python_version(), "torch": torch.__version__, "kernels_backend": kernels.get_backend()}
@@ -838,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-encoder", choices=["gpu", "cpu"], help="where T5-XXL and CLIP-L live (default: the recipe's)")
     parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], help="default: the recipe's optim.use_8bit_adam")
     parser.add_argument("--kernels", choices=["torch", "triton", "auto"], default="torch",
-                        help="kernels.lora_linear backend (default torch: faster end to end on the GPU so far, and the "
+                        help="x2edit.kernels.lora_linear backend (default torch: faster end to end on the GPU so far, and the "
                              "path the estimate runs)")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per run, the first a warm-up")
     args = parser.parse_args(argv)
@@ -865,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
     if mode == "estimate":
         print("no CUDA device: writing the meta-device estimate (unmeasured)" if not cuda else
               "--estimate: writing the meta-device estimate (unmeasured)")
-    import kernels
+    from x2edit import kernels
 
     kernels.set_backend(args.kernels)
     companions = companion_weight_bytes() if any(s.config_name == "flux.1-dev" for s in specs) else {}

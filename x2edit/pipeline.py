@@ -345,9 +345,9 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
         _auto_resize: bool = False,
         *,
         task: str | int | list[str | int] | None = None,
-        lora_index: str | None = None,
+        lora_index=None,
         auto_lora_top_k: int | None = None,
-        auto_lora_fusion: str = "gated",
+        auto_lora_fusion=None,
     ):
         """Edit ``image`` following the instruction ``prompt``.
 
@@ -401,10 +401,12 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
                 aspect ratio (stock's default); x2edit's default False encodes it at its own size (capped).
             task: task name or id, or one per instruction, routing the MoE-LoRA; None classifies each
                 instruction with ``task_classifier``.
-            lora_index: an AutoLoRA index (``x2edit lora index``): the instruction retrieves LoRAs from it,
+            lora_index: an AutoLoRA index object (``x2edit.retrieval.LoraIndex(path)``, or anything with
+                ``search(query, k)`` returning hits with a "file"): the instruction retrieves LoRAs from it,
                 which are loaded and fused for this call only (``pipe.retrieved_loras`` lists them).
             auto_lora_top_k: LoRAs to retrieve (default 3); needs ``lora_index``.
-            auto_lora_fusion: how the retrieved LoRAs combine (``fuse_loras``' modes; default "gated").
+            auto_lora_fusion: how the retrieved LoRAs combine (``fuse_loras``' ``fusion``; default: the
+                index's ``default_fusion``, the learned gate for a ``LoraIndex``).
 
         Returns:
             ``FluxPipelineOutput`` with ``images``, or ``(images,)`` when ``return_dict`` is False.

@@ -15,11 +15,15 @@ Where stock's behaviour is surprising we keep it, so a script behaves the same o
 ``fuse_lora(lora_scale=s)`` leaves the LoRAs multiplied by s after ``unfuse_lora``, and
 ``fuse_lora`` followed by ``unload_lora_weights`` keeps the fused update in the base weights.
 
-Beyond stock (AutoLoRA, ``retrieval``): ``fuse_loras(names, fusion=...)`` runs several community LoRAs
-through one fusion, with gates per layer and per step (``retrieval.fusion``; unlike ``fuse_lora``
-nothing is merged into the weights), and a call with ``lora_index=INDEX, auto_lora_top_k=k``
-retrieves the k LoRAs nearest to the instruction from an index (``retrieval.index``), loads them,
-fuses them for that call and removes them again.
+Beyond stock (AutoLoRA): ``fuse_loras(names, fusion=...)`` runs several community LoRAs through one
+fusion, with gates per layer and per step (``x2edit.adapters.fusion``; unlike ``fuse_lora`` nothing is
+merged into the weights), and a call with ``lora_index=INDEX, auto_lora_top_k=k`` retrieves the k LoRAs
+nearest to the instruction from an index, loads them, fuses them for that call and removes them again.
+
+The learned gate and the index belong to the retrieval layer, one floor up, which this module does not
+import: they are handed in as objects (``fusion=x2edit.retrieval.LearnedGate()``,
+``lora_index=x2edit.retrieval.LoraIndex(path)``). So the core runs and is tested without that layer, and
+any object with the same members serves (another index behind ``search``, another gate).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from x2edit.adapters.community import (
     unfuse_community_loras,
     unload_community_loras,
 )
+from x2edit.adapters.fusion import TRAINING_FREE, Fusion, fused_forward, make_fusion
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ class X2EditLoraMixin:
     # {name: weight} of the community LoRAs while disable_lora() is in force (their layer weights are 0
     # meanwhile); None while enabled.
     _disabled_lora_weights: dict[str, float] | None = None
-    # The multi-LoRA fusion set by fuse_loras() (a retrieval.fusion.Fusion), None without one.
+    # The multi-LoRA fusion set by fuse_loras() (an x2edit.adapters.fusion.Fusion), None without one.
     _lora_fusion = None
     # The hits of the last call's lora_index= retrieval ([{rank, file, score, title, ...}]).
     retrieved_loras: list[dict] | None = None
@@ -169,26 +174,24 @@ class X2EditLoraMixin:
         return community_lora_scale(self.transformer, (joint_attention_kwargs or {}).get("scale", 1.0))
 
     # -- several LoRAs through one fusion (AutoLoRA) ----------------------------------------------
-    def fuse_loras(self, names: list[str], fusion: str = "gated", weights: list[float] | None = None,
-                   gate: str | None = None, encoder: str | None = None):
+    def fuse_loras(self, names: list[str], fusion="sum", weights: list[float] | None = None):
         """Run community LoRAs ``names`` together through one fusion, per layer and per step.
 
         Args:
             names: LoRAs loaded with ``load_lora_weights``; they are activated beside the active x2edit
                 adapters (the editing adapter stays as it is), other community LoRAs are switched off.
-            fusion: "gated" (the learned gate: per layer, noise level, LoRA and instruction) or a
-                training-free one: "sum", "average", "switch", "composite", "klora" (``retrieval.fusion``).
+            fusion: a training-free fusion by name: "sum", "average", "switch", "composite", "klora"
+                (``x2edit.adapters.fusion``), or a learned one: a callable ``(transformer, names, weights)
+                -> Fusion`` such as ``x2edit.retrieval.LearnedGate()`` (per layer, noise level, LoRA and
+                instruction).
             weights: per-LoRA multipliers (default 1).
-            gate, encoder: the gate and weight-encoder files of "gated" (default: those shipped for
-                x2edit-tiny).
         All k LoRAs of a layer stay one kernel call (stacked, gated per sample). ``unfuse_loras()`` ends it.
         Returns the fusion.
         """
-        from retrieval.fusion import FUSIONS, make_fusion
-
         names = [names] if isinstance(names, str) else list(names)
-        if fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {fusion!r}: expected one of {FUSIONS}")
+        if not isinstance(fusion, str) and not callable(fusion):
+            raise ValueError(f"fusion must be one of {TRAINING_FREE} or a learned gate such as "
+                             f"x2edit.retrieval.LearnedGate(), got {type(fusion).__name__}")
         loras = community_loras(self.transformer)
         unknown = [n for n in names if n not in loras]
         if unknown:
@@ -196,23 +199,13 @@ class X2EditLoraMixin:
         if self.fused_loras & set(names):
             raise ValueError(f"LoRAs {sorted(self.fused_loras & set(names))} are merged into the base weights: "
                              "unfuse_lora() first")
-        extra = {}
-        if fusion == "gated":
-            from retrieval.fusion import GateNet, default_gate_path, lora_factors
-            from retrieval.index import load_encoder
-
-            weight_encoder = load_encoder(encoder)
-            import torch
-
-            with torch.no_grad():
-                factors = [lora_factors(self.transformer, n) for n in names]
-                for f in factors:
-                    weight_encoder.check(f)
-                extra = {"gate": GateNet.load(gate or default_gate_path()), "embeddings": weight_encoder(factors)}
+        built = make_fusion(fusion, names, weights) if isinstance(fusion, str) else fusion(self.transformer, names, weights)
+        if not isinstance(built, Fusion):
+            raise ValueError(f"the fusion {fusion!r} built a {type(built).__name__}, not an x2edit.adapters.fusion.Fusion")
         editing = [n for n in self.get_active_adapters() if n not in loras]
         set_adapters(self.transformer, editing + names,
                      [layer_weight(self.transformer, n) for n in editing] + [1.0] * len(names))
-        self._lora_fusion = make_fusion(fusion, names, weights, **extra).bind(self.transformer)
+        self._lora_fusion = built.bind(self.transformer)
         return self._lora_fusion
 
     def unfuse_loras(self):
@@ -220,7 +213,7 @@ class X2EditLoraMixin:
         self._lora_fusion = None
 
     @contextlib.contextmanager
-    def with_loras(self, files: list[str], fusion: str = "gated", weights: list[float] | None = None,
+    def with_loras(self, files: list[str], fusion="sum", weights: list[float] | None = None,
                    prefix: str = "call_lora"):
         """Load LoRA ``files``, fuse them (``fuse_loras``) for the calls inside the block, and on leaving
         it delete them and restore the fusion that was set before. Yields their adapter names.
@@ -244,30 +237,27 @@ class X2EditLoraMixin:
     @contextlib.contextmanager
     def _lora_fusion_call(self, prompts: list[str] | None, kwargs: dict):
         """One call's AutoLoRA and fusion: pops ``lora_index``, ``auto_lora_top_k`` (default 3) and
-        ``auto_lora_fusion`` (default "gated") from the call's kwargs; retrieves with the instruction,
-        loads and fuses the hits for the call (``with_loras``), and removes them after it."""
-        from retrieval.fusion import Gated, fused_forward
-
+        ``auto_lora_fusion`` (default: the index's ``default_fusion``) from the call's kwargs; retrieves
+        with the instruction, loads and fuses the hits for the call (``with_loras``), and removes them after."""
         index, top_k = kwargs.pop("lora_index", None), kwargs.pop("auto_lora_top_k", None)
-        kind = kwargs.pop("auto_lora_fusion", "gated")
+        kind = kwargs.pop("auto_lora_fusion", None)
         if index is None and top_k is not None:
             raise ValueError("auto_lora_top_k= needs lora_index= (the index to retrieve LoRAs from)")
+        if index is not None and not callable(getattr(index, "search", None)):
+            raise ValueError(f"lora_index= takes an index object, e.g. x2edit.retrieval.LoraIndex({str(index)!r}), "
+                             f"not a {type(index).__name__}")
         with contextlib.ExitStack() as stack:
             if index is not None:
-                from retrieval.index import search
-
                 if not prompts or len(set(prompts)) != 1:
                     raise ValueError("lora_index= retrieves one set of LoRAs per call, with the instruction: pass one "
                                      "instruction (prompt=)")
-                self.retrieved_loras = search(index, prompts[0], k=3 if top_k is None else int(top_k))
+                self.retrieved_loras = index.search(prompts[0], k=3 if top_k is None else int(top_k))
+                kind = kind if kind is not None else getattr(index, "default_fusion", "sum")
                 stack.enter_context(self.with_loras([hit["file"] for hit in self.retrieved_loras], fusion=kind,
                                                     prefix="auto_lora"))
             fusion = self._lora_fusion
             if fusion is not None:
-                if isinstance(fusion, Gated) and fusion.gate.instruction is not None and prompts:
-                    from retrieval.encoder import shared_text_encoder
-
-                    fusion.instruction = shared_text_encoder()(prompts)  # (B, D) one row per instruction
+                fusion.set_prompts(prompts)  # a gate that reads the instruction embeds this call's
                 stack.enter_context(fused_forward(self.transformer, fusion))
             yield
 

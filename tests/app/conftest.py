@@ -1,7 +1,7 @@
 """Fixtures of the app tests: one launched app on the embedded x2edit-tiny for the whole session (the
 handler, client and browser tests share it), a tiny LoRA index for x2edit-tiny, small images.
 
-The LoRA index is built with the real ``retrieval.index.build_index`` from three small LoRA files on
+The LoRA index is built with the real ``x2edit.retrieval.index.build_index`` from three small LoRA files on
 x2edit-tiny's modules, embedded by an untrained weight encoder made from x2edit-tiny's module set: the
 ranking means nothing, but every search runs the real code on a real index.
 """
@@ -40,9 +40,9 @@ def lora_index(tmp_path_factory) -> Path:
     """An index of three LoRAs for x2edit-tiny (titles ``LORA_TITLES``)."""
     from diffusers import FluxTransformer2DModel
 
-    from retrieval.encoder import EncoderConfig, WeightEncoder, module_set
-    from retrieval.formats import write_lora
-    from retrieval.index import build_index
+    from x2edit.retrieval.encoder import EncoderConfig, WeightEncoder, module_set
+    from x2edit.retrieval.formats import write_lora
+    from x2edit.retrieval.index import build_index
 
     root = tmp_path_factory.mktemp("app_loras")
     source, _ = resolve_base("x2edit-tiny")
@@ -63,8 +63,8 @@ def lora_index(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def served(lora_index, tmp_path_factory):
     """(demo, editor, url): the app as ``x2edit app`` serves it, on x2edit-tiny, for the whole session."""
-    from app.handlers import AppConfig
-    from app.ui import launch
+    from x2edit.app.handlers import AppConfig
+    from x2edit.app.ui import launch
 
     config = AppConfig(lora_index=str(lora_index), output_dir=str(tmp_path_factory.mktemp("app_out")),
                        max_file_size=APP_MAX_FILE_SIZE, queue_size=APP_QUEUE_SIZE)

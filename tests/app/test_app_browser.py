@@ -76,7 +76,7 @@ def test_edit_chain_and_history_in_the_browser(page, editor, tmp_path):
     expect(page.locator("#history")).to_contain_text("2. tone_transform")
     page.wait_for_timeout(300)  # let the slider settle before the picture is taken
 
-    shot = tmp_path / "app.png"
+    shot = tmp_path / "x2edit.app.png"
     page.screenshot(path=str(shot))
     assert Image.open(shot).size == (1280, 960) and np.asarray(Image.open(shot)).std() > 10
     if os.environ.get("X2EDIT_APP_SCREENSHOT"):

@@ -11,8 +11,8 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
 from PIL import Image
 
-from app.ui import LORA_HEADERS
-from retrieval.index import read_index, search
+from x2edit.app.ui import LORA_HEADERS
+from x2edit.retrieval.index import read_index, search
 
 EDIT_PARAMETERS = ["image", "instruction", "task", "steps", "guidance", "seed", "random_seed", "base", "adapter",
                    "loras", "fusion"]
@@ -98,7 +98,7 @@ def test_corrupt_upload_and_empty_instruction_are_explained(client, example, cor
 def test_serves_this_machine_only_and_no_share_link(served):
     import argparse
 
-    from x2edit.commands.app import add_arguments
+    from x2edit.cli.app import add_arguments
 
     demo, editor, url = served
     assert url.startswith("http://127.0.0.1:") and demo.share is False and demo.share_url is None

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.handlers import INDEX_HELP, AppConfig, Editor, parse_file_size
-from retrieval.index import search
+from x2edit.app.handlers import INDEX_HELP, AppConfig, Editor, parse_file_size
 from x2edit.cli import main
+from x2edit.retrieval.index import search
 
 
 def pixels(path) -> np.ndarray:

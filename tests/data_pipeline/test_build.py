@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_pipeline.config import load_config
-from data_pipeline.runner import build
-from data_pipeline.shards import ReadReport, read_index, read_shards, shard_paths
 from x2edit.cli import main
+from x2edit.data_pipeline.config import load_config
+from x2edit.data_pipeline.runner import build
+from x2edit.data_pipeline.shards import ReadReport, read_index, read_shards, shard_paths
 from x2edit.tasks import TASK_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,10 +143,10 @@ def test_killed_run_resumes_to_the_same_output(tmp_path, tmp_path_factory):
 
 def test_interrupted_shard_leaves_no_half_shard(tmp_path, monkeypatch):
     """A crash while writing a shard leaves only a .tmp file, which the rerun removes and redoes."""
-    import data_pipeline.runner as runner
+    import x2edit.data_pipeline.shard_jobs as shard_jobs
 
     cfg = load_config(None, ["writer.samples_per_shard=20"], 80)
-    real = runner.write_tar
+    real = shard_jobs.write_tar
     calls = {"n": 0}
 
     def crash_on_third(path, records):
@@ -157,12 +157,12 @@ def test_interrupted_shard_leaves_no_half_shard(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(path, records)
 
-    monkeypatch.setattr(runner, "write_tar", crash_on_third)
+    monkeypatch.setattr(shard_jobs, "write_tar", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         build(cfg, tmp_path, progress=False, echo=lambda *_: None)
     assert (tmp_path / "shard-000002.tar.tmp").exists() and not (tmp_path / "shard-000002.tar").exists()
     assert [Path(p).name for p in shard_paths(tmp_path)] == ["shard-000000.tar", "shard-000001.tar"]
-    monkeypatch.setattr(runner, "write_tar", real)
+    monkeypatch.setattr(shard_jobs, "write_tar", real)
     stats = build(cfg, tmp_path, progress=False, echo=lambda *_: None)
     assert stats["run"]["resumed_shards"] == 2 and stats["run"]["shards_this_run"] == 2
     assert not list(tmp_path.glob("*.tmp"))
@@ -262,7 +262,7 @@ def test_progress_bar_and_table(tmp_path, capsys):
 
 def test_training_reader_loads_the_shards(default_run):
     """The training issue's reader (format "x2edit") reads what build-data wrote, all 15 tasks."""
-    data = pytest.importorskip("training.data")
+    data = pytest.importorskip("x2edit.training.data")
     reader = data.build_reader({"format": "x2edit", "path": str(default_run), "filters": ["oracle_psnr >= 40"]})
     samples = list(reader)
     assert len(samples) == read_index(default_run).filter(read_index(default_run)["kept"]).num_rows

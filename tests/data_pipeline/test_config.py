@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_pipeline.config import DEFAULT_CONFIG, BuildConfig, load_config
-from data_pipeline.pipeline import Pipeline
+from x2edit.data_pipeline.config import DEFAULT_CONFIG, BuildConfig, load_config
+from x2edit.data_pipeline.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "build_data"

@@ -7,13 +7,13 @@ import logging
 
 import numpy as np
 
-from data_pipeline.config import BuildConfig
-from data_pipeline.runner import build
-from data_pipeline.sample import Sample
-from data_pipeline.shapeworld import ShapeWorld
-from data_pipeline.shards import read_index, read_shards
-from data_pipeline.stages.base import build_params
-from data_pipeline.stages.instructions import ChatInstructions
+from x2edit.data_pipeline.config import BuildConfig
+from x2edit.data_pipeline.runner import build
+from x2edit.data_pipeline.sample import Sample
+from x2edit.data_pipeline.shapeworld import ShapeWorld
+from x2edit.data_pipeline.shards import read_index, read_shards
+from x2edit.data_pipeline.stages.base import build_params
+from x2edit.data_pipeline.stages.instructions import ChatInstructions
 
 QUIET = {"progress": False, "echo": lambda *_: None}
 
@@ -110,7 +110,7 @@ def test_chat_instruction_writer_vlm_and_llm(tiny_vlm_dir, tiny_llm_dir):
     writer.process([s])
     # A random tiny model writes noise: either a cleaned instruction or a recorded drop, never a crash.
     answer = writer.model.generate(prompt, [pair.source], 12)
-    from data_pipeline.chat import clean_instruction
+    from x2edit.data_pipeline.chat import clean_instruction
 
     text, why = clean_instruction(answer)
     if text is None:

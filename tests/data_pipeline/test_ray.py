@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from data_pipeline.config import BuildConfig
-from data_pipeline.runner import build
-from data_pipeline.shards import read_index, read_shards
+from x2edit.data_pipeline.config import BuildConfig
+from x2edit.data_pipeline.runner import build
+from x2edit.data_pipeline.shards import read_index, read_shards
 
 pytest.importorskip("ray.data")
 

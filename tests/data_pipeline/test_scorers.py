@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from data_pipeline import metrics
-from data_pipeline.chat import clean_instruction, parse_scores
-from data_pipeline.sample import Sample
-from data_pipeline.shapeworld import ShapeWorld
-from data_pipeline.stages.base import build_params
-from data_pipeline.stages.filters import Rule, ThresholdFilter
-from data_pipeline.stages.scorers import (
+from x2edit.data_pipeline import metrics
+from x2edit.data_pipeline.chat import clean_instruction, parse_scores
+from x2edit.data_pipeline.sample import Sample
+from x2edit.data_pipeline.shapeworld import ShapeWorld
+from x2edit.data_pipeline.stages.base import build_params
+from x2edit.data_pipeline.stages.filters import Rule, ThresholdFilter
+from x2edit.data_pipeline.stages.scorers import (
     ClipScorer,
     OracleScorer,
     PixelScorer,

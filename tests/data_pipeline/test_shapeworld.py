@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from data_pipeline.shapeworld import ShapeWorld, vocab
-from data_pipeline.shapeworld.ops import OPS
-from data_pipeline.shapeworld.render import Renderer
-from data_pipeline.shapeworld.scene import Background, Obj, Scene
-from data_pipeline.shapeworld.templates import TEMPLATES, ops_of_task
+from x2edit.data_pipeline.shapeworld import ShapeWorld, vocab
+from x2edit.data_pipeline.shapeworld.ops import OPS
+from x2edit.data_pipeline.shapeworld.render import Renderer
+from x2edit.data_pipeline.shapeworld.scene import Background, Obj, Scene
+from x2edit.data_pipeline.shapeworld.templates import TEMPLATES, ops_of_task
 from x2edit.tasks import TASK_NAMES
 
 SEEDS = range(6)
@@ -59,7 +59,7 @@ def test_deterministic_per_seed(sw):
 
 def test_deterministic_across_processes(sw):
     """String hashing differs between processes; pairs must not."""
-    code = ("from data_pipeline.shapeworld import ShapeWorld; import hashlib; sw = ShapeWorld(64)\n"
+    code = ("from x2edit.data_pipeline.shapeworld import ShapeWorld; import hashlib; sw = ShapeWorld(64)\n"
             "for s in range(8):\n    p = sw.sample(s)\n"
             "    print(p.instruction, hashlib.md5(p.source.tobytes() + p.target.tobytes()).hexdigest())")
     outs = []

@@ -8,8 +8,8 @@ import tarfile
 
 import numpy as np
 
-from data_pipeline.sample import Sample
-from data_pipeline.shards import ReadReport, read_shard, sample_record, write_tar
+from x2edit.data_pipeline.sample import Sample
+from x2edit.data_pipeline.shards import ReadReport, read_shard, sample_record, write_tar
 
 
 def _samples(n: int) -> list[Sample]:

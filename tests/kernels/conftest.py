@@ -10,20 +10,13 @@ on a GPU, autotuning every odd test shape made `pytest tests/kernels` take minut
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-# pytest puts tests/ on sys.path (rootdir conftest), where the folder tests/kernels would be
-# imported as a namespace package named `kernels` in place of the editable-installed one. A
-# regular package anywhere on sys.path wins over a namespace package, so make the repo importable.
-sys.path.append(str(Path(__file__).resolve().parents[2]))
-
-os.environ.setdefault("X2EDIT_KERNEL_TUNING", "fixed")  # read at launch time by kernels.tuning
+os.environ.setdefault("X2EDIT_KERNEL_TUNING", "fixed")  # read at launch time by x2edit.kernels.tuning
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels import use_backend  # noqa: E402
+from x2edit.kernels import use_backend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -45,7 +38,7 @@ def fast_backend(request):
     if request.param.startswith("triton"):
         pytest.importorskip("triton")
         if request.param == "triton_tma" and torch.cuda.is_available():
-            from kernels.env import is_hopper
+            from x2edit.kernels.env import is_hopper
 
             if not is_hopper(torch.device("cuda")):
                 pytest.skip("triton_tma needs a Hopper GPU")
@@ -68,7 +61,7 @@ def layout(request, monkeypatch):
     At test sizes E * r is small, so "grouped" lowers the dense limit to force that path.
     """
     pytest.importorskip("triton")
-    from kernels import triton_lora
+    from x2edit.kernels import triton_lora
 
     if request.param == "grouped":
         monkeypatch.setattr(triton_lora, "DENSE_RANK_LIMIT", 0)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels import lora_linear, lora_linear_reference, use_backend
+from x2edit.kernels import lora_linear, lora_linear_reference, use_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("x", "weight", "bias", "lora_A", "lora_B", "gates")

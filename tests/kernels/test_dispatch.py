@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch
+from x2edit import kernels
+from x2edit.kernels import dispatch
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    full_env = {**os.environ, **env}  # the installed package, as a user imports it
     return subprocess.run(
         [sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120
     )
@@ -25,12 +25,13 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 def test_import_does_not_import_triton():
     proc = run_python(
-        "import sys, kernels; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
+        "import sys; from x2edit import kernels; kernels.lora_linear\n"
+        "assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
     )
     assert proc.returncode == 0, proc.stderr
     # and the torch path does not need it either
     code = (
-        "import sys, torch, kernels\n"
+        "import sys, torch\nfrom x2edit import kernels\n"
         "x = torch.randn(3, 4); w = torch.randn(5, 4); A = torch.randn(1, 2, 4); B = torch.randn(1, 5, 2)\n"
         "kernels.lora_linear(x, w, None, A, B)\n"
         "assert 'triton' not in sys.modules\n"
@@ -41,13 +42,13 @@ def test_import_does_not_import_triton():
 
 @pytest.mark.parametrize("value,expected", [("torch", "torch"), ("TRITON", "triton"), ("", "auto")])
 def test_environment_variable_sets_the_default(value, expected):
-    proc = run_python("import kernels; print(kernels.get_backend())", X2EDIT_KERNELS=value)
+    proc = run_python("from x2edit import kernels; print(kernels.get_backend())", X2EDIT_KERNELS=value)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == expected
 
 
 def test_bad_environment_variable_is_a_clear_error():
-    proc = run_python("import kernels", X2EDIT_KERNELS="cuda")
+    proc = run_python("import x2edit.kernels", X2EDIT_KERNELS="cuda")
     assert proc.returncode != 0 and "X2EDIT_KERNELS" in proc.stderr and "choose one of" in proc.stderr
 
 
@@ -105,10 +106,12 @@ def test_backends_do_not_import_the_dispatch_point():
     # The shared facts (interpreter, triton installed, GPU name) live one floor down, in kernels.env.
     import ast
 
-    for path in sorted((ROOT / "kernels").glob("*.py")):
+    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
         if path.name in ("__init__.py", "dispatch.py"):
             continue
         tree = ast.parse(path.read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert "kernels.dispatch" not in imported and "kernels" not in imported, path.name
+        assert not {"x2edit.kernels.dispatch", "x2edit.kernels"} & imported, path.name
+        assert not any(n.module == "x2edit" and "kernels" in {a.name for a in n.names}
+                       for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)), path.name

@@ -1,6 +1,6 @@
 """What "auto" picks on a GPU, from the shipped measurements and the cost rule (no GPU needed).
 
-`kernels.dispatch.auto_backend` reads no tensor, so the choice for any CUDA call shape is tested
+`x2edit.kernels.dispatch.auto_backend` reads no tensor, so the choice for any CUDA call shape is tested
 here. The measurements are the committed H200 results in benchmarks/results/.
 """
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch
-from kernels.checks import LoRAShapes
-from kernels.dispatch import CostModel, GpuTable, TableRow, auto_backend, gpu_table, merge_is_cheaper
-from kernels.env import device_slug
+from x2edit import kernels
+from x2edit.kernels import dispatch
+from x2edit.kernels.checks import LoRAShapes
+from x2edit.kernels.dispatch import CostModel, GpuTable, TableRow, auto_backend, gpu_table, merge_is_cheaper
+from x2edit.kernels.env import device_slug
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"

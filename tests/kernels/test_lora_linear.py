@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels import lora_linear, lora_linear_reference
+from x2edit.kernels import lora_linear, lora_linear_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

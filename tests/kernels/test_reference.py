@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import lora_linear_reference, moe_lora_loop_reference
+from x2edit.kernels import lora_linear_reference, moe_lora_loop_reference
 
 
 def test_single_adapter_is_a_classic_lora(gen):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from kernels import triton_lora  # noqa: E402
+from x2edit.kernels import triton_lora  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,4 +1,4 @@
-"""The Hopper matmul kernel (`kernels.triton_tma`): taken where its descriptors apply, persistent over
+"""The Hopper matmul kernel (`x2edit.kernels.triton_tma`): taken where its descriptors apply, persistent over
 every tile, and equal to the reference in every layout (on CPU through the Triton interpreter, which
 runs tensor descriptors and the persistent loop; speed and the warp-specialised configurations are
 only known compiled on an H100/H200, see benchmarks/gpu_check.sh)."""
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from kernels import lora_linear, lora_linear_reference, triton_lora, triton_tma, use_backend  # noqa: E402
-from kernels.env import is_hopper  # noqa: E402
+from x2edit.kernels import lora_linear, lora_linear_reference, triton_lora, triton_tma, use_backend  # noqa: E402
+from x2edit.kernels.env import is_hopper  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cuda" and not is_hopper(torch.device("cuda")):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from kernels import triton_lora, tuning  # noqa: E402
-from kernels.tuning import KernelConfig, Tuner  # noqa: E402
+from x2edit.kernels import triton_lora, tuning  # noqa: E402
+from x2edit.kernels.tuning import KernelConfig, Tuner  # noqa: E402
 
 CONFIGS = [KernelConfig.of(BLOCK_M=m, num_warps=w) for m, w in ((16, 4), (32, 4), (64, 8))]
 FAKE_GPU = torch.device("cuda")  # only its .type is read once the name lookup is faked

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import lora_linear, lora_linear_reference, use_backend
+from x2edit.kernels import lora_linear, lora_linear_reference, use_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

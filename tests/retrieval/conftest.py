@@ -40,7 +40,7 @@ def tiny_base_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pool(tiny_base_dir, tmp_path_factory):
     """(pool directory, manifest): 4 concepts x 3 instances + 1 joint LoRA, trained for a few steps."""
-    from retrieval.pool import PoolConfig, make_pool
+    from x2edit.retrieval.pool import PoolConfig, make_pool
 
     out = tmp_path_factory.mktemp("pool")
     config = PoolConfig(
@@ -60,7 +60,7 @@ def tiny_pool(tiny_base_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_pool, tmp_path_factory):
     """A weight encoder trained on the tiny pool (path)."""
-    from retrieval.encoder import EncoderTrainConfig, train_encoder
+    from x2edit.retrieval.encoder import EncoderTrainConfig, train_encoder
 
     path = tmp_path_factory.mktemp("encoder") / "encoder.safetensors"
     with one_thread():
@@ -70,7 +70,7 @@ def tiny_encoder(tiny_pool, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_gate(tiny_pool, tiny_encoder, tmp_path_factory):
-    from retrieval.fusion import GateTrainConfig, train_gate
+    from x2edit.retrieval.fusion import GateTrainConfig, train_gate
 
     path = tmp_path_factory.mktemp("gate") / "gate.safetensors"
     with one_thread():

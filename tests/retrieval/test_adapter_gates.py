@@ -4,7 +4,7 @@ folds them into its one kernel call: what a multi-LoRA fusion and the stacked po
 import torch
 import torch.nn as nn
 
-import kernels
+from x2edit import kernels
 from x2edit.adapters import AdapterLinear, LoRA, RoutingState
 
 

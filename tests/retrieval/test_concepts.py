@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data_pipeline.shapeworld.concepts import ConceptWorld, get_concept
+from x2edit.data_pipeline.shapeworld.concepts import ConceptWorld, get_concept
 
 
 def test_concept_pairs_are_exact_and_read_back():

@@ -4,8 +4,15 @@ import pytest
 import torch
 from autolora_helpers import KOHYA_MODULES, random_factors, tiny_pipe
 
-from retrieval.encoder import EncoderConfig, WeightEncoder, embed_files, module_set, module_type, read_factors
-from retrieval.formats import write_lora
+from x2edit.retrieval.encoder import (
+    EncoderConfig,
+    WeightEncoder,
+    embed_files,
+    module_set,
+    module_type,
+    read_factors,
+)
+from x2edit.retrieval.formats import write_lora
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +117,8 @@ def test_save_and_load_keep_the_embedding(encoder, tmp_path):
 def test_training_aligns_held_out_loras_with_their_concepts(tiny_pool, tiny_encoder):
     """The tiny pool's held-out instances (never trained on) embed nearest their own concept's text, and
     closer to it than the untrained encoder puts them."""
-    from data_pipeline.shapeworld.concepts import get_concept
-    from retrieval.encoder import TextEncoder
+    from x2edit.data_pipeline.shapeworld.concepts import get_concept
+    from x2edit.retrieval.encoder import TextEncoder
 
     pool, manifest = tiny_pool
     trained = WeightEncoder.load(tiny_encoder)
@@ -134,7 +141,7 @@ def test_training_aligns_held_out_loras_with_their_concepts(tiny_pool, tiny_enco
 def test_probes_start_from_the_base_inputs_mean_and_principal_directions():
     """init_probes: per module type, row 0 is the inputs' mean and rows 1.. their top principal
     directions scaled by their spread (sign aside), over every module of that type together."""
-    from retrieval.encoder import base_activations
+    from x2edit.retrieval.encoder import base_activations
 
     pipe = tiny_pipe()
     torch.manual_seed(0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from autolora_helpers import KOHYA_MODULES, random_factors
 
-from retrieval.formats import bfl_name, kohya_able, write_lora
 from x2edit.adapters.community import read_community_lora, read_lora_header
+from x2edit.retrieval.formats import bfl_name, kohya_able, write_lora
 
 
 @pytest.mark.parametrize("fmt", ["peft", "diffusers", "kohya", "comfyui"])

@@ -4,11 +4,12 @@ import pytest
 import torch
 from autolora_helpers import KOHYA_MODULES, RES, random_factors, tiny_pipe
 
-import kernels
-from retrieval.encoder import module_set
-from retrieval.flow import LoraFlow
-from retrieval.fusion import FUSIONS, GateConfig, GateNet, KLoRA, make_fusion
+from x2edit import kernels
 from x2edit.adapters import adapter_layers, load_community_lora
+from x2edit.adapters.fusion import FUSIONS, Gated, KLoRA, make_fusion
+from x2edit.retrieval.encoder import module_set
+from x2edit.retrieval.flow import LoraFlow
+from x2edit.retrieval.fusion import GateConfig, GateNet
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def three(tmp_path):
 
 
 def random_factors_file(tmp_path, j):
-    from retrieval.formats import write_lora
+    from x2edit.retrieval.formats import write_lora
 
     return write_lora(tmp_path / f"L{j}.safetensors", random_factors(KOHYA_MODULES, rank=j + 1, seed=j, std=0.2), "peft")
 
@@ -32,7 +33,7 @@ def test_each_fusions_gates(three):
     layers = len(list(adapter_layers(tf)))
 
     def gates(kind, step=0, **kw):
-        f = make_fusion(kind, names, **kw).bind(tf)
+        f = (Gated(names, **kw) if kind == "gated" else make_fusion(kind, names, **kw)).bind(tf)
         return [(g, w) for g, w in [(torch.stack([torch.stack([fn(lay)[n] for n in names], -1)
                                                   for _, lay in adapter_layers(tf)]), w)
                                     for fn, w in f.plan(sigma, step)]]

@@ -10,10 +10,10 @@ import torch
 from autolora_helpers import KOHYA_MODULES, random_factors
 from safetensors.torch import save_file
 
-import retrieval.index as index_module
-from retrieval.formats import write_lora
-from retrieval.index import build_index, read_index, search
+import x2edit.retrieval.index as index_module
 from x2edit.cli import main
+from x2edit.retrieval.formats import write_lora
+from x2edit.retrieval.index import build_index, read_index, search
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_rebuilds_read_only_new_and_changed_files(folder, tmp_path, tiny_encoder
 
 
 def test_another_encoder_re_embeds_everything(folder, tmp_path, tiny_encoder, monkeypatch):
-    from retrieval.encoder import WeightEncoder
+    from x2edit.retrieval.encoder import WeightEncoder
 
     out = tmp_path / "i.parquet"
     build_index(folder, out, tiny_encoder)
@@ -112,7 +112,7 @@ def test_bad_files_are_recorded_and_skipped_never_raised(folder, tmp_path, tiny_
 
 
 def test_search_ranks_by_exact_cosine(folder, tmp_path, tiny_encoder):
-    from retrieval.encoder import TextEncoder
+    from x2edit.retrieval.encoder import TextEncoder
 
     out = tmp_path / "i.parquet"
     build_index(folder, out, tiny_encoder)

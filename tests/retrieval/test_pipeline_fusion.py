@@ -6,10 +6,10 @@ import torch
 from autolora_helpers import KOHYA_MODULES, RES, random_factors, tiny_pipe
 from PIL import Image
 
-from retrieval.flow import LoraFlow
-from retrieval.formats import write_lora
 from x2edit.adapters import AdapterConfig, inject_adapters, load_community_lora, set_adapters
 from x2edit.cli import main
+from x2edit.retrieval.flow import LoraFlow
+from x2edit.retrieval.formats import write_lora
 from x2edit.testing import randomize_adapters
 
 EDITOR = AdapterConfig(kind="lora", rank=4, reading="residual", source_start=0.5, targets="x2edit")
@@ -34,7 +34,7 @@ def _call(pipe, image, **kw):
 
 def test_the_lora_flow_in_one_step_is_the_pipelines_edit(tmp_path, image16):
     """With the editing adapter at weight 0 the pipeline's reading of direct LoRAs is source - s dF: one
-    Euler step of the LoRA flow (``retrieval.flow``), the form the pool's LoRAs are trained in."""
+    Euler step of the LoRA flow (``x2edit.retrieval.flow``), the form the pool's LoRAs are trained in."""
     pipe, _ = _editor_pipe(tmp_path)
     set_adapters(pipe.transformer, ["default", "L0", "L1"], [0.0, 1.0, 1.0])
     out = _call(pipe, image16)
@@ -81,7 +81,7 @@ def test_composite_in_the_pipeline_is_the_mean_of_the_single_lora_edits(tmp_path
 
 def test_gated_fusion_in_the_pipeline(tmp_path, image16, tiny_encoder, tiny_gate):
     """A gate trained on another model's LoRAs is refused by layer; one for this base runs per layer."""
-    from retrieval.fusion import GateConfig, GateNet
+    from x2edit.retrieval.fusion import GateConfig, GateNet, LearnedGate
 
     pipe, _ = _editor_pipe(tmp_path)
     plain = _call(pipe, image16)
@@ -89,7 +89,7 @@ def test_gated_fusion_in_the_pipeline(tmp_path, image16, tiny_encoder, tiny_gate
     with torch.no_grad():
         gate.mlp[-1].bias.fill_(-1.0)  # gates 2 sigmoid(-1) = 0.54: every LoRA about halved
     gate.save(tmp_path / "g.safetensors")
-    pipe.fuse_loras(["L0", "L1"], fusion="gated", gate=tmp_path / "g.safetensors", encoder=tiny_encoder)
+    pipe.fuse_loras(["L0", "L1"], fusion=LearnedGate(tmp_path / "g.safetensors", encoder=tiny_encoder))
     halved = _call(pipe, image16)
     assert np.abs(halved - plain).max() > 0
     pipe.fuse_loras(["L0", "L1"], fusion="average")  # 0.5 each: near the gated 0.54
@@ -97,11 +97,13 @@ def test_gated_fusion_in_the_pipeline(tmp_path, image16, tiny_encoder, tiny_gate
     other = GateNet(GateConfig(["transformer_blocks.9.attn.to_q"], lora_dim=384, text_dim=0))
     other.save(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="another base"):
-        pipe.fuse_loras(["L0"], fusion="gated", gate=tmp_path / "other.safetensors", encoder=tiny_encoder)
+        pipe.fuse_loras(["L0"], fusion=LearnedGate(tmp_path / "other.safetensors", encoder=tiny_encoder))
+    with pytest.raises(ValueError, match="LearnedGate"):  # the core does not build the learned gate by name
+        pipe.fuse_loras(["L0"], fusion="gated")
 
 
 def test_auto_lora_retrieves_loads_fuses_and_removes(tmp_path, image16, tiny_encoder, tiny_gate):
-    from retrieval.index import build_index, search
+    from x2edit.retrieval.index import LoraIndex, build_index, search
 
     pipe, files = _editor_pipe(tmp_path, n_loras=0)
     folder = tmp_path / "loras"
@@ -109,7 +111,7 @@ def test_auto_lora_retrieves_loads_fuses_and_removes(tmp_path, image16, tiny_enc
         write_lora(folder / f"F{j}.safetensors", random_factors(KOHYA_MODULES, rank=2, seed=20 + j, std=0.3), "kohya")
     build_index(folder, tmp_path / "i.parquet", tiny_encoder)
     hits = search(tmp_path / "i.parquet", "give the picture a sepia tone", k=2)
-    out = _call(pipe, image16, lora_index=tmp_path / "i.parquet", auto_lora_top_k=2, auto_lora_fusion="sum")
+    out = _call(pipe, image16, lora_index=LoraIndex(tmp_path / "i.parquet"), auto_lora_top_k=2, auto_lora_fusion="sum")
     assert [h["path"] for h in pipe.retrieved_loras] == [h["path"] for h in hits]
     assert pipe.get_active_adapters() == ["default"]  # loaded for the call, removed after it
     for j, h in enumerate(hits):
@@ -117,6 +119,8 @@ def test_auto_lora_retrieves_loads_fuses_and_removes(tmp_path, image16, tiny_enc
     np.testing.assert_array_equal(out, _call(pipe, image16))  # the same as loading the two hits by hand
     with pytest.raises(ValueError, match="needs lora_index"):
         _call(pipe, image16, auto_lora_top_k=2)
+    with pytest.raises(ValueError, match="LoraIndex"):  # a path is not an index: the core does not open files
+        _call(pipe, image16, lora_index=tmp_path / "i.parquet")
 
 
 def test_edit_cli_fuses_loras(tmp_path, image16, tiny_base_dir):

@@ -5,10 +5,10 @@ import pytest
 import torch
 from autolora_helpers import KOHYA_MODULES, RES, tiny_pipe
 
-from retrieval.flow import LoraFlow, flow_loss, straight_path
-from retrieval.pool import PoolConfig, one_hot_gates
 from x2edit.adapters import AdapterConfig, inject_adapters
 from x2edit.adapters.community import read_lora_header
+from x2edit.retrieval.flow import LoraFlow, flow_loss, straight_path
+from x2edit.retrieval.pool import PoolConfig, one_hot_gates
 
 
 def test_each_sample_trains_only_its_own_lora(image16):
@@ -86,8 +86,9 @@ def test_the_tiny_pool(tiny_pool):
     ("family_weights={tone: 0.5}", "family_weights: 'tone'"), ("unseen_concepts=[tone:neon]", "tone"),
 ])
 def test_pool_config_errors_name_the_key(override, message):
-    from retrieval.config import load
-    from retrieval.pool import PoolConfig
+    from x2edit.retrieval.config import load
+    from x2edit.retrieval.pool import PoolConfig
 
     with pytest.raises(ValueError, match=message):
         load(PoolConfig, None, [override])
+

@@ -1,16 +1,15 @@
-"""The encoder and gate shipped for x2edit-tiny (retrieval/models) fit the embedded base as it loads."""
+"""The encoder and gate shipped for x2edit-tiny (x2edit/retrieval/models) fit the embedded base as it loads."""
 
 import numpy as np
 import torch
 from autolora_helpers import random_factors
 from PIL import Image
 
-from retrieval.encoder import WeightEncoder, embed_files, module_set
-from retrieval.formats import write_lora
-from retrieval.fusion import GateNet, default_gate_path
-from retrieval.index import default_encoder_path
 from x2edit.adapters import adapter_names, remove_adapter
 from x2edit.registry import load_pipeline
+from x2edit.retrieval.encoder import WeightEncoder, default_encoder_path, embed_files, module_set
+from x2edit.retrieval.formats import write_lora
+from x2edit.retrieval.fusion import GateNet, LearnedGate, default_gate_path
 
 
 def _tiny_lora(pipe, path, seed):
@@ -40,7 +39,7 @@ def test_the_shipped_gate_fuses_two_loras_on_x2edit_tiny(tmp_path):
     kwargs = dict(image=image, prompt="a red background", num_inference_steps=1, output_type="np",
                   generator=torch.Generator().manual_seed(0))
     summed = pipe(**kwargs).images
-    pipe.fuse_loras(["l0", "l1"], fusion="gated")
+    pipe.fuse_loras(["l0", "l1"], fusion=LearnedGate())
     gated = pipe(**kwargs).images
     assert gated.shape == summed.shape and np.isfinite(gated).all()
     assert abs(gated - summed).max() > 0  # the gate is not the plain sum it starts from

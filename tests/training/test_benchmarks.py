@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from training.config import config_from_dict
-from training.trainer import Trainer
+from x2edit.training.config import config_from_dict
+from x2edit.training.trainer import Trainer
 
 TINY = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
         "axes_dims_rope": [4, 6, 6]}
@@ -46,7 +46,7 @@ def test_denoise_by_sigma_reads_each_output_as_its_base_says(tiny_bases, tmp_pat
     import diffusers
     import torch
 
-    import training.losses as losses
+    import x2edit.training.losses as losses
     from benchmarks.denoise_by_sigma import denoise_table
     from x2edit.schedulers import edm_coefficients
 
@@ -82,7 +82,7 @@ def test_sample_steps_writes_scenes_beside_the_bases_samples(tiny_bases, tmp_pat
     main(["--bases", tiny_bases[0], "--sigmas", "0.5", "--n", "3", "--sample-steps", "2", "--out", str(tmp_path)])
     grid = np.asarray(Image.open(tmp_path / "flow_samples.png"))
     assert grid.shape == (3 * 64 * 2, 2 * 64 * 2, 3)  # 3 scenes, scene | sample, upscaled 2x
-    from data_pipeline.shapeworld import ShapeWorld
+    from x2edit.data_pipeline.shapeworld import ShapeWorld
     from x2edit.registry import load_pipeline
 
     scenes = [ShapeWorld(64).sample(i, None, "eval") for i in range(3)]

@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import pytest
 from test_trainer import _config
 
-from training.bundle import bundle
-from training.trainer import Trainer
 from x2edit.adapters import adapter_names
 from x2edit.cli import main
 from x2edit.registry import load_pipeline
+from x2edit.training.bundle import bundle
+from x2edit.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from training.buckets import BucketBatchSampler, assign_bucket, fit_pair, fit_to_bucket, make_buckets
-from training.data import (
+from x2edit.training.buckets import BucketBatchSampler, assign_bucket, fit_pair, fit_to_bucket, make_buckets
+from x2edit.training.data import (
     EditDataset,
     NoSamplesError,
     ScoreFilter,

@@ -10,10 +10,10 @@ import yaml
 from test_upstream_data import UPSTREAM_FILTER_DROPS
 from upstream_writers import write_upstream_dataset
 
-from training.data import EditDataset, build_reader
-from training.data_command import detect_format, inspect_source
-from training.trainer import ReaderSource
 from x2edit.cli import main
+from x2edit.training.data import EditDataset, build_reader
+from x2edit.training.data_command import detect_format, inspect_source
+from x2edit.training.trainer import ReaderSource
 
 WORKED = Path(__file__).parents[2] / "configs" / "x2edit_dataset" / "flux_dev_1024.yaml"
 
@@ -81,7 +81,7 @@ def test_inspect_a_training_config_picks_its_sources(released, tmp_path, capsys)
 
 def test_detect_format(released, tmp_path):
     assert detect_format(str(released)) == "x2edit_upstream"
-    from data_pipeline.shards import write_tar
+    from x2edit.data_pipeline.shards import write_tar
     write_tar(tmp_path / "shard-000000.tar", [{"__key__": "k", "src.png": b"", "tgt.png": b"", "json": b"{}"}])
     assert detect_format(str(tmp_path)) == "x2edit"
     (tmp_path / "x.parquet").write_bytes(b"")
@@ -108,7 +108,7 @@ def test_worked_config_for_the_released_dataset(released, tmp_path, capsys):
     assert every == {"background_change", "color_change", "material_change", "text_change", "portrait_retouch",
                      "tone_transform", "camera_move", "implicit_change", "other", "action_change", "subject_driven",
                      "style_change", "subject_deletion"}
-    from training.config import load_config
+    from x2edit.training.config import load_config
 
     cfg = load_config(tmp_path / "worked.yaml", ["data.resolution=16", "data.buckets=false", "batch_size=2"])
     src = ReaderSource(cfg.data.sources, cfg)
@@ -121,7 +121,7 @@ def test_the_docs_examples_build():
     """The reader configs and filter rules docs/training_data.md shows are valid as written."""
     import re
 
-    from training.data import FilterRule
+    from x2edit.training.data import FilterRule
 
     doc = (Path(__file__).parents[2] / "docs" / "training_data.md").read_text()
     blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", doc, re.S)]

@@ -6,11 +6,11 @@ import pytest
 from test_trainer import _edit_config, base_dir  # noqa: F401  (base_dir: the module's tiny pretrained base)
 from upstream_writers import write_upstream_dataset
 
-from data_pipeline.sample import Sample
-from data_pipeline.shards import sample_record, write_tar
-from training.config import load_config
-from training.data import OTHER_TASK_ID
-from training.trainer import ReaderSource, SourceMixture, Trainer
+from x2edit.data_pipeline.sample import Sample
+from x2edit.data_pipeline.shards import sample_record, write_tar
+from x2edit.training.config import load_config
+from x2edit.training.data import OTHER_TASK_ID
+from x2edit.training.trainer import ReaderSource, SourceMixture, Trainer
 
 
 @pytest.fixture(scope="module")

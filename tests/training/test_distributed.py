@@ -46,8 +46,8 @@ def _rank0_contrastive(tmp_path, edit_cfg):
     import torch
     import torch.nn.functional as F
 
-    import training.trainer as tr
-    from training.config import config_from_dict
+    import x2edit.training.trainer as tr
+    from x2edit.training.config import config_from_dict
 
     cfg = config_from_dict({**edit_cfg, "output_dir": str(tmp_path / "single"), "batch_size": 4})
     trainer = tr.Trainer(cfg)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.stages.base import build_params
-from data_pipeline.stages.scorers import VlmJudge
-from training.folder_eval import (
+from x2edit.cli import main
+from x2edit.data_pipeline.stages.base import build_params
+from x2edit.data_pipeline.stages.scorers import VlmJudge
+from x2edit.training.folder_eval import (
     format_table,
     l1,
     make_outputs,
@@ -22,7 +23,6 @@ from training.folder_eval import (
     summarize,
     write_results,
 )
-from x2edit.cli import main
 
 BLACK = np.zeros((32, 32, 3), np.uint8)
 WHITE = np.full((32, 32, 3), 255, np.uint8)

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from training.losses import (
+from x2edit.testing import tiny_flux_transformer
+from x2edit.training.losses import (
     BlockOutputs,
     contrastive_loss,
     flow_matching_loss,
@@ -12,7 +13,6 @@ from training.losses import (
     source_start_pair,
     x0_error,
 )
-from x2edit.testing import tiny_flux_transformer
 
 
 def _reference_contrastive(z, tasks, T):

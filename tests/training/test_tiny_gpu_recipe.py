@@ -1,4 +1,4 @@
-"""x2edit-tiny release 4's GPU recipe (training/recipes/tiny_gpu.sh) end to end on CPU with --smoke.
+"""x2edit-tiny release 4's GPU recipe (x2edit/training/recipes/tiny_gpu.sh) end to end on CPU with --smoke.
 
 The same script, configs and commands a GPU run uses, with a few steps on tiny pools, so the recipe
 cannot rot between the GPU sessions that run it for real.
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_tiny_gpu_recipe_runs_every_stage_and_writes_the_few_files_a_device_run_returns(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable}
-    run = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "tiny_gpu.sh"), str(out), "--smoke"],
+    run = subprocess.run(["bash", str(ROOT / "x2edit" / "training" / "recipes" / "tiny_gpu.sh"), str(out), "--smoke"],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     returned = sorted(p.name for p in out.iterdir() if p.is_file())
@@ -44,7 +44,7 @@ def test_tiny_gpu_recipe_runs_every_stage_and_writes_the_few_files_a_device_run_
 
 @pytest.mark.parametrize("name", ["base", "adapter", "adapter_multistep"])
 def test_gpu_configs_load(name):
-    from training.config import load_config
+    from x2edit.training.config import load_config
 
     cfg = load_config(ROOT / "configs" / "x2edit_tiny" / "gpu" / f"{name}.yaml")
     assert cfg.tf32 and cfg.data.pool > 0 and cfg.optim.decay_steps > 0

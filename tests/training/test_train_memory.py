@@ -110,8 +110,8 @@ def test_measure_refuses_without_cuda_in_one_line(tmp_path, capsys):
 
 
 def test_recipe_loads_and_is_what_the_benchmark_runs_by_default():
-    from training.config import load_config
     from x2edit.registry import get_base_model
+    from x2edit.training.config import load_config
 
     cfg = load_config(RECIPE)
     assert get_base_model(cfg.model.base).name == "flux.1-kontext-dev"

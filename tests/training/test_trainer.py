@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from training.config import load_config
-from training.trainer import Trainer, TrainingError, batch_indices
 from x2edit.adapters import adapter_names, read_adapter_header
 from x2edit.testing import randomize_adapters
+from x2edit.training.config import load_config
+from x2edit.training.trainer import Trainer, TrainingError, batch_indices
 
 TINY = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
         "axes_dims_rope": [4, 6, 6]}
@@ -65,7 +65,7 @@ def test_prediction_type_is_saved_with_the_base_and_followed_by_adapters(tmp_pat
 @pytest.mark.parametrize("prediction", ["sample", "edm"])
 def test_x0_readings_are_scored_on_the_velocity_they_imply(tmp_path, monkeypatch, prediction):
     """A model whose output implies the true x0 has zero loss (and a wrong reading would not)."""
-    import training.trainer as tr
+    import x2edit.training.trainer as tr
     from x2edit.schedulers import edm_coefficients
 
     base = Trainer(_config(tmp_path / "base", steps=1, checkpoint_every=0,
@@ -97,7 +97,7 @@ def test_x0_readings_are_scored_on_the_velocity_they_imply(tmp_path, monkeypatch
 def test_residual_reading_starts_from_the_source(tmp_path, base_dir, monkeypatch):
     """A fresh residual adapter implies x0 = source, so the loss sees the velocity (x_t - source) / sigma;
     the trained adapter file records the reading, and residual adapters are not exported as plain LoRAs."""
-    import training.trainer as tr
+    import x2edit.training.trainer as tr
 
     trainer = Trainer(_edit_config(tmp_path, base_dir, steps=2, checkpoint_every=0,
                                    **{"adapter.reading": "residual", "adapter.router": "task"}))
@@ -201,7 +201,7 @@ def test_fingerprint_leaves_out_settings_at_their_default(tmp_path):
     """A new setting at its default (as after an upgrade) keeps the fingerprint; a change does not."""
     import dataclasses
 
-    from training.config import DataConfig
+    from x2edit.training.config import DataConfig
 
     cfg = _config(tmp_path)
     assert cfg.fingerprint() == _config(tmp_path, **{"data.buckets": False, "model.prediction_type": "flow"}).fingerprint()
@@ -442,7 +442,7 @@ def test_a_base_that_ships_an_adapter_trains_a_new_one_alone(tmp_path):
 
 def test_base_dtype_and_float32_adapter(tmp_path, base_dir):
     """model.dtype: the frozen base in bf16, the trained adapter (and its file) in float32."""
-    from training.trainer import base_dtype
+    from x2edit.training.trainer import base_dtype
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     cfg = _edit_config(tmp_path, base_dir, steps=1, checkpoint_every=0)
@@ -549,7 +549,7 @@ def test_training_routes_each_sample_by_its_own_task(tmp_path, base_dir, router)
 def test_contrastive_features_are_the_target_tokens(tmp_path, base_dir, monkeypatch):
     """The contrastive loss sees each double block's target tokens only, not the reference (source) tokens
     appended after them, and exactly those outputs."""
-    import training.trainer as tr
+    import x2edit.training.trainer as tr
 
     trainer = _two_task_trainer(tmp_path, base_dir, **{"loss.balance_weight": 0})
     seen, blocks = [], []
@@ -577,7 +577,7 @@ def test_contrastive_features_are_the_target_tokens(tmp_path, base_dir, monkeypa
 def test_upstream_preset_is_x2edits_released_settings(tmp_path, base_dir):
     """x2edit train --preset x2edit_upstream: upstream's router form, losses and optimizer; the user's file and
     overrides go on top; the preset trains (tiny rank here) with no balance term in the loss."""
-    from training.config import list_presets, load_config
+    from x2edit.training.config import list_presets, load_config
 
     assert "x2edit_upstream" in list_presets()
     cfg = load_config(None, ["mode=edit", "model.base=somewhere"], preset="x2edit_upstream")
@@ -636,7 +636,7 @@ def test_shapeworld_pool_serves_the_same_items_and_repeats(mode):
     on-the-fly source renders for it."""
     import numpy as np
 
-    from training.trainer import ShapeWorldSource
+    from x2edit.training.trainer import ShapeWorldSource
 
     tasks = ["color_change", "tone_transform", "subject_deletion"]
     pooled = ShapeWorldSource(32, mode, tasks, pool=5, workers=2)
@@ -648,6 +648,6 @@ def test_shapeworld_pool_serves_the_same_items_and_repeats(mode):
     again = pooled[5 * per_pair + 1]  # the second epoch repeats the first
     assert np.array_equal(again["target"], fly[1]["target"]) and again["text"] == fly[1]["text"]
     with pytest.raises(ValueError, match="data.pool pre-renders Shape World pairs"):
-        from training.config import DataConfig
+        from x2edit.training.config import DataConfig
 
         DataConfig(source={"format": "x2edit", "path": "x"}, pool=10)

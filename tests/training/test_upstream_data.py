@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from upstream_writers import SRC, TGT, write_upstream_dataset
 
-from data_pipeline.shards import split_member
-from training.data import (
+from x2edit.data_pipeline.shards import split_member
+from x2edit.tasks import TASK_NAMES
+from x2edit.training.data import (
     OTHER_TASK_ID,
     FilterRule,
     ScoreRule,
@@ -20,7 +21,6 @@ from training.data import (
     task_slot,
     upstream_task_labels,
 )
-from x2edit.tasks import TASK_NAMES
 
 
 @pytest.fixture(scope="module")

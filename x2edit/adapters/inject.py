@@ -163,7 +163,7 @@ def static_merge(model: nn.Module, calls: int = 1) -> Iterator[StaticMerge]:
     Static: plain LoRAs (community LoRAs too) and task-routed MoE-LoRAs while all samples of a call
     have one task (``routing_context``), with the multipliers of ``set_adapters``; not while their
     parameters need gradients, and not residual-reading adapters. At its first call in the block, each
-    adapter layer (fused q/k/v projections too) decides with ``kernels.merge_is_cheaper`` whether one
+    adapter layer (fused q/k/v projections too) decides with ``x2edit.kernels.merge_is_cheaper`` whether one
     merge beats ``calls`` low-rank additions at that call's token count; if so it builds
     ``W + sum of the static updates`` (float32, rounded once) beside its base weight and uses it for
     the rest of the block, rebuilding only if the adapters, their weights or the task change. Dynamic

@@ -3,7 +3,7 @@
 ``AdapterLinear`` wraps an ``nn.Linear`` (peft style) and keeps its adapters in a ``ModuleDict``
 keyed by name: the X2Edit MoE-LoRA and any number of plain LoRAs (community LoRAs loaded beside
 it). Every active adapter contributes stacked low-rank factors and per-token gates; the layer
-concatenates them and makes ONE call to ``kernels.lora_linear``, which computes
+concatenates them and makes ONE call to ``x2edit.kernels.lora_linear``, which computes
 
     y = x W^T + b + sum_e gate[..., e] * (x A_e^T) B_e^T
 
@@ -13,11 +13,11 @@ Routing inputs (task ids, timestep) do not flow through diffusers' forward signa
 set for the duration of one call by ``routing_context`` (see ``x2edit.adapters.inject``) as a
 ``RoutingState`` on each layer; outside such a context ``routing`` is None. The same state may carry
 ``adapter_gates``: per-sample gates for named adapters supplied from outside (the multi-LoRA fusion
-of ``retrieval.fusion``), folded into the gates of the one kernel call.
+of ``x2edit.retrieval.fusion``), folded into the gates of the one kernel call.
 
 Static adapters (a plain LoRA, a task-routed MoE-LoRA while every sample has the same task) can be
 folded into a transient copy of the base weight for the length of a ``static_merge`` block, when the
-cost rule of ``kernels.merge_is_cheaper`` says that beats adding their low-rank term at every call;
+cost rule of ``x2edit.kernels.merge_is_cheaper`` says that beats adding their low-rank term at every call;
 the base weight itself is never written. ``FusedAdapterLinear`` is diffusers' fused q/k/v projection
 carrying the adapters of the three projections it replaced, computed in one kernel call with
 block-stacked factors.
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from x2edit import kernels
 from x2edit.adapters.config import AdapterConfig
 from x2edit.adapters.routers import TaskRouter, build_router
 
@@ -449,7 +449,7 @@ class FusedAdapterLinear(nn.Module):
     and, at every call, gathers the active adapters of the parts (still registered under their
     attention module, where their parameters, routing, saving and merging stay as they were) and
     stacks them block by block: part j's adapters reach only the j-th third of the outputs. All of
-    them, from all parts, go through ONE ``kernels.lora_linear`` call with ``out_blocks`` = the
+    them, from all parts, go through ONE ``x2edit.kernels.lora_linear`` call with ``out_blocks`` = the
     number of parts; each part's adapters are padded to the same count and rank with zero adapters.
     Parts are read at each call, so an adapter loaded into a part after fusion (a community LoRA)
     takes effect.

@@ -1,5 +1,0 @@
-"""The x2edit editing app (``x2edit app``): a Gradio page over the public APIs of ``x2edit`` and ``retrieval``.
-
-``app.handlers`` holds what the app does in plain Python (no Gradio import: tested directly);
-``app.ui`` lays out the page and serves it; ``app.examples`` renders the Shape World examples.
-"""

@@ -1,0 +1,91 @@
+"""``x2edit lora``: make a LoRA pool, train the weight encoder and the fusion gate, index and search LoRA files.
+
+    x2edit lora pool --config configs/autolora/pool.yaml --out runs/autolora/pool
+    x2edit lora train-encoder --pool runs/autolora/pool --out runs/autolora/encoder.safetensors
+    x2edit lora index DIR --out INDEX.parquet [--encoder FILE] [--workers N]
+    x2edit lora search "QUERY" --index INDEX.parquet [-k 5] [--json]
+    x2edit lora train-gate --pool runs/autolora/pool --out runs/autolora/gate.safetensors [--encoder FILE]
+
+Each training command takes a YAML ``--config`` and ``key=value`` overrides of its dataclass
+(``PoolConfig``, ``EncoderTrainConfig``, ``GateTrainConfig``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="lora_command", metavar="SUBCOMMAND", required=True)
+    p = sub.add_parser("pool", help="train the concept LoRA pool on a base (Shape World, offline)")
+    p.add_argument("--config", default=None, help="pool config YAML (default: the built-in defaults)")
+    p.add_argument("--out", required=True, help="output directory (loras/, joint/, rejected/, pool.json)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists in --out")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+
+    p = sub.add_parser("train-encoder", help="train the weight encoder on a pool's train LoRAs")
+    p.add_argument("--pool", required=True, help="pool directory (x2edit lora pool)")
+    p.add_argument("--out", required=True, help="encoder file to write (.safetensors)")
+    p.add_argument("--config", default=None, help="EncoderTrainConfig YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+
+    p = sub.add_parser("index", help="index a folder of LoRA files (incremental)")
+    p.add_argument("dir", help="folder of LoRA files (searched recursively)")
+    p.add_argument("--out", required=True, help="index file (.parquet); an existing one is updated")
+    p.add_argument("--encoder", default=None, help="weight encoder file (default: the shipped x2edit-tiny encoder)")
+    p.add_argument("--workers", type=int, default=1, help="local processes embedding new files")
+
+    p = sub.add_parser("search", help="find LoRAs for a description in an index")
+    p.add_argument("query", help='what the LoRA should do, e.g. "a sepia tone"')
+    p.add_argument("--index", required=True, help="index file (x2edit lora index)")
+    p.add_argument("-k", type=int, default=5, help="results")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("train-gate", help="train the fusion gate on composition pairs of a pool's train LoRAs")
+    p.add_argument("--pool", required=True, help="pool directory (x2edit lora pool)")
+    p.add_argument("--out", required=True, help="gate file to write (.safetensors)")
+    p.add_argument("--encoder", default=None, help="weight encoder file (default: the shipped x2edit-tiny encoder)")
+    p.add_argument("--config", default=None, help="GateTrainConfig YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+
+
+def run(args) -> int:
+    from x2edit.retrieval.config import load
+
+    if args.lora_command in ("pool", "train-encoder", "train-gate"):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.lora_command == "pool":
+        from x2edit.retrieval.pool import PoolConfig, make_pool
+
+        manifest = make_pool(load(PoolConfig, args.config, args.overrides), args.out, resume=not args.no_resume)
+        print(json.dumps(manifest["summary"]))
+    elif args.lora_command == "train-encoder":
+        from x2edit.retrieval.encoder import EncoderTrainConfig, train_encoder
+
+        summary = train_encoder(args.pool, args.out, load(EncoderTrainConfig, args.config, args.overrides))
+        print(f"wrote {args.out} ({summary['train_loras']} LoRAs, {summary['steps']} steps, {summary['train_s']:.0f} s)")
+    elif args.lora_command == "train-gate":
+        from x2edit.retrieval.fusion import GateTrainConfig, train_gate
+
+        summary = train_gate(args.pool, args.encoder, args.out, load(GateTrainConfig, args.config, args.overrides))
+        print(f"wrote {args.out} ({summary['train_loras']} LoRAs, {summary['steps']} steps, {summary['train_s']:.0f} s)")
+    elif args.lora_command == "index":
+        from x2edit.retrieval.index import build_index
+
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        counts = build_index(args.dir, args.out, args.encoder, args.workers)
+        print(f"indexed {args.dir} -> {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    elif args.lora_command == "search":
+        from x2edit.retrieval.index import search
+
+        hits = search(args.index, args.query, args.k)
+        if args.json:
+            print(json.dumps(hits, indent=1))
+        else:
+            for h in hits:
+                words = f"  [{', '.join(h['trigger_words'])}]" if h["trigger_words"] else ""
+                print(f"{h['rank']:>2}  {h['score']:.3f}  {h['path']}  {h['title']}{words}")
+    return 0

