@@ -92,3 +92,29 @@ def test_pool_config_errors_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
         load(PoolConfig, None, [override])
 
+
+def test_the_pool_resumes_without_unpickling_objects(tiny_base_dir, tmp_path):
+    """train_state.pt holds tensors and plain containers and loads with weights_only; one holding any
+    other pickled object is refused before it can run code."""
+    from pathlib import Path
+
+    from x2edit.retrieval.pool import PoolTrainer, plan_pool
+
+    class RunsCode:
+        def __reduce__(self):
+            return Path.touch, (tmp_path / "code_ran",)
+
+    config = PoolConfig(base=str(tiny_base_dir), resolution=RES, concepts=["tone:night"], unseen_concepts=[],
+                        instances=[{"rank": 2, "targets": "attn", "format": "peft", "alpha_ratio": 1.0}] * 2,
+                        joint=[], samples_per_lora=8, loras_per_batch=2, samples_per_lora_in_batch=2, lr=1e-2,
+                        bank_size=2, eval_pairs=1, eval_steps=[1], checkpoint_every=1, seed=0)
+    trainer = PoolTrainer(config, plan_pool(config))
+    trainer.train(tmp_path)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert {"loras", "optimizer", "scheduler", "step"} <= set(state)
+    state["extra"] = RunsCode()
+    torch.save(state, tmp_path / "train_state.pt")
+    with pytest.raises(ValueError, match="train_state.pt holds pickled objects"):
+        trainer.train(tmp_path)
+    assert not (tmp_path / "code_ran").exists()
+

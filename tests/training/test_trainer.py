@@ -197,6 +197,33 @@ def test_resume_refuses_another_config(tmp_path, base_dir):
         Trainer(_edit_config(tmp_path / "fresh", base_dir, steps=2)).train(resume="latest")
 
 
+class RunsCode:
+    """A pickled object that creates ``marker`` when unpickled: what a malicious checkpoint would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.marker),)
+
+
+def test_resume_refuses_a_pickled_object_in_the_optimizer_state(tmp_path, base_dir):
+    """optimizer.pt loads with weights_only: a shared checkpoint cannot run code when resumed."""
+    config = dict(steps=2, **{"optim.ema_decay": 0.9})
+    Trainer(_edit_config(tmp_path, base_dir, **config)).train()
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("step_*")
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)  # what x2edit writes loads so, EMA included
+    assert {"optimizer", "lr_scheduler", "ema"} <= set(state)
+    marker = tmp_path / "code_ran"
+    state["extra"] = RunsCode(marker)
+    torch.save(state, ckpt / "optimizer.pt")
+    with pytest.raises(TrainingError, match="optimizer.pt holds pickled objects"):
+        Trainer(_edit_config(tmp_path, base_dir, **{**config, "steps": 4})).train(resume="latest")
+    assert not marker.exists()
+
+
 def test_fingerprint_leaves_out_settings_at_their_default(tmp_path):
     """A new setting at its default (as after an upgrade) keeps the fingerprint; a change does not."""
     import dataclasses

@@ -36,6 +36,7 @@ import torch
 
 from x2edit.data_pipeline.metrics import psnr
 from x2edit.data_pipeline.shapeworld.concepts import ConceptWorld, all_concepts, get_concept, instruction
+from x2edit.files import load_state
 from x2edit.retrieval.flow import LoraFlow, flow_loss, straight_path
 from x2edit.retrieval.formats import FORMATS, kohya_able, write_lora
 
@@ -288,7 +289,7 @@ class PoolTrainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: self._lr_factor(k, steps))
         ckpt, start = out / "train_state.pt", 0
         if resume and ckpt.is_file():
-            state = torch.load(ckpt, weights_only=False)
+            state = load_state(ckpt)
             self.pipe.transformer.load_state_dict(state["loras"], strict=False)
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])

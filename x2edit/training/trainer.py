@@ -38,6 +38,7 @@ from x2edit.adapters import (
     save_adapter,
 )
 from x2edit.adapters.residual import adapters_disabled, residual_sample
+from x2edit.files import load_state
 from x2edit.schedulers import (
     SIGMA_FLOOR,
     predicted_sample,
@@ -613,7 +614,7 @@ class Trainer:
         missing = model.load_state_dict(weights, strict=False)
         if missing.unexpected_keys:
             raise TrainingError(f"checkpoint {d} has weights this model lacks: {missing.unexpected_keys[:3]}")
-        opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=False)
+        opt = load_state(d / "optimizer.pt", TrainingError)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.lr_scheduler.load_state_dict(opt["lr_scheduler"])
         if self.ema is not None and "ema" in opt:
