@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from diffusers import FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
 from x2edit.adapters import (
     adapter_config,
@@ -98,6 +99,15 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
     default_num_inference_steps: int = 28
     default_max_area: int = 1024**2
     default_max_sequence_length: int = 512  # unless the active adapters record their trained length
+    # A base trained to edit (``x2edit train`` mode edit_base) records how: in one step from the source at
+    # this noise level (unless an active adapter sets its own), and whether the source also enters as
+    # reference tokens. Stock Kontext: from noise, with reference tokens.
+    default_source_start: float | None = None
+    reference_tokens: bool = True
+    # An edit read on the source's grid (one-step, residual) comes back as the caller's picture plus the
+    # model's change, at the caller's size; a change whose every channel stays within this (of 1) is noise,
+    # and the picture is kept there as it was. 0: every change kept.
+    change_floor: float = 0.0
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer, text_encoder_2=None, tokenizer_2=None,
                  image_encoder=None, feature_extractor=None):
@@ -236,8 +246,10 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
         return values.pop() if values else None
 
     def source_start(self) -> float | None:
-        """The noise level the active adapters edit from in one step (``AdapterConfig.source_start``)."""
-        return self._active_setting("source_start", "start from the source at different noise levels")
+        """The noise level the pipeline edits from in one step: the active adapters'
+        (``AdapterConfig.source_start``), else the base's own (``default_source_start``)."""
+        start = self._active_setting("source_start", "start from the source at different noise levels")
+        return self.default_source_start if start is None else start
 
     def text_length(self) -> int:
         """Text tokens per instruction when a call passes no ``max_sequence_length``: the length the active
@@ -263,15 +275,7 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
         """
         grid = self.vae_scale_factor * 2
         asked = height is not None or width is not None
-        if source is None:
-            side = self.default_sample_size * self.vae_scale_factor
-            height, width = height or side, width or side
-        elif height is None and width is None:
-            height, width = source
-        elif height is None:
-            height = max(1, round(width * source[0] / source[1]))
-        elif width is None:
-            width = max(1, round(height * source[1] / source[0]))
+        height, width = self._requested_size(source, height, width)
         out = encode = _fit(height, width, max_area, grid, "the output size")
         if source is None:
             encode = None
@@ -282,11 +286,46 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
                              f"output would stretch the {source[1]}x{source[0]} source: give a height/width of the "
                              "source's aspect ratio (or leave them unset)")
         # (on the grid, the source is scaled onto the output's size: the same rounding as the output's own)
-        if warn and source is not None:
+        if warn and source is not None and not on_grid:  # on the grid the change comes back at the asked size
             self._warn_capped("the source image", source, encode, max_area)
-        if warn and asked:
+        if warn and asked and not on_grid:
             self._warn_capped("the requested output", (height, width), out, max_area)
         return out, encode
+
+    def _requested_size(self, source: tuple[int, int] | None, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) the caller asks for, before any cap: as given; a missing side keeps the source's
+        aspect ratio; neither: the source's size (without a source: the model's default side)."""
+        if source is None:
+            side = self.default_sample_size * self.vae_scale_factor
+            return height or side, width or side
+        if height is None and width is None:
+            return source
+        if height is None:
+            return max(1, round(width * source[0] / source[1])), width
+        if width is None:
+            return height, max(1, round(height * source[1] / source[0]))
+        return height, width
+
+    def _with_change_at(self, edited: torch.Tensor, sources, seen, size: tuple[int, int]) -> torch.Tensor:
+        """The sources at ``size`` plus the change the model made to them at its working size.
+
+        Args:
+            edited: (N, 3, h, w) the model's outputs in [0, 1], each instruction's images side by side.
+            sources: the caller's sources (PIL images or a (n, 3, H', W') tensor), n = 1 or one per instruction.
+            seen: the same sources at the working size, as the model read them.
+            size: (height, width) of the result, of the sources' aspect ratio.
+        The change (output - what the model saw) is zeroed where no channel moves by more than
+        ``change_floor``, then upsampled bilinearly: where the model changes nothing the result is the
+        caller's picture, pixel for pixel, at its own resolution (a small model edits at 64x64 pixels).
+        """
+        source, low = _pixels(sources, size, self.image_processor), _pixels(seen, edited.shape[-2:], self.image_processor)
+        rows = edited.shape[0] // source.shape[0]
+        change = edited.float() - low.to(edited.device).repeat_interleave(rows, 0)
+        if self.change_floor:
+            change = change * (change.abs().amax(1, keepdim=True) > self.change_floor)
+        if tuple(change.shape[-2:]) != tuple(size):
+            change = torch.nn.functional.interpolate(change, size=size, mode="bilinear", align_corners=False)
+        return (source.to(edited.device).repeat_interleave(rows, 0) + change).clamp(0, 1)
 
     def _warn_capped(self, what: str, size: tuple[int, int], used: tuple[int, int], max_area: int) -> None:
         if self._size_warned or size[0] * size[1] <= max_area:
@@ -295,6 +334,16 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
         logger.warning("%s is %dx%d, more than this pipeline's working area of %d pixels (about %dx%d): editing at "
                        "%dx%d; pass max_area= (x2edit edit: --max-area) to change it (reported once per pipeline)",
                        what, size[1], size[0], max_area, math.isqrt(max_area), math.isqrt(max_area), used[1], used[0])
+
+    def _source_tokens(self, image, batch_size: int) -> torch.Tensor:
+        """Packed latents (B, T, C) of the sources (already at the output's size), one row per image of the
+        batch (each instruction's images side by side): the start of a one-step edit without reference tokens."""
+        device, dtype = self._execution_device, self.transformer.dtype
+        pixels = self.image_processor.preprocess(image)  # (N, 3, H, W) in [-1, 1]
+        z = self._encode_vae_image(pixels.to(device=device, dtype=self.vae.dtype), generator=None)  # argmax: no noise
+        z = z.repeat_interleave(batch_size // z.shape[0], dim=0).to(dtype)
+        b, c, h, w = z.shape
+        return self._pack_latents(z, b, c, h, w)
 
     def prepare_latents(self, image, batch_size, num_channels_latents, height, width, dtype, device, generator=None,
                         latents=None):
@@ -306,8 +355,8 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
             image = image.repeat_interleave(batch_size // image.shape[0], dim=0)
         latents, image_latents, latent_ids, image_ids = super().prepare_latents(
             image, batch_size, num_channels_latents, height, width, dtype, device, generator, latents)
-        if self._start_from_source:  # one-step edit: the packed source tokens (B, T, C) are the start
-            latents = image_latents.clone()
+        if self._start_from_source and image_latents is not None:  # one-step edit: the packed source tokens
+            latents = image_latents.clone()  # (B, T, C) are the start (without reference tokens: given as latents)
         return latents, image_latents, latent_ids, image_ids
 
     @torch.no_grad()
@@ -427,6 +476,12 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
         if on_grid and _auto_resize:
             raise ValueError("_auto_resize=True encodes the source at a Kontext resolution, but this pipeline's adapter "
                              "reads it on the output's grid: leave _auto_resize unset")
+        if not self.reference_tokens and start is None:
+            raise ValueError("this base reads the source only as the sample of a one-step edit (no reference tokens), "
+                             "but no noise level to start from is set (default_source_start)")
+        if not self.reference_tokens and residual_adapters(self.transformer):
+            raise ValueError(f"the residual adapters {residual_adapters(self.transformer)} read the source from "
+                             "reference tokens, which this base is trained without")
 
         # 1. Sources (validated, one per instruction or one for all) and sizes.
         image, count, source = _check_sources(image)
@@ -435,9 +490,15 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
             raise ValueError(f"got {count} source images for {n_prompts} instructions: pass one image, or one per "
                              "instruction")
         cap = self.default_max_area if max_area is None else max_area
+        wanted = self._requested_size(source, height, width)
         (height, width), encode = self._edit_size(source, height, width, cap, on_grid, warn=max_area is None)
+        sources = image  # the caller's pictures, at their own size
         if image is not None and not _auto_resize:
             image = _resize_sources(image, encode)
+        # Read on the source's grid, the result is the caller's picture plus the model's change, at the size asked.
+        seen, compose = image, on_grid and image is not None and output_type != "latent"
+        if not self.reference_tokens:  # the source is the starting sample and nothing else: no reference tokens
+            latents, image = self._source_tokens(image, n_prompts * (num_images_per_prompt or 1)), None
 
         # 2. Text length, steps and the one-step schedule.
         if max_sequence_length is None:
@@ -446,7 +507,7 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
             if num_inference_steps not in (None, 1):
                 raise ValueError(f"this pipeline's adapter edits in one step from the source (source_start={start}); "
                                  f"num_inference_steps={num_inference_steps} is not supported, leave it unset")
-            for key, value in (("latents", latents), ("sigmas", sigmas)):
+            for key, value in (("latents", latents if self.reference_tokens else None), ("sigmas", sigmas)):
                 if value is not None:
                     raise ValueError(f"{key}= cannot be given to a one-step adapter: it starts from the source at "
                                      f"noise level {start}")
@@ -490,7 +551,7 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
             auto = {"lora_index": lora_index, "auto_lora_top_k": auto_lora_top_k, "auto_lora_fusion": auto_lora_fusion}
             with self._lora_fusion_call(prompts, auto), routing, reading, \
                     self._community_lora_scale(joint_attention_kwargs):
-                return super().__call__(
+                out = super().__call__(
                     image=image, prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt,
                     negative_prompt_2=negative_prompt_2, true_cfg_scale=true_cfg_scale, height=height, width=width,
                     num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
@@ -500,13 +561,18 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
                     negative_ip_adapter_image=negative_ip_adapter_image,
                     negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds,
                     negative_prompt_embeds=negative_prompt_embeds,
-                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, output_type=output_type,
+                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, output_type="pt" if compose else output_type,
                     return_dict=return_dict, joint_attention_kwargs=joint_attention_kwargs,
                     callback_on_step_end=callback_on_step_end,
                     callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                     max_sequence_length=max_sequence_length, max_area=height * width, _auto_resize=_auto_resize)
         finally:
             self._start_from_source = False
+        if not compose:
+            return out
+        images = self._with_change_at(out.images if return_dict else out[0], sources, seen, wanted)
+        images = self.image_processor.postprocess(images * 2 - 1, output_type=output_type)  # from [-1, 1], as decoded
+        return FluxPipelineOutput(images=images) if return_dict else (images,)
 
 
 # -- input checks and sizes (module level: they need no pipeline state) ------------------------------
@@ -569,6 +635,14 @@ def _same_aspect(size: tuple[int, int], source: tuple[int, int]) -> bool:
     |h - w * sh / sw| <= 1 or |w - h * sw / sh| <= 1, the best a whole-pixel size can do."""
     (h, w), (sh, sw) = size, source
     return abs(h * sw - w * sh) <= max(sh, sw)
+
+
+def _pixels(image, size: tuple[int, int], processor) -> torch.Tensor:
+    """(n, 3, H, W) float in [0, 1] of sources (PIL images or a tensor in [0, 1]) at ``size`` (H, W)."""
+    image = _resize_sources(image, size)
+    if torch.is_tensor(image):
+        return image.float()
+    return processor.numpy_to_pt(processor.pil_to_numpy(image if isinstance(image, list) else [image]))
 
 
 def _resize_sources(image, size: tuple[int, int]):

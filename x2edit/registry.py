@@ -93,9 +93,28 @@ def resolve_base(name_or_path: str | os.PathLike) -> tuple[str, BaseModel | None
 
 
 EMBEDDED_META = "x2edit_embedded.json"
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _noise_level(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+
+
 # Keys of x2edit_embedded.json that set what the pipeline uses when a call passes None: the step count
-# a bundled model was measured best at, and the pixel area it works at (x2edit-tiny: 64x64 Shape World).
-PIPELINE_DEFAULTS = {"num_inference_steps": "default_num_inference_steps", "max_area": "default_max_area"}
+# a bundled model was measured best at, the pixel area it works at (x2edit-tiny: 64x64 Shape World), and
+# how a base trained to edit reads its source (``x2edit train`` mode edit_base): key -> (pipeline
+# attribute, check of the value, what the value must be).
+PIPELINE_DEFAULTS = {
+    "num_inference_steps": ("default_num_inference_steps", _positive_int, "a positive integer"),
+    "max_area": ("default_max_area", _positive_int, "a positive integer"),
+    "source_start": ("default_source_start", _noise_level, "a noise level in (0, 1]"),
+    "reference_tokens": ("reference_tokens", lambda v: isinstance(v, bool), "true or false"),
+    "change_floor": ("change_floor", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+                     "a number in [0, 1)"),
+}
 
 
 def embedded_text_components(path: Path, meta: dict) -> dict:
@@ -148,17 +167,17 @@ def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=No
     if model is not None and model.mode == "diptych":
         raise ValueError(f"{model.name} is a Fill model for diptych editing, which X2EditPipeline does not run; "
                          "use flux.1-kontext-dev or flux.1-dev")
-    # Bundled layout (no sentence encoder inside): the registered x2edit-tiny, or such a directory.
+    # Settings beside the saved pipeline: the registered x2edit-tiny's, a bundle's, a trained editing base's.
     meta_file = Path(source) / EMBEDDED_META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
     defaults = {}
-    for key, attribute in PIPELINE_DEFAULTS.items():
-        value = (meta or {}).get(key)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{meta_file}: {key} must be a positive integer, got {value!r}")
-            defaults[attribute] = value
-    components = embedded_text_components(Path(source), meta) if meta is not None else {}
+    for key, (attribute, valid, what) in PIPELINE_DEFAULTS.items():
+        if (meta or {}).get(key) is not None:  # null: the pipeline's own default
+            if not valid(meta[key]):
+                raise ValueError(f"{meta_file}: {key} must be {what}, got {meta[key]!r}")
+            defaults[attribute] = meta[key]
+    # A bundle leaves its sentence encoder out (named in the file); a trained base directory holds its own.
+    components = embedded_text_components(Path(source), meta) if meta and "text_encoder" in meta else {}
     try:
         pipe = X2EditPipeline.from_pretrained(source, torch_dtype=torch_dtype, **components)
     except OSError as e:
