@@ -652,6 +652,21 @@ def test_time_budget_stops_the_run_and_lands_the_decay_inside_it(tmp_path, monke
     assert rates == pytest.approx([lr, lr, lr, lr, lr * 2 / 3, lr / 3], abs=1e-12)
 
 
+def test_a_resumed_run_keeps_one_time_budget(tmp_path, monkeypatch):
+    """The loop's seconds are in the checkpoint: a run resumed (in another session) stops when the budget of
+    the whole run is spent, not a fresh budget later (a clock that reads 1 s per step, budget 6 s)."""
+    import time
+
+    holder = {}
+    monkeypatch.setattr(time, "perf_counter", lambda: float(holder["trainer"].step))
+    first = holder["trainer"] = Trainer(_config(tmp_path, steps=3, checkpoint_every=3, time_budget_s=6.0))
+    first.train()
+    assert json.loads((first.last_checkpoint / "trainer_state.json").read_text())["loop_seconds"] == 3.0
+    resumed = holder["trainer"] = Trainer(_config(tmp_path, steps=100, checkpoint_every=3, time_budget_s=6.0))
+    resumed.train(resume="latest")
+    assert resumed.step == 6  # 3 steps before and 3 after: 6 s in all
+
+
 def test_time_budget_is_refused_when_not_positive(tmp_path):
     with pytest.raises(ValueError, match="time_budget_s must be a positive number"):
         _config(tmp_path, time_budget_s=0)

@@ -16,8 +16,10 @@ from pathlib import Path
 import yaml
 
 from x2edit.adapters import AdapterConfig
+from x2edit.tasks import TASK_NAMES, get_task
 
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODES = ("t2i", "edit_base", "edit")
 
 
 @dataclass
@@ -45,6 +47,13 @@ class ModelConfig:
         text_encoder_device: where the frozen text encoders live and run: None (the training
             device) or "cpu" (T5-XXL is 9.5 GB in bf16; on the CPU it costs encoding time per step
             instead of GPU memory). The embeddings move to the training device.
+        source_start: edit_base only: the base learns to edit in one step from the source itself,
+            handed to it as the sample at this noise level with no noise (as ``adapter.source_start``);
+            None: from noise, as FLUX.1 Kontext. The saved base records it, and adapters trained on it
+            inherit it.
+        reference_tokens: edit_base only: the source also enters as Kontext reference tokens (position id
+            1). In the one-step form the sample already is the source, so they can be left out: half the
+            image tokens, 1.7x the training speed on x2edit-tiny. The saved base records it.
     """
 
     base: str | None = None
@@ -56,6 +65,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     dtype: str = "auto"
     text_encoder_device: str | None = None
+    source_start: float | None = None
+    reference_tokens: bool = True
 
 
 @dataclass
@@ -85,6 +96,8 @@ class DataConfig:
             Kontext reference tokens (in-context pretraining: FLUX.1 Kontext's base learns generation
             both with and without an image in context). It teaches the frozen base to read reference
             tokens, which the editing adapter then only has to redirect; 0 is plain text-to-image.
+        task_weights: Shape World only: relative sampling weight per task name (tasks not named: 1),
+            e.g. more of the local edits, whose change is small and slow to learn.
     """
 
     source: str | dict = "shapeworld"
@@ -98,8 +111,18 @@ class DataConfig:
     self_reference: float = 0.0
     pool: int = 0
     pool_workers: int = 0
+    task_weights: dict | None = None
 
     def __post_init__(self):
+        if self.task_weights is not None:
+            for name, w in self.task_weights.items():
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+                    raise ValueError(f"data.task_weights.{name} must be a number >= 0, got {w!r}")
+            self.task_weights = {get_task(k).name: float(w) for k, w in self.task_weights.items()}
+            if not any(self.task_weights.get(get_task(t).name, 1.0) for t in (self.tasks or TASK_NAMES)):
+                raise ValueError("data.task_weights gives every task weight 0")
+            if self.source != "shapeworld" or self.sources:
+                raise ValueError("data.task_weights weighs Shape World's tasks: it needs data.source: shapeworld")
         if self.pool < 0 or self.pool_workers < 0:
             raise ValueError(f"data.pool and data.pool_workers must be >= 0, got {self.pool} and {self.pool_workers}")
         if self.pool and (self.source != "shapeworld" or self.sources):
@@ -133,7 +156,12 @@ class LossConfig:
     the output implies, the same weight at every sigma (the velocity loss weights the x0 error by
     1/sigma^2, which for x0 and residual readings lets the near-clean steps dominate), or "x0_edit":
     that error divided by each pair's own edit energy, so each pair counts as in the edit gain
-    (``x2edit.training.losses.x0_error``; edit mode only).
+    (``x2edit.training.losses.x0_error``; edit modes only).
+    mask_weight: edit modes: weight of the auxiliary edit-region loss. A linear probe on the last double
+    block's target tokens predicts, per token, the fraction of its pixels that the edit changes (binary
+    cross-entropy against the pair's own source/target difference): a direct signal of *where* the
+    instruction applies, which the image loss gives only weakly for a small object. The probe is
+    trained with the model, kept in checkpoints, and not part of the saved model.
     """
 
     timestep_sampling: str = "logit_normal"
@@ -144,6 +172,7 @@ class LossConfig:
     contrastive_temperature: float = 0.5
     contrastive_pool: str = "flatten"
     contrastive_blocks: str | list = "all"
+    mask_weight: float = 0.0
 
 
 @dataclass
@@ -170,8 +199,9 @@ class TrainConfig:
     """Everything one training run needs.
 
     Args:
-        mode: "t2i" (pretrain the whole transformer as text-to-image) or "edit" (train an adapter on
-            the frozen base, source image as reference tokens).
+        mode: "t2i" (pretrain the whole transformer as text-to-image), "edit_base" (train the whole
+            transformer to edit, the tiny analogue of FLUX.1 Kontext: a base that edits) or "edit" (train
+            an adapter on the frozen base, source image as reference tokens).
         output_dir: checkpoints, logs, validation grids and the final model/adapter.
         steps: optimizer steps; batch_size: samples per step and process.
         checkpoint_every / validate_every / log_every: in steps (0 disables).
@@ -209,8 +239,8 @@ class TrainConfig:
         "optim.decay_steps", "tf32", "time_budget_s")
 
     def __post_init__(self):
-        if self.mode not in ("t2i", "edit"):
-            raise ValueError(f"mode must be 't2i' or 'edit', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError("batch_size and steps must be >= 1")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
@@ -224,16 +254,29 @@ class TrainConfig:
         if self.loss.weighting not in ("none", "sigma_sqrt", "cosmap", "x0", "x0_edit"):
             raise ValueError("loss.weighting must be none, sigma_sqrt, cosmap, x0 or x0_edit, got "
                              f"{self.loss.weighting!r}")
-        if self.loss.weighting == "x0_edit" and self.mode != "edit":
-            raise ValueError("loss.weighting x0_edit divides by each pair's edit (source vs target): it needs mode: edit")
+        if self.loss.weighting == "x0_edit" and self.mode == "t2i":
+            raise ValueError("loss.weighting x0_edit divides by each pair's edit (source vs target): it needs an edit "
+                             "mode (edit or edit_base)")
+        if self.loss.mask_weight < 0 or (self.loss.mask_weight and self.mode == "t2i"):
+            raise ValueError(f"loss.mask_weight must be >= 0 and needs an edit mode, got {self.loss.mask_weight} in "
+                             f"mode {self.mode}")
+        m = self.model
+        if (m.source_start is not None or not m.reference_tokens) and self.mode != "edit_base":
+            raise ValueError("model.source_start and model.reference_tokens set how an editing base is trained: they "
+                             "need mode: edit_base (an adapter has adapter.source_start; it reads its base's)")
+        if m.source_start is not None and (isinstance(m.source_start, bool) or not 0 < m.source_start <= 1):
+            raise ValueError(f"model.source_start must be a noise level in (0, 1] or null, got {m.source_start!r}")
+        if not m.reference_tokens and m.source_start is None:
+            raise ValueError("model.reference_tokens: false needs model.source_start: from noise, the reference tokens "
+                             "are the only way the source reaches the model")
         if not 0.0 <= self.data.self_reference <= 1.0:
             raise ValueError(f"data.self_reference is a fraction of steps in [0, 1], got {self.data.self_reference}")
         if self.data.self_reference and self.mode != "t2i":
             raise ValueError("data.self_reference is for t2i pretraining; edit batches carry their source")
         if self.model.dtype not in MODEL_DTYPES:
             raise ValueError(f"model.dtype must be one of {list(MODEL_DTYPES)}, got {self.model.dtype!r}")
-        if self.mode == "t2i" and self.model.dtype not in ("auto", "float32"):
-            raise ValueError("model.dtype: t2i pretraining trains the whole transformer, whose weights stay float32; "
+        if self.mode != "edit" and self.model.dtype not in ("auto", "float32"):
+            raise ValueError(f"model.dtype: {self.mode} trains the whole transformer, whose weights stay float32; "
                              "use mixed_precision: bf16 for bf16 compute")
         if self.model.text_encoder_device not in (None, "cpu"):
             raise ValueError(f"model.text_encoder_device must be null (the training device) or 'cpu', got "

@@ -79,6 +79,33 @@ def x0_error(x0_hat: torch.Tensor, x0: torch.Tensor, source: torch.Tensor | None
     return err.mean()
 
 
+# -- where the edit is -----------------------------------------------------------------------
+
+# A pixel counts as changed when a channel moves by more than this (of 255): above rendering and
+# resampling noise, below any edit Shape World makes.
+CHANGED_PIXEL = 8
+
+
+def changed_fraction(sources: list, targets: list, patch: int) -> torch.Tensor:
+    """(B, T) fraction of each token's ``patch`` x ``patch`` pixels that the edit changes, tokens in the
+    row-major order of the packed latents.
+
+    Args:
+        sources, targets: (H, W, 3) uint8 images, H and W multiples of ``patch``.
+        patch: pixels per token side (the VAE factor x 2 of FLUX's 2x2 packing).
+    """
+    import numpy as np
+
+    diff = np.abs(np.stack(sources).astype(np.int16) - np.stack(targets).astype(np.int16)).max(-1)  # (B, H, W)
+    changed = torch.from_numpy(diff > CHANGED_PIXEL).float()[:, None]
+    return torch.nn.functional.avg_pool2d(changed, patch).flatten(1)  # (B, H/patch * W/patch)
+
+
+def mask_loss(logits: torch.Tensor, fraction: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of a per-token edit-region prediction (B, T) against the changed fraction."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, fraction.to(logits.device))
+
+
 # -- contrastive loss on internal representations --------------------------------------------
 
 

@@ -39,6 +39,7 @@ from x2edit.adapters import (
 )
 from x2edit.adapters.residual import adapters_disabled, residual_sample
 from x2edit.files import load_state
+from x2edit.registry import EMBEDDED_META
 from x2edit.schedulers import (
     SIGMA_FLOOR,
     predicted_sample,
@@ -50,9 +51,11 @@ from x2edit.tasks import TASK_NAMES, get_task
 from x2edit.training.config import TrainConfig, save_config
 from x2edit.training.losses import (
     BlockOutputs,
+    changed_fraction,
     contrastive_loss,
     flow_matching_loss,
     flow_matching_pair,
+    mask_loss,
     sample_sigmas,
     source_start_pair,
     x0_error,
@@ -80,11 +83,11 @@ class ShapeWorldSource:
     """
 
     def __init__(self, resolution: int, mode: str, tasks: list[str] | None = None, pool: int = 0,
-                 workers: int = 0):
+                 workers: int = 0, task_weights: dict | None = None):
         from x2edit.data_pipeline.shapeworld import ShapeWorld
 
         self.world, self.mode = ShapeWorld(resolution=resolution), mode
-        self.tasks = [get_task(t).name for t in tasks] if tasks else None
+        self.tasks = TaskDraw(tasks, task_weights)
         self.pool = _render_pool(resolution, pool, self.tasks, workers) if pool else None
 
     def __len__(self) -> int:
@@ -99,12 +102,36 @@ class ShapeWorldSource:
         if self.pool is not None:
             pair = self.pool[seed % len(self.pool)]
         else:
-            pair = self._pair(seed, self.tasks[seed % len(self.tasks)] if self.tasks else None)
+            pair = self._pair(seed, self.tasks(seed))
         if self.mode == "t2i":
             return {"source": None, "target": pair.source if i % 2 == 0 else pair.target,
                     "text": pair.captions[i % 2], "task": None}
         return {"source": pair.source, "target": pair.target, "text": pair.instruction,
                 "task": get_task(pair.task).id}
+
+
+class TaskDraw:
+    """The task of Shape World item ``seed``: a pure function of the seed (resume stays exact).
+
+    Without weights, as before weights existed: ``tasks[seed % len(tasks)]``, or None (the world picks
+    uniformly from the seed). With weights, a seeded draw from the tasks in proportion to their weight.
+    """
+
+    def __init__(self, tasks: list[str] | None = None, weights: dict | None = None):
+        self.names = [get_task(t).name for t in tasks] if tasks else None
+        self.p = None
+        if weights:
+            self.names = self.names or list(TASK_NAMES)
+            w = np.array([weights.get(n, 1.0) for n in self.names], dtype=np.float64)
+            self.p = w / w.sum()
+
+    def __call__(self, seed: int) -> str | None:
+        if self.names is None:
+            return None
+        if self.p is None:
+            return self.names[seed % len(self.names)]
+        u = np.random.default_rng([seed, 0x7461736B]).random()  # 0x7461736B: "task", apart from other streams
+        return self.names[min(int(np.searchsorted(np.cumsum(self.p), u, side="right")), len(self.names) - 1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,14 +149,14 @@ class _Rendered:
         return cls(pair.source, pair.target, pair.instruction, pair.task, pair.captions)
 
 
-def _render_seeds(resolution: int, seeds: range, tasks: list[str] | None) -> list[_Rendered]:
+def _render_seeds(resolution: int, seeds: range, tasks: TaskDraw) -> list[_Rendered]:
     from x2edit.data_pipeline.shapeworld import ShapeWorld
 
     world = ShapeWorld(resolution=resolution)
-    return [_Rendered.of(world.sample(seed=s, task=tasks[s % len(tasks)] if tasks else None)) for s in seeds]
+    return [_Rendered.of(world.sample(seed=s, task=tasks(s))) for s in seeds]
 
 
-def _render_pool(resolution: int, size: int, tasks: list[str] | None, workers: int = 0) -> list[_Rendered]:
+def _render_pool(resolution: int, size: int, tasks: TaskDraw, workers: int = 0) -> list[_Rendered]:
     """Pairs 0..size-1 exactly as ``ShapeWorldSource`` renders them, in ``workers`` processes (0: all CPUs)."""
     import os
     from concurrent.futures import ProcessPoolExecutor
@@ -231,7 +258,7 @@ class ReaderSource:
         sample = self.datasets[s][i - self.offsets[s]]
         if sample is None:
             return None
-        return {"source": np.asarray(sample.source) if self.mode == "edit" else None,
+        return {"source": np.asarray(sample.source) if self.mode != "t2i" else None,
                 "target": np.asarray(sample.target), "text": sample.instruction,
                 "task": task_slot(sample.task) if sample.task is not None else None}
 
@@ -307,7 +334,7 @@ def make_source(config: TrainConfig, multiple: int = 16):
     if d.readers:
         return ReaderSource(d.readers, config, multiple)
     if d.source == "shapeworld":
-        return ShapeWorldSource(d.resolution, config.mode, d.tasks, d.pool, d.pool_workers)
+        return ShapeWorldSource(d.resolution, config.mode, d.tasks, d.pool, d.pool_workers, d.task_weights)
     raise ValueError(f"data.source must be 'shapeworld' or a reader mapping, got {d.source!r}")
 
 
@@ -364,7 +391,7 @@ def build_new_pipeline(config: TrainConfig):
 def base_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     """The frozen base's weight dtype: ``model.dtype``, with "auto" = bfloat16 on CUDA (a 12B FLUX
     transformer plus T5-XXL is ~67 GB in float32), float32 elsewhere; t2i trains in float32."""
-    if config.mode == "t2i" or config.model.dtype == "float32":
+    if config.mode != "edit" or config.model.dtype == "float32":  # t2i and edit_base train the whole transformer
         return torch.float32
     if config.model.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -401,6 +428,9 @@ class Trainer:
         if config.time_budget_s and self.accelerator.num_processes > 1:
             raise ValueError("time_budget_s is for one-process runs: several processes would each read their own clock")
         self._deadline: tuple[float, float] | None = None  # (start, budget) of a time-budgeted loop
+        # Seconds the training loop ran before this process (a resumed run's checkpoint says), and when it
+        # started here: a time budget counts both, so a run resumed across sessions keeps one budget.
+        self._loop_seconds, self._loop_start = 0.0, None
         device = self.accelerator.device
         self.pipe = load_base_pipeline(config, base_dtype(config, device))
         self.pipe.set_progress_bar_config(disable=True)
@@ -413,12 +443,27 @@ class Trainer:
         if self.residual and self.prediction != "flow":
             raise ValueError(f"adapter.reading: residual needs a flow (velocity) base; {config.model.base} reads "
                              f"its output as {self.prediction!r}")
-        if config.mode == "edit":
+        if config.mode != "t2i":
             own = adapter_names(self.transformer)
-            if own:  # e.g. x2edit-tiny ships its editing adapter: train the new one on the base alone
-                logger.info("removing the base's own adapter(s) %s: the new adapter is trained on the base alone", own)
+            if own:  # e.g. x2edit-tiny ships its editing adapter: train the new one (or the base) on the base alone
+                logger.info("removing the base's own adapter(s) %s: training on the base alone", own)
                 for name in own:
                     remove_adapter(self.transformer, name)
+        # How the source reaches the model: as the sample itself at a noise level (one step), as reference
+        # tokens, or both. edit_base sets it (and saves it with the base); an adapter follows its base.
+        self.source_start, self.reference = None, True
+        if config.mode == "edit_base":
+            self.source_start, self.reference = config.model.source_start, config.model.reference_tokens
+            self.pipe.default_source_start, self.pipe.reference_tokens = self.source_start, self.reference
+        elif config.mode == "edit":
+            self.source_start = config.adapter.source_start
+            if self.source_start is None:
+                self.source_start = self.pipe.default_source_start
+            self.reference = self.pipe.reference_tokens
+            if self.residual and not self.reference:
+                raise ValueError(f"adapter.reading: residual reads the source from reference tokens, which the base "
+                                 f"{config.model.base} is trained without: use adapter.reading: direct")
+        if config.mode == "edit":
             torch.manual_seed(config.seed)  # adapter and router initialisation
             # The adapter records the text length it is trained with, so the pipeline encodes the same.
             adapter = dataclasses.replace(config.adapter, max_sequence_length=config.model.max_text_tokens)
@@ -432,6 +477,12 @@ class Trainer:
             if isinstance(module, torch.nn.Module):
                 module.to(self.text_device if name.startswith("text_encoder") else device)
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
+        # The edit-region probe (loss.mask_weight): trained with the model, not part of it.
+        self.mask_head = None
+        if config.loss.mask_weight:
+            torch.manual_seed(config.seed + 1)
+            self.mask_head = torch.nn.Linear(self.transformer.inner_dim, 1).to(device)
+            self.params += list(self.mask_head.parameters())
         self.source = make_source(config, multiple=self.pipe.vae_scale_factor * 2)
         self.optimizer = self._make_optimizer()
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -442,6 +493,8 @@ class Trainer:
             self.ema = EMAModel(self.params, decay=config.optim.ema_decay)
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.transformer, self.optimizer, self.lr_scheduler)
+        if self.mask_head is not None:  # its gradients are averaged over processes as the model's are
+            self.mask_head = self.accelerator.prepare(self.mask_head)
         self.step = 0
         self.last_checkpoint: Path | None = None
 
@@ -516,12 +569,12 @@ class Trainer:
                                                self.pipe.encode_prompt(batch["text"], device=self.text_device,
                                                                        max_sequence_length=cfg.model.max_text_tokens))
             ref = None
-            if cfg.mode == "edit":
+            if cfg.mode != "t2i":
                 ref, ref_ids = self._images_to_tokens(batch["source"], reference=True)
             elif cfg.data.self_reference and torch.rand((), generator=g).item() < cfg.data.self_reference:
                 ref, ref_ids = x0, latent_ids.clone()  # the image itself in context (Kontext pretraining)
                 ref_ids[..., 0] = 1
-        start = cfg.adapter.source_start if cfg.mode == "edit" else None
+        start = self.source_start
         if start is None:
             sigmas = sample_sigmas(len(x0), cfg.loss.timestep_sampling, cfg.loss.shift, generator=g, device=device)
             xt, target = flow_matching_pair(x0, sigmas, generator=g)
@@ -529,17 +582,18 @@ class Trainer:
             sigmas = torch.full((len(x0),), float(start), device=device)
             xt, target = source_start_pair(x0, ref, start)
         hidden, img_ids = xt, latent_ids
-        if ref is not None:
+        if ref is not None and self.reference:
             hidden, img_ids = torch.cat([xt, ref], 1), torch.cat([latent_ids, ref_ids], 0)
         unwrapped = self.accelerator.unwrap_model(self.model)
         guidance = torch.full((len(x0),), 1.0, device=device) if unwrapped.config.guidance_embeds else None
         want_contrast = cfg.mode == "edit" and cfg.loss.contrastive_weight > 0 and batch["task"] is not None
         # Target tokens only: the reference tokens behind them are the source image (X2Edit does the same).
         blocks = BlockOutputs(unwrapped, cfg.loss.contrastive_blocks, num_tokens=x0.shape[1]) if want_contrast else None
+        probe = BlockOutputs(unwrapped, [-1], num_tokens=x0.shape[1]) if self.mask_head is not None else None
         call = dict(hidden_states=hidden, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
                     encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)
         with routing_context(unwrapped, task_ids=batch["task"]) as routing:
-            with blocks or _Null():
+            with blocks or _Null(), probe or _Null():
                 pred = self.model(**call)[0][:, : x0.shape[1]]
             if self.residual:  # the base's own output, for the change the adapter makes to it
                 with torch.no_grad(), adapters_disabled(unwrapped, [ADAPTER_NAME]):
@@ -556,6 +610,11 @@ class Trainer:
                 pred = velocity_from_sample(xt, x0_hat, sigmas, floor=SIGMA_FLOOR)
             fm = flow_matching_loss(pred, target, sigmas, cfg.loss.weighting)
         loss, parts = fm, {"flow_matching": fm.item()}
+        if probe is not None:  # where the edit is: per target token, the fraction of its pixels that change
+            logits = self.mask_head(probe.outputs[0]).squeeze(-1).float()  # (B, T)
+            m = mask_loss(logits, changed_fraction(batch["source"], batch["target"], self.pipe.vae_scale_factor * 2))
+            loss = loss + cfg.loss.mask_weight * m
+            parts["mask"] = m.item()
         if routing.balance_loss is not None and cfg.loss.balance_weight > 0:
             loss = loss + cfg.loss.balance_weight * routing.balance_loss
             parts["balance"] = routing.balance_loss.item()
@@ -580,12 +639,17 @@ class Trainer:
         tmp.mkdir(parents=True)
         trainable = {n: p.detach().cpu().contiguous() for n, p in
                      self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
+        if self.mask_head is not None:
+            trainable.update({f"{MASK_HEAD}.{n}": p.detach().cpu().contiguous()
+                              for n, p in self.accelerator.unwrap_model(self.mask_head).named_parameters()})
         save_file(trainable, str(tmp / "trainable.safetensors"))
         state = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         torch.save(state, tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step,
+        running = time.perf_counter() - self._loop_start if self._loop_start is not None else 0.0
+        loop_seconds = self._loop_seconds + running
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "loop_seconds": round(loop_seconds, 3),
                                                             "fingerprint": self.config.fingerprint()}))
         shutil.rmtree(d, ignore_errors=True)
         tmp.rename(d)  # a checkpoint directory exists only once complete
@@ -610,6 +674,9 @@ class Trainer:
                                 f" != {self.config.fingerprint()}); only {list(TrainConfig.RESUMABLE_CHANGES)} "
                                 "may change on resume")
         weights = load_file(str(d / "trainable.safetensors"))
+        head = {k.removeprefix(f"{MASK_HEAD}."): weights.pop(k) for k in list(weights) if k.startswith(f"{MASK_HEAD}.")}
+        if head:  # (the fingerprint check above makes sure the run has the probe too)
+            self.accelerator.unwrap_model(self.mask_head).load_state_dict(head)
         model = self.accelerator.unwrap_model(self.model)
         missing = model.load_state_dict(weights, strict=False)
         if missing.unexpected_keys:
@@ -620,6 +687,7 @@ class Trainer:
         if self.ema is not None and "ema" in opt:
             self.ema.load_state_dict(opt["ema"])
         self.step, self.last_checkpoint = state["step"], d
+        self._loop_seconds = float(state.get("loop_seconds", 0.0))  # checkpoints of earlier releases: none
 
     # -- validation --------------------------------------------------------------------------
     def validate(self) -> dict:
@@ -633,8 +701,8 @@ class Trainer:
         out_dir = self.out / "validation"
         out_dir.mkdir(parents=True, exist_ok=True)
         self.transformer.eval()
-        if cfg.mode == "edit":
-            steps = 1 if cfg.adapter.source_start is not None else 20
+        if cfg.mode != "t2i":
+            steps = 1 if self.source_start is not None else 20
             table, _, outputs = evaluate_pairs(self.pipe, pairs, steps=steps, seed=cfg.seed,
                                                tasks=[p.task for p in pairs])
             metrics = {"val/edit_gain_db": table["mean"]["edit_gain_db"]}
@@ -667,9 +735,9 @@ class Trainer:
         writer = _Metrics(self.out, acc.is_main_process)
         self.transformer.train()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not acc.is_main_process, desc=f"train {cfg.mode}")
-        t0 = time.perf_counter()
-        if cfg.time_budget_s:
-            self._deadline = (t0, cfg.time_budget_s)
+        t0 = self._loop_start = time.perf_counter()
+        if cfg.time_budget_s:  # the budget counts the loop's time before a resume too
+            self._deadline = (t0 - self._loop_seconds, cfg.time_budget_s)
         while self.step < cfg.steps:
             if self._deadline is not None and self._steps_left(self.step) <= 0:
                 logger.info("time budget of %.0f s reached at step %d of %d", cfg.time_budget_s, self.step, cfg.steps)
@@ -716,8 +784,14 @@ class Trainer:
         if self.ema is not None:
             self.ema.copy_to(self.params)
         cfg = self.config
-        if cfg.mode == "t2i":
+        if cfg.mode != "edit":
             self.pipe.save_pretrained(self.out / "pipeline")
+            if cfg.mode == "edit_base":  # what the base is trained for travels with it (x2edit.registry reads it)
+                settings = {"source_start": self.source_start, "reference_tokens": self.reference,
+                            "max_area": cfg.data.resolution**2}
+                if self.source_start is not None:
+                    settings["num_inference_steps"] = 1
+                (self.out / "pipeline" / EMBEDDED_META).write_text(json.dumps(settings, indent=2))
             return
         save_adapter(self.transformer, self.out / "adapter.safetensors", ADAPTER_NAME,
                      metadata={"steps": self.step, "config_fingerprint": cfg.fingerprint()})
@@ -727,6 +801,7 @@ class Trainer:
 
 
 ADAPTER_NAME = "default"  # the name of the adapter being trained (as saved by save_adapter)
+MASK_HEAD = "mask_head"  # the edit-region probe's key prefix in a checkpoint's trainable.safetensors
 
 
 class _Null:
