@@ -63,18 +63,26 @@ def add_arguments(parser) -> None:
 def evaluate_shapeworld(pipe, n_per_task: int = SHAPEWORLD_ONLY["n_per_task"],
                         resolution: int = SHAPEWORLD_ONLY["resolution"], steps: int | None = None, seed: int = 0,
                         routing: str = SHAPEWORLD_ONLY["routing"]):
-    """(per-task table, per-pair rows, pairs, outputs) of ``pipe`` on the held-out Shape World split."""
+    """(per-task table, per-pair rows, pairs, outputs) of ``pipe`` on the held-out Shape World split.
+
+    With classifier routing the instructions are routed as the pipeline would (its ``task_classifier``),
+    and each row records the task it was routed to."""
     from x2edit.data_pipeline.shapeworld import ShapeWorld
     from x2edit.training.evaluation import edit_metrics, run_edits, summarize
 
     pairs = list(ShapeWorld(resolution=resolution).eval_pairs(n_per_task=n_per_task))
-    tasks = [p.task for p in pairs] if routing == "labels" else None
+    tasks = [p.task for p in pairs] if routing == "labels" else pipe.task_classifier([p.instruction for p in pairs])
     outputs = run_edits(pipe, pairs, steps=steps, seed=seed, tasks=tasks)
     rows = [
-        {"task": p.task, "instruction": p.instruction, **edit_metrics(o, p.source, p.target, p.mask)}
-        for p, o in zip(pairs, outputs)
+        {"task": p.task, "routed": t, "instruction": p.instruction, **edit_metrics(o, p.source, p.target, p.mask)}
+        for p, t, o in zip(pairs, tasks, outputs)
     ]
     return summarize(rows), rows, pairs, outputs
+
+
+def router_accuracy(rows: list[dict]) -> float:
+    """Share of the rows routed to their own task."""
+    return sum(r["routed"] == r["task"] for r in rows) / len(rows)
 
 
 def run(args) -> int:
@@ -114,7 +122,8 @@ def run(args) -> int:
     table, rows, pairs, outputs = evaluate_shapeworld(
         pipe, args.n_per_task, args.resolution, args.steps, args.seed, args.routing
     )
-    (out / "metrics.json").write_text(json.dumps(table, indent=2))
+    extra = {"router_accuracy": router_accuracy(rows)} if args.routing == "classifier" else {}
+    (out / "metrics.json").write_text(json.dumps({**table, **extra}, indent=2))
     with (out / "rows.jsonl").open("w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -123,5 +132,7 @@ def run(args) -> int:
         firsts.setdefault(p.task, (p, o))
     edit_grid([v[0] for v in firsts.values()], [v[1] for v in firsts.values()]).save(out / "grid.png")
     print(format_table(table))
+    if extra:
+        print(f"\nthe task classifier routed {100 * extra['router_accuracy']:.1f}% of the instructions to their task")
     print(f"\nwrote {out}/metrics.json, rows.jsonl, grid.png in {time.perf_counter() - t0:.1f} s")
     return 0
