@@ -376,7 +376,7 @@ def test_x0_edit_weighting_is_one_for_an_unchanged_source(tmp_path, base_dir):
 
 
 def test_x0_edit_weighting_needs_edit_pairs(tmp_path):
-    with pytest.raises(ValueError, match="x0_edit .* needs mode: edit"):
+    with pytest.raises(ValueError, match="x0_edit .* needs an edit mode \(edit or edit_base\)"):
         _config(tmp_path, **{"loss.weighting": "x0_edit"})
 
 
@@ -490,7 +490,7 @@ def test_base_dtype_and_float32_adapter(tmp_path, base_dir):
 
 @pytest.mark.parametrize("over,message", [
     ({"model.dtype": "int8"}, "model.dtype must be one of"),
-    ({"model.dtype": "bfloat16"}, "t2i pretraining trains the whole transformer"),
+    ({"model.dtype": "bfloat16"}, "model.dtype: t2i trains the whole transformer"),
     ({"model.text_encoder_device": "gpu"}, "text_encoder_device must be"),
     ({"adapter.max_sequence_length": 77}, "set model.max_text_tokens instead"),
 ])
