@@ -107,3 +107,19 @@ def test_edit_base_setting_errors_name_the_key(tmp_path, over, message):
     items = [f"{k}={json.dumps(v)}" for k, v in {"mode": "edit_base", "model.base": "x2edit-tiny", **over}.items()]
     with pytest.raises(ValueError, match=message):
         load_config(None, items)
+
+
+def test_region_weight_counts_the_error_inside_the_edit_more():
+    from x2edit.training.losses import x0_error
+
+    x0, source = torch.zeros(1, 4, 3), torch.zeros(1, 4, 3)
+    source[0, 0] = 1.0  # the edit changes token 0 only
+    inside, outside = x0.clone(), x0.clone()
+    inside[0, 0] += 0.1
+    outside[0, 3] += 0.1  # the same error, outside the edit
+    changed = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    plain = [x0_error(o, x0, source) for o in (inside, outside)]
+    weighted = [x0_error(o, x0, source, 1 + 3 * changed) for o in (inside, outside)]
+    assert plain[0] == plain[1]
+    assert weighted[0] > plain[0] > weighted[1]
+    assert torch.allclose(x0_error(inside, x0, source, torch.full((1, 4), 5.0)), plain[0])  # weights: mean 1

@@ -162,6 +162,8 @@ class LossConfig:
     cross-entropy against the pair's own source/target difference): a direct signal of *where* the
     instruction applies, which the image loss gives only weakly for a small object. The probe is
     trained with the model, kept in checkpoints, and not part of the saved model.
+    region_weight: x0 losses in edit modes: a token's error counts 1 + region_weight x the fraction of its
+    pixels the edit changes (each pair's weights normalised to mean 1): more of the loss inside a small edit.
     """
 
     timestep_sampling: str = "logit_normal"
@@ -173,6 +175,7 @@ class LossConfig:
     contrastive_pool: str = "flatten"
     contrastive_blocks: str | list = "all"
     mask_weight: float = 0.0
+    region_weight: float = 0.0
 
 
 @dataclass
@@ -257,6 +260,10 @@ class TrainConfig:
         if self.loss.weighting == "x0_edit" and self.mode == "t2i":
             raise ValueError("loss.weighting x0_edit divides by each pair's edit (source vs target): it needs an edit "
                              "mode (edit or edit_base)")
+        if self.loss.region_weight < 0 or (self.loss.region_weight and (
+                self.mode == "t2i" or self.loss.weighting not in ("x0", "x0_edit"))):
+            raise ValueError(f"loss.region_weight must be >= 0 and needs an edit mode with an x0 loss (loss.weighting "
+                             f"x0 or x0_edit), got {self.loss.region_weight} with {self.loss.weighting} in mode {self.mode}")
         if self.loss.mask_weight < 0 or (self.loss.mask_weight and self.mode == "t2i"):
             raise ValueError(f"loss.mask_weight must be >= 0 and needs an edit mode, got {self.loss.mask_weight} in "
                              f"mode {self.mode}")

@@ -63,7 +63,8 @@ def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, sigmas: torch.T
 EDIT_ENERGY_FLOOR = 1e-3
 
 
-def x0_error(x0_hat: torch.Tensor, x0: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+def x0_error(x0_hat: torch.Tensor, x0: torch.Tensor, source: torch.Tensor | None = None,
+             token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of the predicted clean latents (B, T, C), optionally relative to the edit.
 
     With ``source`` (the edit's input on the same grid) each pair's error is divided by its edit
@@ -71,9 +72,14 @@ def x0_error(x0_hat: torch.Tensor, x0: torch.Tensor, source: torch.Tensor | None
     MSE(source, target) = 10^(-edit gain / 10), 1.0 for an output equal to the source. Each pair
     counts as it does in the edit-gain metric, whatever the area it changes; the plain MSE lets
     the large edits (backgrounds, styles) dominate and leaves the small ones with errors outside
-    their region that cost them decibels (measured in the README).
+    their region that cost them decibels (measured in the README). ``token_weight`` (B, T) weighs each
+    token's error (e.g. more inside the edited region); each row's weights are normalised to mean 1.
     """
-    err = ((x0_hat.float() - x0.float()) ** 2).flatten(1).mean(1)  # (B,)
+    err = (x0_hat.float() - x0.float()) ** 2  # (B, T, C)
+    if token_weight is not None:
+        w = token_weight.float().to(err.device)
+        err = err * (w / w.mean(1, keepdim=True))[..., None]
+    err = err.flatten(1).mean(1)  # (B,)
     if source is not None:
         err = err / ((source.float() - x0.float()) ** 2).flatten(1).mean(1).clamp(min=EDIT_ENERGY_FLOOR)
     return err.mean()

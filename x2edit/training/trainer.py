@@ -603,8 +603,12 @@ class Trainer:
         if x0_reading or x0_loss:
             x0_hat = (residual_sample(pred, base_pred, ref) if self.residual
                       else predicted_sample(pred, xt, sigmas, self.prediction, self.sigma_data))
+        changed = None  # (B, T) per target token, the fraction of its pixels the edit changes
+        if cfg.loss.mask_weight or cfg.loss.region_weight:
+            changed = changed_fraction(batch["source"], batch["target"], self.pipe.vae_scale_factor * 2)
         if x0_loss:  # the error of the implied x0, equal weight at every sigma
-            fm = x0_error(x0_hat, x0, ref if cfg.loss.weighting == "x0_edit" else None)
+            fm = x0_error(x0_hat, x0, ref if cfg.loss.weighting == "x0_edit" else None,
+                          1 + cfg.loss.region_weight * changed if cfg.loss.region_weight else None)
         else:  # on the velocity; an x0 reading is scored on the velocity it implies (as JiT)
             if x0_reading:
                 pred = velocity_from_sample(xt, x0_hat, sigmas, floor=SIGMA_FLOOR)
@@ -612,7 +616,7 @@ class Trainer:
         loss, parts = fm, {"flow_matching": fm.item()}
         if probe is not None:  # where the edit is: per target token, the fraction of its pixels that change
             logits = self.mask_head(probe.outputs[0]).squeeze(-1).float()  # (B, T)
-            m = mask_loss(logits, changed_fraction(batch["source"], batch["target"], self.pipe.vae_scale_factor * 2))
+            m = mask_loss(logits, changed)
             loss = loss + cfg.loss.mask_weight * m
             parts["mask"] = m.item()
         if routing.balance_loss is not None and cfg.loss.balance_weight > 0:
