@@ -51,7 +51,18 @@ def test_eval_shapeworld(bundled, tmp_path):
     assert main(["eval", "--base", str(bundled.path), "--out", str(tmp_path), "--n-per-task", "1", "--steps", "1"]) == 0
     rows = (tmp_path / "rows.jsonl").read_text().splitlines()
     assert len(rows) == 15 and "edit_gain_db" in json.loads(rows[0])
+    assert "router_accuracy" not in json.loads((tmp_path / "metrics.json").read_text())
     assert main(["eval", "--base", str(bundled.path), "--out", str(tmp_path), "--adapter", "nope.safetensors"]) == 2
+
+
+def test_eval_with_classifier_routing_reports_the_routers_accuracy(bundled, tmp_path):
+    assert main(["eval", "--base", str(bundled.path), "--out", str(tmp_path), "--n-per-task", "2", "--steps", "1",
+                 "--routing", "classifier"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    routed = load_pipeline(bundled.path).task_classifier([r["instruction"] for r in rows])
+    assert [r["routed"] for r in rows] == routed
+    accuracy = json.loads((tmp_path / "metrics.json").read_text())["router_accuracy"]
+    assert accuracy == sum(r["routed"] == r["task"] for r in rows) / 30
 
 
 def test_ablation_benchmark_smoke(bundled, tmp_path):
@@ -109,3 +120,53 @@ def test_ablation_benchmark_one_step_recipe(bundled, tmp_path):
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["loss"]["weighting"] == "x0_edit" and config["optim"]["decay_steps"] == 1
     assert "one step from the source at sigma 0.5" in (tmp_path / "ablation.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def editing_base(tmp_path_factory):
+    """A tiny base trained to edit in one step without reference tokens (x2edit train mode edit_base)."""
+    tmp = tmp_path_factory.mktemp("edit_base")
+    base = Trainer(_config(tmp / "b", steps=1, checkpoint_every=0, **{"data.resolution": 64})).train()
+    return Trainer(_config(tmp / "e", mode="edit_base", steps=1, checkpoint_every=0, **{
+        "model.base": str(base / "pipeline"), "data.resolution": 64, "model.source_start": 0.5,
+        "model.reference_tokens": False, "loss.weighting": "x0_edit"})).train() / "pipeline"
+
+
+def test_ablation_benchmark_on_an_editing_base(editing_base, tmp_path):
+    """On an editing base every variant edits as its base (one step), with the shared extra signals, and the
+    table gives standard errors over the seeds."""
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    import ablation_shapeworld
+
+    assert ablation_shapeworld.main(["--base", str(editing_base), "--out", str(tmp_path), "--steps", "2",
+                                     "--batch-size", "2", "--seeds", "0", "1", "--n-per-task", "1",
+                                     "--variants", "lora", "moe", "--mask-weight", "1", "--local-weight", "2"]) == 0
+    config = yaml.safe_load((tmp_path / "moe_seed1" / "config.yaml").read_text())
+    assert config["loss"]["weighting"] == "x0_edit" and config["loss"]["mask_weight"] == 1.0
+    assert config["data"]["task_weights"]["color_change"] == 2.0 and config["adapter"]["source_start"] is None
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    gains = [r["table"]["mean"]["edit_gain_db"] for r in result["runs"]["moe"]]
+    import numpy as np
+
+    assert result["edit_gain_db"]["moe"]["mean"]["stderr"] == pytest.approx(np.std(gains, ddof=1) / np.sqrt(2))
+    assert "standard error over seeds [0, 1]" in (tmp_path / "ablation.md").read_text()
+
+
+def test_change_floor_benchmark(editing_base, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    import change_floor
+
+    assert change_floor.main(["--base", str(editing_base), "--floors", "0", "0.5", "--n-per-task", "1",
+                              "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "change_floor.json").read_text())["rows"]
+    assert [r["floor"] for r in rows] == [0.0, 0.5]
+    assert rows[1]["exact_outside"] >= rows[0]["exact_outside"] and rows[1]["exact_outside"] > 0.9
+    assert "| 0.500 |" in (tmp_path / "change_floor.md").read_text()
