@@ -1,4 +1,5 @@
-"""The report of a ``tiny_gpu.sh`` run: GPU, stage wall times, steps and samples seen, eval tables, bar.
+"""The report of a ``tiny_gpu.sh`` / ``tiny_cpu.sh`` run: device, stage wall times, steps and samples seen,
+eval tables, router accuracy, bar.
 
     python -m x2edit.training.recipes.report WORK OUT --adapter-config configs/x2edit_tiny/gpu/adapter.yaml
 
@@ -17,7 +18,7 @@ import yaml
 
 from x2edit.tasks import TASK_NAMES
 
-# Issue 13's quality bar on the held-out split (x2edit eval --n-per-task 20).
+# The release bar on the held-out split (x2edit eval --n-per-task 20; issues 13 and 21).
 BAR = {"labels": {"mean": 3.0, "every_task": 0.5}, "classifier": {"mean": 2.5, "every_task": 0.0}}
 
 
@@ -45,7 +46,10 @@ def _bar(table: dict, routing: str) -> dict:
 def build_report(work: Path, adapter_config: str) -> dict:
     import torch
 
-    times = dict(line.split() for line in (work / "times.txt").read_text().splitlines())
+    times: dict[str, int] = {}
+    for line in (work / "times.txt").read_text().splitlines():  # a stage resumed in a later run: its parts add up
+        name, seconds = line.split()
+        times[name] = times.get(name, 0) + int(seconds)
     labels = json.loads((work / "eval_labels" / "metrics.json").read_text())
     classifier = json.loads((work / "eval_classifier" / "metrics.json").read_text())
     demo = json.loads((work / "demo" / "metrics.json").read_text())
@@ -54,20 +58,21 @@ def build_report(work: Path, adapter_config: str) -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)",
         "torch": torch.__version__,
         "adapter_config": adapter_config,
-        "stage_seconds": {k: int(v) for k, v in times.items()},
+        "stage_seconds": times,
         "base": _stage(work / "base"),
         "adapter": _stage(work / "adapter"),
         "bundle_mb": round(sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()) / 1e6, 2),
         "eval_labels": labels,
         "eval_classifier": classifier,
         "demo": {"mean_gain_db": demo["mean"]["edit_gain_db"], "classifier_accuracy": demo.get("classifier_accuracy")},
+        "router_accuracy": classifier.get("router_accuracy"),
         "bar": {"labels": _bar(labels, "labels"), "classifier": _bar(classifier, "classifier")},
     }
 
 
 def markdown(r: dict) -> str:
     fmt = lambda v: "-" if v is None else f"{v:+.2f}"  # noqa: E731
-    lines = [f"# x2edit-tiny GPU run: {r['gpu']}", "",
+    lines = [f"# x2edit-tiny run on {r['gpu']}", "",
              f"torch {r['torch']}; adapter config `{r['adapter_config']}`; bundle {r['bundle_mb']} MB.", "",
              "| stage | wall s | steps (planned) | batch | samples seen | samples/s (last log) |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -81,13 +86,16 @@ def markdown(r: dict) -> str:
               "Held-out edit gain (dB), `x2edit eval` (label routing | classifier routing):", "",
               "| task | labels | classifier |", "|---|---:|---:|"]
     for task in [*TASK_NAMES, "mean"]:
-        if task in r["eval_labels"]:
+        if task in r["eval_labels"] and isinstance(r["eval_labels"][task], dict):
             lines.append(f"| {task} | {fmt(r['eval_labels'][task]['edit_gain_db'])} | "
                          f"{fmt(r['eval_classifier'].get(task, {}).get('edit_gain_db'))} |")
     for routing, b in r["bar"].items():
         lines.append(f"\nBar, {routing} routing (mean >= {b['bar']['mean']}, every task >= {b['bar']['every_task']}): "
                      f"{'met' if b['met'] else 'NOT met'} (mean {b['mean']:+.2f}, worst {b['worst_task']} "
                      f"{b['worst_gain']:+.2f}).")
+    if r.get("router_accuracy") is not None:
+        lines.append(f"\nThe task router sent {100 * r['router_accuracy']:.1f}% of the held-out instructions to their "
+                     "task.")
     lines.append(f"\nDemo: mean {fmt(r['demo']['mean_gain_db'])} dB, classifier accuracy "
                  f"{r['demo']['classifier_accuracy']}.")
     return "\n".join(lines) + "\n"
