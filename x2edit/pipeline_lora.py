@@ -215,24 +215,38 @@ class X2EditLoraMixin:
     @contextlib.contextmanager
     def with_loras(self, files: list[str], fusion="sum", weights: list[float] | None = None,
                    prefix: str = "call_lora"):
-        """Load LoRA ``files``, fuse them (``fuse_loras``) for the calls inside the block, and on leaving
-        it delete them and restore the fusion that was set before. Yields their adapter names.
+        """Load LoRA ``files`` for the calls inside the block, fused (``fuse_loras``) with the community LoRAs
+        already active, and on leaving delete them and put back the active adapters, their weights and the
+        fusion set before. Yields the new LoRAs' adapter names.
 
             with pipe.with_loras(["red.safetensors", "sepia.safetensors"], fusion="sum", weights=[1, 0.8]):
                 image = pipe(image=img, prompt="a red background in sepia").images[0]
+
+        ``weights`` are the files'; an active LoRA joins the block's fusion at the weight it has (its
+        ``set_adapters`` weight times its weight in the fusion set before, e.g. by ``fuse_loras(["A", "B"],
+        "klora", weights)``; that fusion's kind is replaced by ``fusion`` for the block).
         """
-        names, previous = [], self._lora_fusion
+        previous, loras = self._lora_fusion, community_loras(self.transformer)
+        active = {n: layer_weight(self.transformer, n) for n in self.get_active_adapters()}
+        kept = [n for n in active if n in loras and n not in self.fused_loras]
+        fused = dict(zip(previous.names, previous.weights)) if previous is not None else {}
+        kept_weights = [active[n] * fused.get(n, 1.0) for n in kept]
+        if weights is not None and len(weights) != len(files):
+            raise ValueError(f"got {len(weights)} weights for {len(files)} LoRA files")
+        names = []
         try:
             for i, file in enumerate(files):
                 self.load_lora_weights(file, adapter_name=f"{prefix}_{i}")
                 names.append(f"{prefix}_{i}")
             if names:
-                self.fuse_loras(names, fusion=fusion, weights=weights)
+                self.fuse_loras(kept + names, fusion=fusion,
+                                weights=kept_weights + list(weights or [1.0] * len(names)))
             yield names
         finally:
             self._lora_fusion = previous
             if names:
                 self.delete_adapters(names)
+                set_adapters(self.transformer, list(active), list(active.values()))
 
     @contextlib.contextmanager
     def _lora_fusion_call(self, prompts: list[str] | None, kwargs: dict):

@@ -8,6 +8,7 @@ from PIL import Image
 
 from x2edit.adapters import AdapterConfig, inject_adapters, load_community_lora, set_adapters
 from x2edit.cli import main
+from x2edit.pipeline_lora import layer_weight
 from x2edit.retrieval.flow import LoraFlow
 from x2edit.retrieval.formats import write_lora
 from x2edit.testing import randomize_adapters
@@ -139,3 +140,30 @@ def test_edit_cli_fuses_loras(tmp_path, image16, tiny_base_dir):
     assert main([*base, "--out", str(tmp_path / "x.png"), "--fusion", "sum"]) == 2
     assert main([*base, "--out", str(tmp_path / "x.png"), "--auto-lora", str(tmp_path / "none.parquet")]) == 2
     assert RES == image16.shape[0]
+
+
+def test_with_loras_keeps_the_loras_already_active_and_puts_everything_back(tmp_path, image16):
+    """Issue 23's repro: fuse_loras(["L0", "L1"]), then a with_loras block (as every lora_index= call and the
+    app's picked LoRAs go). Inside, the active LoRAs join the block's fusion at their weights; after it the
+    active adapters, their weights and the fusion are as before, and so is the next call's output."""
+    pipe, _ = _editor_pipe(tmp_path)
+    extra = write_lora(tmp_path / "C.safetensors", random_factors(KOHYA_MODULES, rank=2, seed=30, std=0.3), "peft")
+    pipe.fuse_loras(["L0", "L1"], fusion="average", weights=[0.7, 1.0])
+    before, active = _call(pipe, image16), pipe.get_active_adapters()
+    pipe.unfuse_loras()
+    pipe.load_lora_weights(extra, adapter_name="C")  # by hand: L0 at 0.7, L1 and C summed with the editor
+    set_adapters(pipe.transformer, ["default", "L0", "L1", "C"], [1.0, 0.7, 1.0, 0.5])
+    by_hand = _call(pipe, image16)
+    pipe.delete_adapters(["C"])
+    fusion = pipe.fuse_loras(["L0", "L1"], fusion="average", weights=[0.7, 1.0])
+
+    with pipe.with_loras([extra], fusion="sum", weights=[0.5]) as names:
+        assert sorted(pipe.get_active_adapters()) == sorted(["default", "L0", "L1", *names])
+        np.testing.assert_array_equal(_call(pipe, image16), by_hand)
+    assert pipe.get_active_adapters() == active and pipe._lora_fusion is fusion
+    assert [layer_weight(pipe.transformer, n) for n in ("default", "L0", "L1")] == [1.0, 1.0, 1.0]
+    np.testing.assert_array_equal(_call(pipe, image16), before)
+    with pytest.raises(ValueError, match="1 weights for 2 LoRA files"):
+        with pipe.with_loras([extra, extra], weights=[1.0]):
+            pass
+    assert pipe.get_active_adapters() == active
