@@ -31,7 +31,7 @@ def folder(tmp_path):
 def _count_reads(monkeypatch):
     calls = []
     real = index_module.read_row
-    monkeypatch.setattr(index_module, "read_row", lambda p, r, e: calls.append(p.name) or real(p, r, e))
+    monkeypatch.setattr(index_module, "read_row", lambda p, r, e, *a: calls.append(p.name) or real(p, r, e, *a))
     return calls
 
 
@@ -153,3 +153,91 @@ def test_xlabs_files_are_indexed(tmp_path, tiny_encoder):
     assert build_index(tmp_path / "x", tmp_path / "i.parquet", tiny_encoder)["ok"] == 1
     row = read_index(tmp_path / "i.parquet")[0][0]
     assert row["layout"] == "XLabs" and "single_transformer_blocks.0.attn.to_q" in row["targets"]
+
+
+# -- issue 23's defects: each test fails on the code before the fix -----------------------------------------
+def test_each_file_is_hashed_once_and_a_renamed_file_gets_its_own_title(folder, tmp_path, tiny_encoder, monkeypatch):
+    hashed = []
+    real_sha = index_module._sha256
+    monkeypatch.setattr(index_module, "_sha256", lambda p: hashed.append(p.name) or real_sha(p))
+    out = tmp_path / "i.parquet"
+    build_index(folder, out, tiny_encoder)
+    assert sorted(hashed) == ["l0.safetensors", "l1.safetensors", "l2.safetensors", "l3.safetensors"]
+    (folder / "l2.safetensors").rename(folder / "night_sky.safetensors")  # no header title: the name is the title
+    build_index(folder, out, tiny_encoder)
+    rows = {r["path"]: r for r in read_index(out)[0]}
+    assert rows["night_sky.safetensors"]["title"] == "night_sky" and "l2.safetensors" not in rows
+    assert rows["l0.safetensors"]["title"] == "sepia_v2"  # a header's title still wins
+
+
+def test_unreadable_files_and_undecodable_names_are_skipped_and_the_index_is_written(folder, tmp_path, tiny_encoder):
+    os.symlink("/proc/self/mem", folder / "mem.safetensors")  # stat works, reading fails with EIO
+    bad = os.fsencode(str(folder)) + b"/caf\xe9.safetensors"  # latin-1 bytes: not UTF-8
+    shutil.copy(folder / "l0.safetensors", bad.decode("utf-8", "surrogateescape"))
+    counts = build_index(folder, tmp_path / "i.parquet", tiny_encoder)
+    assert counts["ok"] == 4 and counts["skipped"] == 2
+    reasons = {r["path"]: r["reason"] for r in read_index(tmp_path / "i.parquet")[0] if r["status"] == "skipped"}
+    assert reasons["mem.safetensors"].startswith("cannot read the file")
+    assert reasons["caf\\xe9.safetensors"] == "the file name is not valid UTF-8: rename the file to index it"
+
+
+def test_symlinked_folders_and_upper_case_suffixes_are_found_and_an_empty_folder_is_an_error(folder, tmp_path,
+                                                                                               tiny_encoder, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    write_lora(elsewhere / "Linked.SafeTensors", random_factors(KOHYA_MODULES, seed=5), "peft")
+    os.symlink(elsewhere, folder / "linked")
+    os.symlink(folder, folder / "sub" / "loop")  # a link back up: followed once, no loop
+    counts = build_index(folder, tmp_path / "i.parquet", tiny_encoder)
+    assert counts["ok"] == 5 and counts["files"] == 5
+    assert os.path.join("linked", "Linked.SafeTensors") in {r["path"] for r in read_index(tmp_path / "i.parquet")[0]}
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no LoRAs here")
+    before = (tmp_path / "i.parquet").read_bytes()
+    assert main(["lora", "index", str(tmp_path / "empty"), "--out", str(tmp_path / "i.parquet"), "--encoder",
+                 str(tiny_encoder)]) == 2
+    assert "no LoRA files (.safetensors, .bin) under" in capsys.readouterr().err
+    assert (tmp_path / "i.parquet").read_bytes() == before  # the index already written is kept
+
+
+def test_index_files_missing_columns_or_with_ragged_embeddings_are_named(folder, tmp_path, tiny_encoder):
+    import pyarrow.parquet as pq
+
+    from x2edit.retrieval.index import LoraIndex, write_index
+
+    out = tmp_path / "i.parquet"
+    build_index(folder, out, tiny_encoder)
+    rows, meta = read_index(out)
+    table = pq.read_table(out)
+    pq.write_table(table.drop_columns(["status"]), tmp_path / "cut.parquet")
+    with pytest.raises(ValueError, match=r"without the columns \['status'\]: rebuild it"):
+        read_index(tmp_path / "cut.parquet")
+    rows[1]["embedding"] = rows[1]["embedding"][:10]
+    write_index(rows, tmp_path / "ragged.parquet", meta)
+    with pytest.raises(ValueError, match=r"missing or of different lengths \(\[10, 384\]"):
+        LoraIndex(tmp_path / "ragged.parquet")
+    rows[1]["embedding"] = None
+    write_index(rows, tmp_path / "null.parquet", meta)
+    with pytest.raises(ValueError, match="missing or of different lengths"):
+        LoraIndex(tmp_path / "null.parquet")
+
+
+@pytest.mark.slow
+def test_workers_finish_and_give_the_rows_of_one_process(folder, tmp_path, tiny_encoder):
+    """--workers 2 used to hang for ever (fork after OpenMP); spawned workers give the one-process rows."""
+    import subprocess
+    import sys
+
+    for i in range(4):
+        write_lora(folder / f"w{i}.safetensors", random_factors(KOHYA_MODULES, seed=40 + i), "kohya")
+    torch.ones(64, 64) @ torch.ones(64, 64)  # OpenMP is up in this process, as in the CLI's
+    code = ("import sys; from x2edit.cli import main; import torch; torch.ones(256, 256) @ torch.ones(256, 256); "
+            f"sys.exit(main(['lora', 'index', {str(folder)!r}, '--out', {str(tmp_path / 'w.parquet')!r}, "
+            f"'--encoder', {str(tiny_encoder)!r}, '--workers', '2']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    build_index(folder, tmp_path / "one.parquet", tiny_encoder)
+    many = {r["path"]: r["embedding"] for r in read_index(tmp_path / "w.parquet")[0]}
+    one = {r["path"]: r["embedding"] for r in read_index(tmp_path / "one.parquet")[0]}
+    assert many.keys() == one.keys() and len(one) == 8
+    for path in one:
+        np.testing.assert_allclose(many[path], one[path], rtol=1e-5, atol=1e-6)

@@ -21,6 +21,7 @@ same per-chunk function (``index_chunk``) mapped over a Ray cluster as ``x2edit 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 
 from x2edit.retrieval.encoder import load_encoder
 
-LORA_SUFFIXES = (".safetensors", ".bin")
+LORA_SUFFIXES = (".safetensors", ".bin")  # matched in any case
 COLUMNS = ("path", "size", "mtime_ns", "sha256", "status", "reason", "layout", "ranks", "targets", "num_modules",
            "title", "trigger_words", "metadata", "embedding")
 
@@ -64,13 +65,40 @@ def describe_metadata(metadata: dict[str, str], path: Path) -> tuple[str, list[s
     return title, list(dict.fromkeys(words))
 
 
-def read_row(path: Path, root: Path, encoder) -> dict:
-    """The index row of one file: embedded if it is a LoRA for the encoder's base, else skipped with the reason."""
+def _skipped(rel: str, reason: str, size: int = 0, mtime_ns: int = 0, sha: str = "") -> dict:
+    return {"path": rel, "size": size, "mtime_ns": mtime_ns, "sha256": sha, "status": "skipped", "reason": reason,
+            "layout": "unknown", "ranks": "{}", "targets": [], "num_modules": 0, "title": Path(rel).stem,
+            "trigger_words": [], "metadata": "{}", "embedding": None}
+
+
+def _relative(path: Path, root: Path) -> tuple[str, str | None]:
+    """(the path under root as the index stores it, why it cannot be indexed or None). A file name that is not
+    valid UTF-8 (undecodable bytes, kept by Python as surrogates) cannot be written to Parquet as it is: it is
+    recorded with those bytes as backslash escapes, skipped, and the run goes on."""
+    rel = str(path.relative_to(root))
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return shown, "the file name is not valid UTF-8: rename the file to index it"
+    return rel, None
+
+
+def read_row(path: Path, root: Path, encoder, sha: str | None = None) -> dict:
+    """The index row of one file: embedded if it is a LoRA for the encoder's base, else skipped with the reason.
+    ``sha``: the file's sha256 when the caller has hashed it already (each file is hashed once)."""
     from x2edit.adapters.community import read_community_lora, read_lora_header
 
-    stat = path.stat()
-    row = {"path": str(path.relative_to(root)), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-           "sha256": _sha256(path), "status": "ok", "reason": "", "layout": "unknown", "ranks": "{}", "targets": [],
+    rel, bad_name = _relative(path, root)
+    try:
+        stat = path.stat()
+        sha = sha or _sha256(path)
+    except OSError as e:  # unreadable (permissions, a device file behind a symlink): recorded, never raised
+        return _skipped(rel, bad_name or f"cannot read the file: {e.strerror or type(e).__name__}")
+    if bad_name:
+        return _skipped(rel, bad_name, stat.st_size, stat.st_mtime_ns, sha)
+    row = {"path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+           "sha256": sha, "status": "ok", "reason": "", "layout": "unknown", "ranks": "{}", "targets": [],
            "num_modules": 0, "title": path.stem, "trigger_words": [], "metadata": "{}", "embedding": None}
     try:
         layout, metadata = read_lora_header(path)
@@ -89,14 +117,27 @@ def read_row(path: Path, root: Path, encoder) -> dict:
     return row
 
 
-def index_chunk(paths: list[str], root: str, encoder_path: str | None) -> list[dict]:
-    """Rows of a chunk of files (what a worker process, or a Ray task, runs)."""
+def index_chunk(paths: list[str], root: str, encoder_path: str | None, shas: list[str | None] | None = None) -> list[dict]:
+    """Rows of a chunk of files (what a worker process, or a Ray task, runs); ``shas``: their sha256 if known."""
     encoder = load_encoder(encoder_path)
-    return [read_row(Path(p), Path(root), encoder) for p in paths]
+    shas = shas or [None] * len(paths)
+    return [read_row(Path(p), Path(root), encoder, sha) for p, sha in zip(paths, shas)]
 
 
 def find_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in LORA_SUFFIXES)
+    """The LoRA files under ``root``: suffixes matched in any case (``.SafeTensors``), symlinked folders
+    followed (each real folder once, so a link back up cannot loop)."""
+    found, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [Path(folder) / n for n in names if n.lower().endswith(LORA_SUFFIXES)
+                  and (Path(folder) / n).is_file()]
+    return sorted(found)
 
 
 def read_index(path: str | os.PathLike) -> tuple[list[dict], dict]:
@@ -113,6 +154,10 @@ def read_index(path: str | os.PathLike) -> tuple[list[dict], dict]:
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     if "x2edit.encoder" not in meta:
         raise ValueError(f"{path} is a Parquet file but not an x2edit LoRA index (no encoder recorded)")
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path} is an x2edit LoRA index without the columns {missing}: rebuild it with "
+                         f"`x2edit lora index DIR --out {path}`")
     return table.to_pylist(), meta
 
 
@@ -157,30 +202,45 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
     by_path = {r["path"]: r for r in old_rows}
     by_sha = {r["sha256"]: r for r in old_rows if r["status"] == "ok"}
     files = find_files(root)
+    if not files:
+        raise ValueError(f"no LoRA files ({', '.join(LORA_SUFFIXES)}) under {root}"
+                         + (f"; the index {out} is left as it was" if out.is_file() else ""))
     counts = dict.fromkeys(("new", "changed", "unchanged", "reused"), 0)
-    rows, todo = [], []
+    rows, todo, shas = [], [], []
     for f in files:
-        rel, stat = str(f.relative_to(root)), f.stat()
-        old = by_path.get(rel)
-        if old is not None and old["size"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns:
-            rows.append(old)
-            counts["unchanged"] += 1
+        rel, bad_name = _relative(f, root)
+        try:
+            stat = f.stat()
+            old = by_path.get(rel)
+            if old is not None and old["size"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns:
+                rows.append(old)
+                counts["unchanged"] += 1
+                continue
+            sha = _sha256(f)
+        except OSError:  # read_row records why (and the run goes on)
+            counts["new"] += 1
+            rows.append(read_row(f, root, encoder))
             continue
-        sha = _sha256(f)
         same = by_sha.get(sha)
-        if same is not None:  # the same bytes are indexed already (a touched, copied or moved file)
-            rows.append({**same, "path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        if same is not None and not bad_name:  # the same bytes are indexed already (a touched, copied or moved file)
+            title, words = describe_metadata(json.loads(same["metadata"]), Path(rel))  # a renamed file's own title
+            rows.append({**same, "path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "title": title,
+                         "trigger_words": words})
             counts["unchanged" if old is not None and old["sha256"] == sha else "reused"] += 1
             continue
         counts["changed" if old is not None else "new"] += 1
         todo.append(str(f))
+        shas.append(sha)
     if workers > 1 and len(todo) > 1:
+        # spawn, not fork: a forked child inherits the parent's OpenMP state (torch has run here) and can hang
+        # in its first parallel region; spawned children start clean
         chunks = [todo[i::workers] for i in range(workers)]
-        with ProcessPoolExecutor(workers) as pool:
-            for part in pool.map(index_chunk, chunks, [str(root)] * workers, [encoder_path] * workers):
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for part in pool.map(index_chunk, chunks, [str(root)] * workers, [encoder_path] * workers,
+                                 [shas[i::workers] for i in range(workers)]):
                 rows += part
     else:
-        rows += [read_row(Path(p), root, encoder) for p in todo]
+        rows += [read_row(Path(p), root, encoder, sha) for p, sha in zip(todo, shas)]
     rows.sort(key=lambda r: r["path"])
     counts["removed"] = len(set(by_path) - {r["path"] for r in rows})
     counts["files"], counts["skipped"] = len(rows), sum(r["status"] == "skipped" for r in rows)
@@ -214,6 +274,11 @@ class LoraIndex:
         self.rows = [r for r in rows if r["status"] == "ok"]
         if not self.rows:
             raise ValueError(f"{path} holds no usable LoRA ({len(rows)} files, all skipped)")
+        lengths = {len(r["embedding"]) if r["embedding"] is not None else 0 for r in self.rows}
+        if len(lengths) != 1 or 0 in lengths:
+            bad = next(r["path"] for r in self.rows if r["embedding"] is None or len(r["embedding"]) != max(lengths))
+            raise ValueError(f"{path}: the usable rows' embeddings are missing or of different lengths "
+                             f"({sorted(lengths)}; e.g. {bad!r}): rebuild the index with `x2edit lora index`")
         self.embeddings = np.asarray([r["embedding"] for r in self.rows], dtype=np.float32)  # (N, D) unit rows
         self._text_encoder, self._fusion = text_encoder, fusion
 
