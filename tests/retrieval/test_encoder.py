@@ -163,3 +163,27 @@ def test_probes_start_from_the_base_inputs_mean_and_principal_directions():
     # a module type with no recorded inputs keeps its (random) probes
     other = enc._key[enc.type_of["transformer_blocks.0.attn.to_k"]]
     assert not torch.allclose(enc.probe[other][0], probe[0][: enc.probe[other].shape[1]])
+
+
+def test_modules_whose_update_is_zero_leave_the_embedding_unchanged_and_an_all_zero_lora_is_refused(encoder, tmp_path,
+                                                                                                   tiny_encoder):
+    """Issue 23, defect 8: the embedding is a function of the updates B A alone. Modules with B = 0 (an
+    untrained or padded module) used to move the cosine to the same LoRA without them down to 0.38; an
+    all-zero LoRA was indexed as "ok"."""
+    from x2edit.retrieval.index import build_index, read_index
+
+    f = random_factors({m: KOHYA_MODULES[m] for m in ("x_embedder", "proj_out")}, seed=5)
+    padded = dict(f)
+    for m, (k, n) in KOHYA_MODULES.items():
+        if m not in f:
+            padded[m] = (torch.randn(3, k), torch.zeros(n, 3), 0.7)  # B = 0: B A = 0 whatever A is
+    assert torch.nn.functional.cosine_similarity(_embed(encoder, f), _embed(encoder, padded), dim=0) > 0.9999
+    zero = {m: (A, torch.zeros_like(B), s) for m, (A, B, s) in f.items()}
+    with pytest.raises(ValueError, match="changes nothing: every module's update B A is zero"):
+        _embed(encoder, zero)
+    write_lora(tmp_path / "loras" / "zero.safetensors", zero, "peft")
+    write_lora(tmp_path / "loras" / "real.safetensors", f, "peft")
+    build_index(tmp_path / "loras", tmp_path / "i.parquet", tiny_encoder)
+    rows = {r["path"]: r for r in read_index(tmp_path / "i.parquet")[0]}
+    assert rows["zero.safetensors"]["status"] == "skipped" and "changes nothing" in rows["zero.safetensors"]["reason"]
+    assert rows["real.safetensors"]["status"] == "ok"

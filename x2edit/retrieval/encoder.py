@@ -125,11 +125,19 @@ class WeightEncoder(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def responses(self, factors: Factors) -> dict[str, torch.Tensor]:
-        """{module: (probes, out) response s P A^T B^T}, divided by the LoRA's overall RMS."""
+        """{module: (probes, out) response s P A^T B^T}, divided by the LoRA's overall RMS.
+
+        A module whose update B A is zero (B = 0: an untrained or padded module) changes nothing and is left
+        out, so the embedding is a function of the updates alone (random probes see a nonzero B A w.p. 1).
+        """
         out = {}
         for m, (A, B, s) in factors.items():
             P = self.probe[self._key[self.type_of[m]]]
-            out[m] = s * (P @ A.to(P).T) @ B.to(P).T  # (probes, out): depends on B A only
+            r = s * (P @ A.to(P).T) @ B.to(P).T  # (probes, out): depends on B A only
+            if bool(r.abs().amax() > 0):
+                out[m] = r
+        if not out:
+            raise ValueError("the LoRA changes nothing: every module's update B A is zero")
         rms = torch.cat([r.flatten() for r in out.values()]).pow(2).mean().sqrt().clamp(min=1e-12)
         return {m: r / rms for m, r in out.items()}
 
@@ -138,7 +146,7 @@ class WeightEncoder(nn.Module):
         d = self.config.dim
         rows = [self.pos.new_zeros(d)] * len(self.names)
         present = torch.zeros(len(self.names), dtype=torch.bool, device=self.pos.device)
-        responses = self.responses(factors)
+        responses = self.responses(factors)  # modules whose B A is zero are not among them
         if self.log_norm is not None:  # each module's direction, and its share of the update apart
             norms = {m: r.norm().clamp(min=1e-12) for m, r in responses.items()}
             mean_log = torch.stack([n.log() for n in norms.values()]).mean()
