@@ -105,7 +105,7 @@ def test_bad_files_are_recorded_and_skipped_never_raised(folder, tmp_path, tiny_
     reasons = {r["path"]: r["reason"] for r in read_index(tmp_path / "i.parquet")[0] if r["status"] == "skipped"}
     assert "cannot read" in reasons["corrupt.safetensors"]
     assert "cannot read" in reasons["notes.bin"]
-    assert "unsupported LoRA key 'weight'" in reasons["model.safetensors"]
+    assert reasons["model.safetensors"] == "not a LoRA: none of its 1 keys is a LoRA key (e.g. 'weight')"
     assert "another base" in reasons["flux_size.safetensors"] and "another base" in reasons["deep.safetensors"]
     assert "no transformer LoRA" in reasons["text_only.safetensors"]
     assert all("\n" not in r for r in reasons.values())
@@ -157,12 +157,20 @@ def test_xlabs_files_are_indexed(tmp_path, tiny_encoder):
 
 # -- issue 23's defects: each test fails on the code before the fix -----------------------------------------
 def test_each_file_is_hashed_once_and_a_renamed_file_gets_its_own_title(folder, tmp_path, tiny_encoder, monkeypatch):
+    import x2edit.adapters.community as community
+
+    loaded = []
+    real_read = community.read_community_lora
+    monkeypatch.setattr(community, "read_community_lora", lambda p, *a, **k: loaded.append(p.name) or real_read(p, *a, **k))
+    save_file({"weight": torch.zeros(3, 3)}, str(folder / "model.safetensors"))  # weights, not a LoRA
     hashed = []
     real_sha = index_module._sha256
     monkeypatch.setattr(index_module, "_sha256", lambda p: hashed.append(p.name) or real_sha(p))
     out = tmp_path / "i.parquet"
     build_index(folder, out, tiny_encoder)
-    assert sorted(hashed) == ["l0.safetensors", "l1.safetensors", "l2.safetensors", "l3.safetensors"]
+    assert sorted(hashed) == ["l0.safetensors", "l1.safetensors", "l2.safetensors", "l3.safetensors",
+                              "model.safetensors"]
+    assert "model.safetensors" not in loaded and len(loaded) == 4  # refused from its header: no tensor read
     (folder / "l2.safetensors").rename(folder / "night_sky.safetensors")  # no header title: the name is the title
     build_index(folder, out, tiny_encoder)
     rows = {r["path"]: r for r in read_index(out)[0]}

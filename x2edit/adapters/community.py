@@ -238,7 +238,8 @@ def read_lora_header(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
 
     The layout is the converter family of its keys ("kohya/ComfyUI", "XLabs", "diffusers/PEFT"; "mixed"
     for several); the metadata is the header's strings (kohya ``ss_*`` fields, ``modelspec.*``,
-    diffusers' ``lora_adapter_metadata``). Other files give ("unknown", {}).
+    diffusers' ``lora_adapter_metadata``). Other files give ("unknown", {}). A .safetensors file with no
+    LoRA key (full model weights, say) is refused here, before any tensor is read.
     """
     from safetensors import safe_open
 
@@ -249,6 +250,8 @@ def read_lora_header(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
             keys, metadata = list(f.keys()), dict(f.metadata() or {})
     except Exception as e:
         raise ValueError(f"cannot read the header of {path}: {_one_line(e)}") from e
+    if keys and not any("lora" in k.lower() for k in keys):  # every LoRA layout names its factors "lora"
+        raise ValueError(f"not a LoRA: none of its {len(keys)} keys is a LoRA key (e.g. {keys[0]!r})")
     layouts = {_layout(k) for k in keys} - {None}
     return (layouts.pop() if len(layouts) == 1 else "mixed" if layouts else "unknown"), metadata
 
