@@ -249,3 +249,69 @@ def test_workers_finish_and_give_the_rows_of_one_process(folder, tmp_path, tiny_
     assert many.keys() == one.keys() and len(one) == 8
     for path in one:
         np.testing.assert_allclose(many[path], one[path], rtol=1e-5, atol=1e-6)
+
+
+# -- search sized for 1M rows (issue 23, item 2) -------------------------------------------------------------
+def _synthetic_index(path, n, dim=16, seed=0, twins=()):
+    """An index of n random unit embeddings (rows in `twins` copy row 0's embedding), 1 in 7 rows skipped."""
+    from x2edit.retrieval.index import write_index
+
+    g = np.random.default_rng(seed)
+    emb = g.standard_normal((n, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    for t in twins:
+        emb[t] = emb[0]
+    rows = [{"path": f"l{i:05d}.safetensors", "size": 1, "mtime_ns": 1, "sha256": str(i),
+             "status": "skipped" if i % 7 == 3 else "ok", "reason": "", "layout": "diffusers/PEFT", "ranks": "{}",
+             "targets": [], "num_modules": 0, "title": f"lora {i}", "trigger_words": [], "metadata": "{}",
+             "embedding": emb[i].tolist()} for i in range(n)]
+    write_index(rows, path, {"x2edit.encoder": "synthetic", "x2edit.text_model": "none", "x2edit.root": "/loras"})
+    return emb
+
+
+def test_search_matches_brute_force_and_the_embedding_cache_is_reused_and_renewed(tmp_path):
+    from x2edit.retrieval.index import LoraIndex
+
+    out = tmp_path / "i.parquet"
+    emb = _synthetic_index(out, 500, twins=(5, 9))
+    ok = np.array([i for i in range(500) if i % 7 != 3])
+    q = emb[0] + 0.3 * emb[1]
+    q /= np.linalg.norm(q)
+    scores = emb[ok] @ q
+    expected = [f"l{ok[j]:05d}.safetensors" for j in np.argsort(-scores, kind="stable")[:10]]
+
+    first = LoraIndex(out)
+    assert isinstance(first.embeddings, np.memmap)  # the cache was written and is mapped, not copied
+    assert (tmp_path / "i.parquet.search.npy").is_file()
+    hits = first.search_embedding(q, k=10)
+    assert [h["path"] for h in hits] == expected
+    np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1][:10], rtol=1e-5)
+    assert [h["path"] for h in hits[:3]] == ["l00000.safetensors", "l00005.safetensors", "l00009.safetensors"]
+    distinct = first.search_embedding(q, k=10, distinct=True)  # the twins of row 0 are skipped
+    assert [h["path"] for h in distinct][:1] == ["l00000.safetensors"]
+    assert not {"l00005.safetensors", "l00009.safetensors"} & {h["path"] for h in distinct} and len(distinct) == 10
+
+    cached = np.load(tmp_path / "i.parquet.search.npy", mmap_mode="r")
+    again = LoraIndex(out)  # the cache matches the index file: read from it
+    np.testing.assert_array_equal(np.asarray(again.embeddings), np.asarray(cached))
+    _synthetic_index(out, 300, seed=1)  # the index rebuilt: the stale cache is not used
+    renewed = LoraIndex(out)
+    assert renewed.embeddings.shape[0] == len([i for i in range(300) if i % 7 != 3])
+    emb1 = _synthetic_index(tmp_path / "check.parquet", 300, seed=1)
+    np.testing.assert_array_equal(np.asarray(renewed.embeddings), emb1[[i for i in range(300) if i % 7 != 3]])
+
+
+def test_search_works_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    """A read-only index folder (a shared mount, say): the embeddings are read from the Parquet column."""
+    from x2edit.retrieval.index import LoraIndex
+
+    out = tmp_path / "i.parquet"
+    emb = _synthetic_index(out, 50)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(np, "save", refuse)
+    index = LoraIndex(out)
+    assert not (tmp_path / "i.parquet.search.npy").exists() and not isinstance(index.embeddings, np.memmap)
+    assert index.search_embedding(emb[11], k=1)[0]["path"] == "l00011.safetensors"

