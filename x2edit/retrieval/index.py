@@ -141,25 +141,31 @@ def find_files(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def read_index(path: str | os.PathLike) -> tuple[list[dict], dict]:
-    """(rows, schema metadata) of an index file."""
+def _open_index(path: Path):
+    """(the index file opened as a ``pyarrow.parquet.ParquetFile``, its schema metadata), checked: it exists,
+    is Parquet, is an x2edit index and has every column. Nothing is read beyond the footer."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"index not found: {path} (build it with `x2edit lora index DIR --out {path}`)")
     try:
-        table = pq.read_table(path)
+        file = pq.ParquetFile(path)
     except Exception as e:
         raise ValueError(f"{path} is not a readable Parquet index ({str(e).splitlines()[0]})") from None
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    meta = {k.decode(): v.decode() for k, v in (file.schema_arrow.metadata or {}).items()}
     if "x2edit.encoder" not in meta:
         raise ValueError(f"{path} is a Parquet file but not an x2edit LoRA index (no encoder recorded)")
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    missing = [c for c in COLUMNS if c not in file.schema_arrow.names]
     if missing:
         raise ValueError(f"{path} is an x2edit LoRA index without the columns {missing}: rebuild it with "
                          f"`x2edit lora index DIR --out {path}`")
-    return table.to_pylist(), meta
+    return file, meta
+
+
+def read_index(path: str | os.PathLike) -> tuple[list[dict], dict]:
+    """(rows, schema metadata) of an index file."""
+    file, meta = _open_index(Path(path))
+    return file.read().to_pylist(), meta
 
 
 def write_index(rows: list[dict], path: Path, meta: dict[str, str]) -> None:
@@ -347,21 +353,8 @@ def _open_for_search(path: Path):
     just re-reads them next time).
     """
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    if not path.is_file():
-        raise FileNotFoundError(f"index not found: {path} (build it with `x2edit lora index DIR --out {path}`)")
-    try:
-        file = pq.ParquetFile(path)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable Parquet index ({str(e).splitlines()[0]})") from None
-    meta = {k.decode(): v.decode() for k, v in (file.schema_arrow.metadata or {}).items()}
-    if "x2edit.encoder" not in meta:
-        raise ValueError(f"{path} is a Parquet file but not an x2edit LoRA index (no encoder recorded)")
-    missing = [c for c in COLUMNS if c not in file.schema_arrow.names]
-    if missing:
-        raise ValueError(f"{path} is an x2edit LoRA index without the columns {missing}: rebuild it with "
-                         f"`x2edit lora index DIR --out {path}`")
+    file, meta = _open_index(path)
     table = file.read(columns=["status", *_HIT_COLUMNS])
     ok = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False)  # (rows,) bool
     rows = table.filter(ok).select(_HIT_COLUMNS)
