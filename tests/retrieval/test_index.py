@@ -315,3 +315,29 @@ def test_search_works_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
     index = LoraIndex(out)
     assert not (tmp_path / "i.parquet.search.npy").exists() and not isinstance(index.embeddings, np.memmap)
     assert index.search_embedding(emb[11], k=1)[0]["path"] == "l00011.safetensors"
+
+
+def test_a_stopped_run_keeps_its_progress_and_the_next_reads_only_the_rest(folder, tmp_path, tiny_encoder,
+                                                                           monkeypatch):
+    """Indexing sized for 100k files: the index is written after each piece (here every file), so a run
+    stopped part-way (a crash, a session ending) keeps what it read; the next run reads only the rest."""
+    out = tmp_path / "i.parquet"
+    real = index_module.read_row
+    calls = []
+
+    def stop_at_third(p, r, e, *a):
+        if len(calls) == 2:
+            raise RuntimeError("the session ended under the run")
+        calls.append(p.name)
+        return real(p, r, e, *a)
+
+    monkeypatch.setattr(index_module, "read_row", stop_at_third)
+    with pytest.raises(RuntimeError, match="session ended"):
+        build_index(folder, out, tiny_encoder, piece_files=1, save_every_s=0)
+    kept = {r["path"] for r in read_index(out)[0]}
+    assert len(kept) == 2 and {os.path.basename(p) for p in kept} == set(calls)
+    monkeypatch.setattr(index_module, "read_row", real)
+    again = _count_reads(monkeypatch)
+    counts = build_index(folder, out, tiny_encoder)
+    assert counts["unchanged"] == 2 and counts["new"] == 2 and len(again) == 2 and not set(again) & set(calls)
+    assert counts["ok"] == 4

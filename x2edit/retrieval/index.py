@@ -23,10 +23,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from x2edit.retrieval.encoder import load_encoder
 
@@ -186,7 +188,7 @@ def write_index(rows: list[dict], path: Path, meta: dict[str, str]) -> None:
 
 
 def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: str | None = None,
-                workers: int = 1) -> dict:
+                workers: int = 1, piece_files: int = 256, save_every_s: float = 60.0) -> dict:
     """Index every LoRA file under ``root`` into ``out`` (Parquet), incrementally (module docstring).
 
     Args:
@@ -194,6 +196,9 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
         out: the index file; an existing one is updated.
         encoder_path: the weight encoder (default: the shipped x2edit-tiny encoder).
         workers: local processes reading and embedding new files.
+        piece_files, save_every_s: files are read in pieces of ``piece_files``; after a piece, if
+            ``save_every_s`` have passed since the last write, the index is written with the progress so far
+            (a stopped run keeps it). A progress bar shows on a terminal.
     Returns counts: files, new, changed, unchanged, reused (same content elsewhere), removed, skipped, ok.
     """
     root, out = Path(root), Path(out)
@@ -238,22 +243,42 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
         counts["changed" if old is not None else "new"] += 1
         todo.append(str(f))
         shas.append(sha)
-    if workers > 1 and len(todo) > 1:
-        # spawn, not fork: a forked child inherits the parent's OpenMP state (torch has run here) and can hang
-        # in its first parallel region; spawned children start clean
-        chunks = [todo[i::workers] for i in range(workers)]
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for part in pool.map(index_chunk, chunks, [str(root)] * workers, [encoder_path] * workers,
-                                 [shas[i::workers] for i in range(workers)]):
-                rows += part
-    else:
-        rows += [read_row(Path(p), root, encoder, sha) for p, sha in zip(todo, shas)]
+    meta = {"x2edit.encoder": fingerprint, "x2edit.text_model": encoder.config.text_model,
+            "x2edit.root": str(root.resolve()), "x2edit.format": "1"}
+    # Files are read in pieces; after a piece, at most every ``save_every_s``, the index is written with what is
+    # done so far plus the old rows of files not yet redone: a run stopped part-way keeps its progress, and the
+    # next run re-reads only what is left (the rows it wrote match their files' size and mtime).
+    redo = {_relative(Path(p), root)[0] for p in todo}
+    waiting = {rel: by_path[rel] for rel in redo if rel in by_path}
+    last_save = time.monotonic()
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    # (spawn, not fork: a forked child inherits the parent's OpenMP state, torch having run here, and can hang in
+    # its first parallel region; spawned children start clean)
+    try:
+        with tqdm(total=len(todo), unit="file", desc=f"indexing {root}", disable=None) as bar:
+            for start in range(0, len(todo), piece_files):
+                paths, piece_shas = todo[start:start + piece_files], shas[start:start + piece_files]
+                if pool is not None and len(paths) > 1:
+                    parts = pool.map(index_chunk, [paths[i::workers] for i in range(workers)], [str(root)] * workers,
+                                     [encoder_path] * workers, [piece_shas[i::workers] for i in range(workers)])
+                    done = [r for part in parts for r in part]
+                else:
+                    done = [read_row(Path(p), root, encoder, sha) for p, sha in zip(paths, piece_shas)]
+                rows += done
+                for r in done:
+                    waiting.pop(r["path"], None)
+                bar.update(len(paths))
+                if start + piece_files < len(todo) and time.monotonic() - last_save >= save_every_s:
+                    write_index(sorted(rows + list(waiting.values()), key=lambda r: r["path"]), out, meta)
+                    last_save = time.monotonic()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     rows.sort(key=lambda r: r["path"])
     counts["removed"] = len(set(by_path) - {r["path"] for r in rows})
     counts["files"], counts["skipped"] = len(rows), sum(r["status"] == "skipped" for r in rows)
     counts["ok"] = counts["files"] - counts["skipped"]
-    write_index(rows, out, {"x2edit.encoder": fingerprint, "x2edit.text_model": encoder.config.text_model,
-                            "x2edit.root": str(root.resolve()), "x2edit.format": "1"})
+    write_index(rows, out, meta)
     return counts
 
 
