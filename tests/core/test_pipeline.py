@@ -187,7 +187,7 @@ def test_call_takes_every_stock_kontext_parameter_in_order_with_its_default():
     assert list(ours)[:len(stock)] == list(stock)
     assert {n: ours[n].default for n in stock if ours[n].default != OWN_DEFAULTS.get(n, stock[n].default)} == {}
     extra = [n for n in ours if n not in stock]  # x2edit's own, keyword-only after stock's
-    assert extra == ["task", "lora_index", "auto_lora_top_k", "auto_lora_fusion"]
+    assert extra == ["task", "lora_index", "auto_lora_top_k", "auto_lora_fusion", "auto_lora_min_score"]
     assert all(ours[n].kind is inspect.Parameter.KEYWORD_ONLY for n in extra)
     undocumented = [n for n in ours if n != "self" and n not in X2EditPipeline.__call__.__doc__]
     assert undocumented == []
