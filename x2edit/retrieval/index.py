@@ -69,6 +69,7 @@ def describe_metadata(metadata: dict[str, str], path: Path) -> tuple[str, list[s
 
 
 def _skipped(rel: str, reason: str, size: int = 0, mtime_ns: int = 0, sha: str = "") -> dict:
+    """An index row with nothing read from the file but its stat and hash, skipped for ``reason``."""
     return {"path": rel, "size": size, "mtime_ns": mtime_ns, "sha256": sha, "status": "skipped", "reason": reason,
             "layout": "unknown", "ranks": "{}", "targets": [], "num_modules": 0, "title": Path(rel).stem,
             "trigger_words": [], "metadata": "{}", "embedding": None}
@@ -100,9 +101,7 @@ def read_row(path: Path, root: Path, encoder, sha: str | None = None) -> dict:
         return _skipped(rel, bad_name or f"cannot read the file: {e.strerror or type(e).__name__}")
     if bad_name:
         return _skipped(rel, bad_name, stat.st_size, stat.st_mtime_ns, sha)
-    row = {"path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-           "sha256": sha, "status": "ok", "reason": "", "layout": "unknown", "ranks": "{}", "targets": [],
-           "num_modules": 0, "title": path.stem, "trigger_words": [], "metadata": "{}", "embedding": None}
+    row = {**_skipped(rel, "", stat.st_size, stat.st_mtime_ns, sha), "status": "ok"}  # filled in below
     try:
         layout, metadata = read_lora_header(path)
         row["layout"], row["metadata"] = layout, json.dumps(metadata, sort_keys=True)
@@ -219,6 +218,7 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
                          + (f"; the index {out} is left as it was" if out.is_file() else ""))
     counts = dict.fromkeys(("new", "changed", "unchanged", "reused"), 0)
     rows, todo, shas = [], [], []
+    waiting: dict[str, dict] = {}  # {path: old row} of changed files not yet read again
     for f in files:
         rel, bad_name = _relative(f, root)
         try:
@@ -243,13 +243,13 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
         counts["changed" if old is not None else "new"] += 1
         todo.append(str(f))
         shas.append(sha)
+        if old is not None:
+            waiting[rel] = old  # kept in intermediate writes until its new row is made
     meta = {"x2edit.encoder": fingerprint, "x2edit.text_model": encoder.config.text_model,
             "x2edit.root": str(root.resolve()), "x2edit.format": "1"}
     # Files are read in pieces; after a piece, at most every ``save_every_s``, the index is written with what is
     # done so far plus the old rows of files not yet redone: a run stopped part-way keeps its progress, and the
     # next run re-reads only what is left (the rows it wrote match their files' size and mtime).
-    redo = {_relative(Path(p), root)[0] for p in todo}
-    waiting = {rel: by_path[rel] for rel in redo if rel in by_path}
     last_save = time.monotonic()
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     # (spawn, not fork: a forked child inherits the parent's OpenMP state, torch having run here, and can hang in

@@ -86,7 +86,7 @@ def markdown(r: dict) -> str:
               "Held-out edit gain (dB), `x2edit eval` (label routing | classifier routing):", "",
               "| task | labels | classifier |", "|---|---:|---:|"]
     for task in [*TASK_NAMES, "mean"]:
-        if task in r["eval_labels"] and isinstance(r["eval_labels"][task], dict):
+        if task in r["eval_labels"]:
             lines.append(f"| {task} | {fmt(r['eval_labels'][task]['edit_gain_db'])} | "
                          f"{fmt(r['eval_classifier'].get(task, {}).get('edit_gain_db'))} |")
     for routing, b in r["bar"].items():
