@@ -376,7 +376,7 @@ def test_x0_edit_weighting_is_one_for_an_unchanged_source(tmp_path, base_dir):
 
 
 def test_x0_edit_weighting_needs_edit_pairs(tmp_path):
-    with pytest.raises(ValueError, match="x0_edit .* needs an edit mode \(edit or edit_base\)"):
+    with pytest.raises(ValueError, match=r"x0_edit .* needs an edit mode \(edit or edit_base\)"):
         _config(tmp_path, **{"loss.weighting": "x0_edit"})
 
 
