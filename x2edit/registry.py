@@ -51,6 +51,9 @@ BASE_MODELS: dict[str, BaseModel] = {m.name: m for m in [
     BaseModel("x2edit-tiny", "x2edit-tiny", "edit", 0.02,
               "embedded FLUX-architecture model trained on Shape World (edits Shape World scenes only)",
               embedded=True),
+    BaseModel("x2edit-tiny-fill", "x2edit-tiny-fill", "diptych", 0.02,
+              "embedded FLUX Fill-layout model trained on Shape World diptychs (ICEdit's in-context editing)",
+              embedded=True),
     BaseModel("flux.1-kontext-dev", "black-forest-labs/FLUX.1-Kontext-dev", "edit", _FLUX_GB,
               "FLUX.1 Kontext [dev]: in-context editing base; reference tokens marked by position id 1"),
     BaseModel("flux.1-dev", "black-forest-labs/FLUX.1-dev", "edit", _FLUX_GB,
@@ -60,6 +63,8 @@ BASE_MODELS: dict[str, BaseModel] = {m.name: m for m in [
 ]}
 
 DEFAULT_BASE = "x2edit-tiny"
+DEFAULT_BASES = {"edit": DEFAULT_BASE, "diptych": "x2edit-tiny-fill"}  # per editing mode
+EDIT_MODES = tuple(DEFAULT_BASES)
 
 
 def list_base_models() -> list[str]:
@@ -114,7 +119,26 @@ PIPELINE_DEFAULTS = {
     "reference_tokens": ("reference_tokens", lambda v: isinstance(v, bool), "true or false"),
     "change_floor": ("change_floor", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
                      "a number in [0, 1)"),
+    # diptych (Fill) bases only: the prompt around the instruction and the distilled guidance of ``edit``
+    "template": ("diptych_template", lambda v: isinstance(v, str) and "{instruction}" in v,
+                 "a string containing {instruction}"),
+    "guidance_scale": ("default_guidance_scale", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and v >= 0, "a number >= 0"),
 }
+
+# Saved pipelines whose model_index.json names one of these classes are Fill models: they load as
+# X2EditDiptychPipeline (the others as X2EditPipeline).
+FILL_CLASSES = ("X2EditDiptychPipeline", "FluxFillPipeline")
+
+
+def pipeline_mode(source: str, model: BaseModel | None) -> str:
+    """"diptych" for a Fill model (a registered one, or a directory saved from a Fill pipeline), else "edit"."""
+    if model is not None and model.mode == "diptych":
+        return "diptych"
+    index = Path(source) / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") in FILL_CLASSES:
+        return "diptych"
+    return "edit"
 
 
 def embedded_text_components(path: Path, meta: dict) -> dict:
@@ -158,15 +182,15 @@ def resolve_device(device: str | None = None) -> str:
 
 
 def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=None, device: str | None = None):
-    """Load an ``X2EditPipeline`` for a registered name or a local directory."""
-    from x2edit.pipeline import X2EditPipeline
-
+    """Load the pipeline for a registered name or a local directory: ``X2EditDiptychPipeline`` for a Fill
+    model (``pipeline_mode``), ``X2EditPipeline`` otherwise."""
     if device is not None:
         resolve_device(device)  # before loading anything
     source, model = resolve_base(name_or_path)
-    if model is not None and model.mode == "diptych":
-        raise ValueError(f"{model.name} is a Fill model for diptych editing, which X2EditPipeline does not run; "
-                         "use flux.1-kontext-dev or flux.1-dev")
+    if pipeline_mode(source, model) == "diptych":
+        from x2edit.pipeline_diptych import X2EditDiptychPipeline as cls
+    else:
+        from x2edit.pipeline import X2EditPipeline as cls
     # Settings beside the saved pipeline: the registered x2edit-tiny's, a bundle's, a trained editing base's.
     meta_file = Path(source) / EMBEDDED_META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
@@ -179,21 +203,39 @@ def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=No
     # A bundle leaves its sentence encoder out (named in the file); a trained base directory holds its own.
     components = embedded_text_components(Path(source), meta) if meta and "text_encoder" in meta else {}
     try:
-        pipe = X2EditPipeline.from_pretrained(source, torch_dtype=torch_dtype, **components)
+        pipe = cls.from_pretrained(source, torch_dtype=torch_dtype, **components)
     except OSError as e:
         raise ValueError(f"could not load base model {name_or_path!r} from {source} ({str(e).splitlines()[0]}); "
                          "without network access, download it elsewhere and pass the local directory") from None
     for attribute, value in defaults.items():
+        if not hasattr(pipe, attribute):
+            raise ValueError(f"{meta_file}: {attribute} is a setting of another kind of pipeline than {cls.__name__}")
         setattr(pipe, attribute, value)
     return pipe.to(device) if device else pipe
 
 
+def check_mode(base: str | os.PathLike | None, mode: str | None) -> str:
+    """The base an editing mode runs on (``base``, else the mode's default), checked to be of that mode:
+    "edit" (Kontext layout, ``X2EditPipeline``) or "diptych" (a Fill model, ``X2EditDiptychPipeline``); None:
+    whichever the base is. One-line ``ValueError`` otherwise; nothing is loaded."""
+    if mode is not None and mode not in EDIT_MODES:
+        raise ValueError(f"unknown mode {mode!r}: expected one of {EDIT_MODES}")
+    base = str(base) if base is not None else DEFAULT_BASES[mode or "edit"]
+    source, model = resolve_base(base)
+    actual = pipeline_mode(source, model)
+    if mode is not None and mode != actual:
+        what = "a Fill model for diptych editing" if actual == "diptych" else "not a Fill model"
+        raise ValueError(f"{base} is {what}: use mode {actual}, or a {mode} base (default {DEFAULT_BASES[mode]})")
+    return base
+
+
 def load_edit_pipeline(base: str | None = None, adapter: str | None = None, device: str | None = None,
-                       dtype: str | None = None):
+                       dtype: str | None = None, mode: str | None = None):
     """The pipeline ``x2edit edit`` and ``x2edit app`` edit with: a base, its dtype and device, an adapter.
 
     Args:
-        base: registered name or local pipeline directory (default: x2edit-tiny).
+        base: registered name or local pipeline directory (default: the mode's, x2edit-tiny for "edit").
+        mode: "edit" or "diptych" (``check_mode``); None: the base's own.
         adapter: an x2edit adapter file, loaded in place of the base's own adapter.
         device: checked to exist (default: cuda if available).
         dtype: "float32", "bfloat16" or "float16" (default: bfloat16 on CUDA, float32 on the CPU).
@@ -202,7 +244,7 @@ def load_edit_pipeline(base: str | None = None, adapter: str | None = None, devi
 
     device = resolve_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    pipe = load_pipeline(base or DEFAULT_BASE, torch_dtype=torch_dtype, device=device)
+    pipe = load_pipeline(check_mode(base, mode), torch_dtype=torch_dtype, device=device)
     if adapter:
         pipe.load_adapter(adapter, adapter_name="cli", replace=True)  # in place of the base's own
     return pipe

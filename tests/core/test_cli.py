@@ -24,7 +24,8 @@ def test_help_lists_every_command():
 def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert set(info["base_models"]) == {"x2edit-tiny", "flux.1-kontext-dev", "flux.1-dev", "flux.1-fill-dev"}
+    assert set(info["base_models"]) == {"x2edit-tiny", "x2edit-tiny-fill", "flux.1-kontext-dev", "flux.1-dev",
+                                        "flux.1-fill-dev"}
     assert len(info["tasks"]) == 15 and info["versions"]["torch"]
     assert info["kernel_backend"] in ("auto", "torch", "triton")
 
@@ -74,7 +75,8 @@ def test_edit_end_to_end(tiny_base, capsys):
     ({"--out": "out.gif"}, "--out must end in"),
     ({"--out": "missing_dir/out.png"}, "output directory does not exist"),
     ({"--steps": "0"}, "--steps must be >= 1"),
-    ({"--base": "flux.1-fill-dev"}, "diptych"),
+    ({"--base": "flux.1-fill-dev", "--mode": "edit"}, "flux.1-fill-dev is a Fill model for diptych editing: use mode diptych"),
+    ({"--base": "base", "--mode": "diptych"}, "is not a Fill model: use mode edit"),
     ({"--base": "nonexistent_dir/"}, "not found"),
     ({"--adapter": "absent.safetensors"}, "adapter file not found"),
     ({"--adapter": "junk.png"}, "not a readable safetensors"),
@@ -96,7 +98,7 @@ def test_edit_bad_input_exits_2_with_one_line_and_no_output(tiny_base, capsys, m
             "--base": str(tiny_base / "base"), "--steps": "1", **change}
     argv = ["edit"]
     for k, v in opts.items():
-        argv += [k, v if k in ("--instruction", "--steps", "--task", "--max-area", "--device")
+        argv += [k, v if k in ("--instruction", "--steps", "--task", "--max-area", "--device", "--mode")
                  or v.startswith(("/", "x2edit", "flux")) else str(tiny_base / v)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

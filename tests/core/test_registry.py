@@ -6,7 +6,9 @@ from x2edit.testing import tiny_flux_transformer, tiny_kontext_components
 
 
 def test_registered_models():
-    assert x2edit.list_base_models() == ["x2edit-tiny", "flux.1-kontext-dev", "flux.1-dev", "flux.1-fill-dev"]
+    assert x2edit.list_base_models() == ["x2edit-tiny", "x2edit-tiny-fill", "flux.1-kontext-dev", "flux.1-dev",
+                                         "flux.1-fill-dev"]
+    assert get_base_model("x2edit-tiny-fill").mode == "diptych" and BASE_MODELS["x2edit-tiny-fill"].embedded
     kontext = get_base_model("flux.1-kontext-dev")
     assert kontext.source == "black-forest-labs/FLUX.1-Kontext-dev" and kontext.mode == "edit"
     assert kontext.weights_gb > 30 and get_base_model("flux.1-fill-dev").mode == "diptych"
@@ -23,6 +25,25 @@ def test_local_directory_loads(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no model_index.json"):
         resolve_base(tmp_path / "empty")
+
+
+def test_a_saved_fill_pipeline_loads_as_the_diptych_pipeline_and_modes_are_checked(tmp_path):
+    from diffusers import FluxFillPipeline
+
+    from x2edit.pipeline_diptych import X2EditDiptychPipeline
+    from x2edit.registry import check_mode
+    from x2edit.testing import tiny_fill_components
+
+    FluxFillPipeline(**tiny_fill_components(0)).save_pretrained(tmp_path / "stock_fill")
+    assert isinstance(load_pipeline(tmp_path / "stock_fill"), X2EditDiptychPipeline)
+    x2edit.X2EditPipeline(**tiny_kontext_components(0)).save_pretrained(tmp_path / "kontext")
+    assert check_mode(tmp_path / "stock_fill", None) == check_mode(tmp_path / "stock_fill", "diptych")
+    assert check_mode(None, "edit") == "x2edit-tiny" and check_mode(None, "diptych") == "x2edit-tiny-fill"
+    for base, mode, message in [(tmp_path / "kontext", "diptych", "is not a Fill model: use mode edit"),
+                                (tmp_path / "stock_fill", "edit", "a Fill model for diptych editing: use mode diptych"),
+                                ("flux.1-fill-dev", "edit", "use mode diptych"), (None, "inpaint", "unknown mode")]:
+        with pytest.raises(ValueError, match=message):
+            check_mode(base, mode)
 
 
 def test_saved_pixel_space_pipeline_loads_in_a_fresh_process(tmp_path):

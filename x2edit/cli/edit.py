@@ -13,8 +13,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--image", required=True, help="source image file")
     parser.add_argument("--instruction", required=True, help='what to change, e.g. "make the car red"')
     parser.add_argument("--out", required=True, help="output image file (.png, .jpg, .webp)")
+    parser.add_argument("--mode", default=None, choices=["edit", "diptych"],
+                        help="edit: the source as Kontext reference tokens (X2EditPipeline); diptych: ICEdit's "
+                             "in-context edit, a Fill model repaints the right half of [source | edit] "
+                             "(X2EditDiptychPipeline). Default: the base's own")
     parser.add_argument("--base", default=None, help="registered base model name or local pipeline directory "
-                                                       "(default: x2edit-tiny)")
+                                                       "(default: x2edit-tiny; --mode diptych: x2edit-tiny-fill)")
     parser.add_argument("--adapter", default=None, help="x2edit adapter file (.safetensors) to load")
     parser.add_argument("--lora", action="append", default=[],
                         help="community LoRA file (.safetensors: kohya, XLabs or diffusers keys) to add (repeatable)")
@@ -29,7 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--task", default=None, help="task name (default: classified from the instruction)")
     parser.add_argument("--steps", type=int, default=None,
                         help="denoising steps (default: the model's own: 28 for FLUX; x2edit-tiny edits in one step from the source)")
-    parser.add_argument("--guidance", type=float, default=2.5, help="guidance scale")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="distilled guidance scale (default: 2.5; diptych: the model's own, 50 for FLUX.1 Fill)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-area", type=int, default=None,
                         help="cap on the output's pixel area (default: the model's own: 1024x1024 for FLUX, "
@@ -61,7 +66,7 @@ def run(args) -> int:
     from x2edit.adapters import read_adapter_header
     from x2edit.files import atomic_path
     from x2edit.images import load_image
-    from x2edit.registry import load_edit_pipeline, resolve_device
+    from x2edit.registry import check_mode, load_edit_pipeline, resolve_device
     from x2edit.tasks import get_task
 
     # Validate everything cheap before loading any model.
@@ -95,9 +100,11 @@ def run(args) -> int:
             raise FileNotFoundError(f"LoRA file not found: {f}")
         check_lora_file(f)
     device = resolve_device(args.device)
+    base = check_mode(args.base, args.mode)  # a base of the mode asked for, before loading it
 
     t0 = time.perf_counter()
-    pipe = load_edit_pipeline(args.base, args.adapter, device, args.dtype)
+    pipe = load_edit_pipeline(base, args.adapter, device, args.dtype)
+    diptych = hasattr(pipe, "diptych_template")
     for i, f in enumerate(args.lora):
         pipe.load_lora_weights(f, adapter_name=f"lora_{i}")
     fusion = args.fusion
@@ -112,12 +119,13 @@ def run(args) -> int:
     task = args.task
     if task is None and pipe._routes_by_task():
         task = pipe.task_classifier([args.instruction])[0]
-    result = pipe(image=image, prompt=args.instruction, task=task, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, max_area=args.max_area,
-                  generator=torch.Generator(device="cpu").manual_seed(args.seed), **auto).images[0]
+    guidance = args.guidance if args.guidance is not None or diptych else 2.5
+    result = pipe.edit(image, args.instruction, task=task, num_inference_steps=args.steps, guidance_scale=guidance,
+                       max_area=args.max_area, generator=torch.Generator(device="cpu").manual_seed(args.seed),
+                       **auto).images[0]
     with atomic_path(out) as tmp:  # an interrupted run leaves no partial output file
         result.save(tmp)
-    print(f"wrote {out} ({result.size[0]}x{result.size[1]}, task={task or '-'}, "
+    print(f"wrote {out} ({result.size[0]}x{result.size[1]}, {'diptych, ' if diptych else ''}task={task or '-'}, "
           f"{time.perf_counter() - t0:.1f} s)")
     for hit in pipe.retrieved_loras or []:
         print(f"  retrieved {hit['file']} (score {hit['score']:.3f})"

@@ -36,7 +36,8 @@ def bundle(base: str, adapter: str, out: str, max_text_tokens: int = 32, classif
     """
     from x2edit.adapters import load_adapter
     from x2edit.data_pipeline.shapeworld import ShapeWorld
-    from x2edit.pipeline import ADAPTER_DIR, CLASSIFIER_FILE, X2EditPipeline
+    from x2edit.pipeline import X2EditPipeline
+    from x2edit.pipeline_common import ADAPTER_DIR, CLASSIFIER_FILE
     from x2edit.task_classifier import TaskClassifier
     from x2edit.tasks import TASKS
 

@@ -19,7 +19,10 @@ from x2edit.adapters import AdapterConfig
 from x2edit.tasks import TASK_NAMES, get_task
 
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
-MODES = ("t2i", "edit_base", "edit")
+MODES = ("t2i", "edit_base", "edit", "diptych_base", "diptych")
+BASE_MODES = ("edit_base", "diptych_base")  # the whole transformer trained to edit
+DIPTYCH_MODES = ("diptych_base", "diptych")  # a FLUX Fill model repaints the right half of [source | target]
+ADAPTER_MODES = ("edit", "diptych")  # an adapter trained on a frozen base
 
 
 @dataclass
@@ -54,6 +57,13 @@ class ModelConfig:
         reference_tokens: edit_base only: the source also enters as Kontext reference tokens (position id
             1). In the one-step form the sample already is the source, so they can be left out: half the
             image tokens, 1.7x the training speed on x2edit-tiny. The saved base records it.
+        diptych_template: diptych modes: the prompt around each instruction, with ``{instruction}``; None:
+            ICEdit's (``x2edit.pipeline_diptych.DIPTYCH_TEMPLATE``). A diptych_base records it, and the
+            pipeline uses it at inference, as ICEdit does: the same text in training and inference.
+
+    In diptych_base mode, ``source_start`` is the noise level of a one-step edit from the [source | source]
+    canvas; a base of the text-to-image / Kontext layout becomes a Fill model first (its input layer widened
+    with zero-initialised condition channels, ``x2edit.pipeline_diptych.fill_transformer_from``).
     """
 
     base: str | None = None
@@ -67,6 +77,7 @@ class ModelConfig:
     text_encoder_device: str | None = None
     source_start: float | None = None
     reference_tokens: bool = True
+    diptych_template: str | None = None
 
 
 @dataclass
@@ -98,6 +109,8 @@ class DataConfig:
             tokens, which the editing adapter then only has to redirect; 0 is plain text-to-image.
         task_weights: Shape World only: relative sampling weight per task name (tasks not named: 1),
             e.g. more of the local edits, whose change is small and slow to learn.
+        prompt_dropout: the fraction of samples whose text is replaced by the empty prompt (drawn from the
+            seed and the step); ICEdit: 0.1.
     """
 
     source: str | dict = "shapeworld"
@@ -112,8 +125,12 @@ class DataConfig:
     pool: int = 0
     pool_workers: int = 0
     task_weights: dict | None = None
+    prompt_dropout: float = 0.0
 
     def __post_init__(self):
+        if isinstance(self.prompt_dropout, bool) or not isinstance(self.prompt_dropout, (int, float)) \
+                or not 0 <= self.prompt_dropout < 1:
+            raise ValueError(f"data.prompt_dropout is a fraction in [0, 1), got {self.prompt_dropout!r}")
         if self.task_weights is not None:
             for name, w in self.task_weights.items():
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
@@ -164,6 +181,8 @@ class LossConfig:
     trained with the model, kept in checkpoints, and not part of the saved model.
     region_weight: x0 losses in edit modes: a token's error counts 1 + region_weight x the fraction of its
     pixels the edit changes (each pair's weights normalised to mean 1): more of the loss inside a small edit.
+    diptych_region: diptych modes: the tokens the loss covers: "canvas" (both halves, ICEdit) or "right" (the
+    edited half only; the left half is the source, which the model sees unmasked in its condition).
     """
 
     timestep_sampling: str = "logit_normal"
@@ -176,6 +195,7 @@ class LossConfig:
     contrastive_blocks: str | list = "all"
     mask_weight: float = 0.0
     region_weight: float = 0.0
+    diptych_region: str = "canvas"
 
 
 @dataclass
@@ -203,8 +223,11 @@ class TrainConfig:
 
     Args:
         mode: "t2i" (pretrain the whole transformer as text-to-image), "edit_base" (train the whole
-            transformer to edit, the tiny analogue of FLUX.1 Kontext: a base that edits) or "edit" (train
-            an adapter on the frozen base, source image as reference tokens).
+            transformer to edit, the tiny analogue of FLUX.1 Kontext: a base that edits), "edit" (train
+            an adapter on the frozen base, source image as reference tokens), or the in-context pair (ICEdit):
+            "diptych_base" (the whole transformer as a FLUX Fill model repainting the right half of a
+            [source | target] canvas) and "diptych" (an adapter on a frozen Fill base, the same way). The
+            diptych modes read the same data as edit mode.
         output_dir: checkpoints, logs, validation grids and the final model/adapter.
         steps: optimizer steps; batch_size: samples per step and process.
         checkpoint_every / validate_every / log_every: in steps (0 disables).
@@ -268,12 +291,26 @@ class TrainConfig:
             raise ValueError(f"loss.mask_weight must be >= 0 and needs an edit mode, got {self.loss.mask_weight} in "
                              f"mode {self.mode}")
         m = self.model
-        if (m.source_start is not None or not m.reference_tokens) and self.mode != "edit_base":
-            raise ValueError("model.source_start and model.reference_tokens set how an editing base is trained: they "
-                             "need mode: edit_base (an adapter has adapter.source_start; it reads its base's)")
+        if m.source_start is not None and self.mode not in BASE_MODES:
+            raise ValueError("model.source_start sets how an editing base is trained: it needs mode: edit_base or "
+                             "diptych_base (an adapter has adapter.source_start; it reads its base's)")
+        if not m.reference_tokens and self.mode != "edit_base":
+            raise ValueError("model.reference_tokens sets how a Kontext-layout editing base is trained: it needs mode: "
+                             "edit_base (a diptych canvas carries the source in its left half)")
+        if self.loss.diptych_region not in ("canvas", "right"):
+            raise ValueError(f"loss.diptych_region must be canvas or right, got {self.loss.diptych_region!r}")
+        if self.mode not in DIPTYCH_MODES and (m.diptych_template is not None or self.loss.diptych_region != "canvas"):
+            raise ValueError("model.diptych_template and loss.diptych_region are for the diptych modes (diptych_base, "
+                             f"diptych), not {self.mode}")
+        if m.diptych_template is not None and (not isinstance(m.diptych_template, str)
+                                               or "{instruction}" not in m.diptych_template):
+            raise ValueError(f"model.diptych_template must contain '{{instruction}}', got {m.diptych_template!r}")
+        if self.mode in DIPTYCH_MODES and (self.loss.mask_weight or self.loss.region_weight):
+            raise ValueError("loss.mask_weight and loss.region_weight are built for the Kontext layout; the diptych "
+                             "modes do not support them yet")
         if m.source_start is not None and (isinstance(m.source_start, bool) or not 0 < m.source_start <= 1):
             raise ValueError(f"model.source_start must be a noise level in (0, 1] or null, got {m.source_start!r}")
-        if not m.reference_tokens and m.source_start is None:
+        if not m.reference_tokens and m.source_start is None and self.mode == "edit_base":
             raise ValueError("model.reference_tokens: false needs model.source_start: from noise, the reference tokens "
                              "are the only way the source reaches the model")
         if not 0.0 <= self.data.self_reference <= 1.0:
@@ -282,7 +319,7 @@ class TrainConfig:
             raise ValueError("data.self_reference is for t2i pretraining; edit batches carry their source")
         if self.model.dtype not in MODEL_DTYPES:
             raise ValueError(f"model.dtype must be one of {list(MODEL_DTYPES)}, got {self.model.dtype!r}")
-        if self.mode != "edit" and self.model.dtype not in ("auto", "float32"):
+        if self.mode not in ADAPTER_MODES and self.model.dtype not in ("auto", "float32"):
             raise ValueError(f"model.dtype: {self.mode} trains the whole transformer, whose weights stay float32; "
                              "use mixed_precision: bf16 for bf16 compute")
         if self.model.text_encoder_device not in (None, "cpu"):
@@ -296,8 +333,8 @@ class TrainConfig:
         if self.adapter.max_sequence_length not in (None, self.model.max_text_tokens):
             raise ValueError(f"adapter.max_sequence_length is written by the trainer from model.max_text_tokens "
                              f"({self.model.max_text_tokens}); set model.max_text_tokens instead")
-        if self.mode == "edit" and self.model.base is None:
-            raise ValueError("edit training needs model.base: the frozen base model to adapt")
+        if self.mode in ADAPTER_MODES and self.model.base is None:
+            raise ValueError(f"{self.mode} training needs model.base: the frozen base model to adapt")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -54,7 +54,7 @@ def summarize(rows: list[dict]) -> dict:
 @torch.no_grad()
 def run_edits(pipe, pairs, steps: int | None = None, seed: int = 0, batch_size: int = 16, tasks: list[str] | None = None,
               guidance_scale: float = 1.0) -> list[np.ndarray]:
-    """Edit each Shape World pair with ``pipe``; returns uint8 outputs in order.
+    """Edit each Shape World pair with ``pipe`` (its ``edit``: Kontext or diptych); returns uint8 outputs in order.
 
     Args:
         steps: denoising steps; None: the pipeline's own default.
@@ -64,7 +64,7 @@ def run_edits(pipe, pairs, steps: int | None = None, seed: int = 0, batch_size: 
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         h, w = chunk[0].source.shape[:2]
-        images = pipe(image=[Image.fromarray(p.source) for p in chunk], prompt=[p.instruction for p in chunk],
+        images = pipe.edit([Image.fromarray(p.source) for p in chunk], [p.instruction for p in chunk],
                       task=None if tasks is None else tasks[i:i + batch_size], height=h, width=w,
                       num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",
                       generator=[torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]).images

@@ -1,10 +1,13 @@
 """The trainer behind `x2edit train`: flow matching on a FLUX-architecture transformer, on accelerate.
 
-Two modes share one loop:
+Five modes share one loop:
 - "t2i": pretrain the whole transformer as a text-to-image model (how x2edit-tiny's base is made);
+- "edit_base": the whole transformer trained to edit (a Kontext-like base);
 - "edit": X2Edit: a (MoE-)LoRA on the frozen base; the source image enters as Kontext-style
   reference tokens; loss = flow matching + balance_weight * router balance + contrastive_weight *
-  contrastive loss on the double blocks' image-stream outputs, grouped by task.
+  contrastive loss on the double blocks' image-stream outputs, grouped by task;
+- "diptych_base" / "diptych": ICEdit's in-context form of the last two: a FLUX Fill model repaints the
+  right half of a [source | target] canvas, prompted with the diptych template (``_diptych_batch``).
 
 Exact resume: the data order and the noise of step s are pure functions of (seed, s, rank), and
 checkpoints hold the trainable weights, optimizer, LR schedule and EMA, so "stop at k, resume" gives
@@ -48,7 +51,7 @@ from x2edit.schedulers import (
     velocity_from_sample,
 )
 from x2edit.tasks import TASK_NAMES, get_task
-from x2edit.training.config import TrainConfig, save_config
+from x2edit.training.config import ADAPTER_MODES, BASE_MODES, DIPTYCH_MODES, TrainConfig, save_config
 from x2edit.training.losses import (
     BlockOutputs,
     changed_fraction,
@@ -220,7 +223,7 @@ class ReaderSource:
                                  f"{d.filters} and data.tasks {d.tasks}")
             for r in ds.records:  # training reads no score; an index of millions of samples holds less
                 r.scores = {}
-            if self.mode == "edit":
+            if self.mode in ADAPTER_MODES:
                 unlabeled = [r for r in ds.records if r.task is None]
                 if unlabeled:
                     raise ValueError(f"{name}: {len(unlabeled)} samples have no task label (first: {unlabeled[0].origin}:"
@@ -234,7 +237,7 @@ class ReaderSource:
         self.mixture = SourceMixture(weights, config.seed)
         self.plans = [None] * len(self.datasets)
         if bucketed:
-            contrastive = config.mode == "edit" and config.loss.contrastive_weight > 0
+            contrastive = config.mode in ADAPTER_MODES and config.loss.contrastive_weight > 0
             self.plans = [EpochBatches(BucketBatchSampler(
                 ds.sizes, buckets, config.batch_size, tasks=ds.tasks,
                 balanced_tasks=contrastive and config.batch_size >= 2, seed=config.seed, drop_last=True), name)
@@ -391,7 +394,7 @@ def build_new_pipeline(config: TrainConfig):
 def base_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     """The frozen base's weight dtype: ``model.dtype``, with "auto" = bfloat16 on CUDA (a 12B FLUX
     transformer plus T5-XXL is ~67 GB in float32), float32 elsewhere; t2i trains in float32."""
-    if config.mode != "edit" or config.model.dtype == "float32":  # t2i and edit_base train the whole transformer
+    if config.mode not in ADAPTER_MODES or config.model.dtype == "float32":  # the others train the whole transformer
         return torch.float32
     if config.model.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -400,12 +403,41 @@ def base_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
 
 def load_base_pipeline(config: TrainConfig, dtype: torch.dtype = torch.float32):
     if config.model.base is None:
-        return build_new_pipeline(config)
-    from x2edit.registry import load_pipeline
+        pipe = build_new_pipeline(config)
+    else:
+        from x2edit.registry import load_pipeline
 
-    pipe = load_pipeline(config.model.base, torch_dtype=dtype)
-    pipe.tokenizer.model_max_length = min(pipe.tokenizer.model_max_length, config.model.max_text_tokens)
+        pipe = load_pipeline(config.model.base, torch_dtype=dtype)
+    if pipe.text_encoder_2 is None:  # a sentence encoder: the length is the model's budget, up to the encoder's own
+        limit = getattr(pipe.text_encoder.config, "max_position_embeddings", config.model.max_text_tokens)
+        pipe.tokenizer.model_max_length = min(config.model.max_text_tokens, limit)
+    else:  # CLIP's tokenizer: never beyond its 77
+        pipe.tokenizer.model_max_length = min(pipe.tokenizer.model_max_length, config.model.max_text_tokens)
+    if config.mode in DIPTYCH_MODES:
+        pipe = as_fill_pipeline(pipe, config)
     return pipe
+
+
+def as_fill_pipeline(pipe, config: TrainConfig):
+    """The diptych modes' pipeline: a Fill base as it is; in diptych_base mode, a text-to-image / Kontext base
+    becomes one (its adapters removed, its input layer widened with zero-initialised condition channels)."""
+    from x2edit.pipeline_diptych import X2EditDiptychPipeline, fill_transformer_from
+
+    if isinstance(pipe, X2EditDiptychPipeline):
+        fill = pipe
+    elif config.mode != "diptych_base":
+        raise ValueError(f"model.base {config.model.base} is not a Fill model: a diptych adapter needs one (train it "
+                         "with mode: diptych_base, or use flux.1-fill-dev)")
+    else:
+        for name in adapter_names(pipe.transformer):
+            remove_adapter(pipe.transformer, name)
+        transformer = fill_transformer_from(pipe.transformer, pipe.vae.config.latent_channels, pipe.vae_scale_factor)
+        fill = X2EditDiptychPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                                     tokenizer=pipe.tokenizer, transformer=transformer,
+                                     text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
+    if config.model.diptych_template is not None:
+        fill.diptych_template = config.model.diptych_template
+    return fill
 
 
 # -- trainer -----------------------------------------------------------------------------------
@@ -439,7 +471,11 @@ class Trainer:
         self.sigma_data = sigma_data_of(self.pipe.scheduler)
         for module in (self.pipe.text_encoder, self.pipe.vae):
             module.requires_grad_(False)
-        self.residual = config.mode == "edit" and config.adapter.reading == "residual"
+        self.residual = config.mode in ADAPTER_MODES and config.adapter.reading == "residual"
+        self.diptych = config.mode in DIPTYCH_MODES
+        if self.residual and self.diptych:
+            raise ValueError("adapter.reading: residual reads the source from reference tokens, which a diptych has "
+                             "none of: use adapter.reading: direct")
         if self.residual and self.prediction != "flow":
             raise ValueError(f"adapter.reading: residual needs a flow (velocity) base; {config.model.base} reads "
                              f"its output as {self.prediction!r}")
@@ -452,18 +488,22 @@ class Trainer:
         # How the source reaches the model: as the sample itself at a noise level (one step), as reference
         # tokens, or both. edit_base sets it (and saves it with the base); an adapter follows its base.
         self.source_start, self.reference = None, True
-        if config.mode == "edit_base":
+        if config.mode in BASE_MODES:
             self.source_start, self.reference = config.model.source_start, config.model.reference_tokens
-            self.pipe.default_source_start, self.pipe.reference_tokens = self.source_start, self.reference
-        elif config.mode == "edit":
+            self.pipe.default_source_start = self.source_start
+            if not self.diptych:
+                self.pipe.reference_tokens = self.reference
+        elif config.mode in ADAPTER_MODES:
             self.source_start = config.adapter.source_start
             if self.source_start is None:
                 self.source_start = self.pipe.default_source_start
-            self.reference = self.pipe.reference_tokens
+            self.reference = getattr(self.pipe, "reference_tokens", True)
             if self.residual and not self.reference:
                 raise ValueError(f"adapter.reading: residual reads the source from reference tokens, which the base "
                                  f"{config.model.base} is trained without: use adapter.reading: direct")
-        if config.mode == "edit":
+        if self.diptych:  # the canvas's left half carries the source; Fill has no reference tokens
+            self.reference = False
+        if config.mode in ADAPTER_MODES:
             torch.manual_seed(config.seed)  # adapter and router initialisation
             # The adapter records the text length it is trained with, so the pipeline encodes the same.
             adapter = dataclasses.replace(config.adapter, max_sequence_length=config.model.max_text_tokens)
@@ -555,9 +595,28 @@ class Trainer:
         if not items:
             raise TrainingError(f"step {step}: every sample of the batch failed to decode (items {idx}); see the "
                                 "warnings above")
-        return {"source": [it["source"] for it in items], "target": [it["target"] for it in items],
-                "text": [it["text"] for it in items],
-                "task": None if items[0]["task"] is None else torch.tensor([it["task"] for it in items])}
+        batch = {"source": [it["source"] for it in items], "target": [it["target"] for it in items],
+                 "text": [it["text"] for it in items],
+                 "task": None if items[0]["task"] is None else torch.tensor([it["task"] for it in items])}
+        if self.diptych:
+            batch = _diptych_batch(batch, self.pipe.diptych_template)
+        if self.config.data.prompt_dropout:  # drawn from (seed, step, rank): a resumed run drops the same
+            g = np.random.default_rng([self.config.seed, step, acc.process_index, 0xD0])
+            batch["text"] = ["" if g.random() < self.config.data.prompt_dropout else t for t in batch["text"]]
+        return batch
+
+    def _fill_condition(self, sources: list[np.ndarray]) -> torch.Tensor:
+        """(B, T, 4C + 4f^2) Fill condition of [source | source] canvases: the packed masked canvas (right half
+        zeroed in [-1, 1] pixels, as FluxFillPipeline masks) and the packed right-half mask."""
+        pipe, device = self.pipe, self.accelerator.device
+        x = torch.from_numpy(np.stack(sources)).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (B, 3, H, 2W)
+        mask = torch.zeros_like(x[:, :1])
+        mask[..., x.shape[-1] // 2:] = 1
+        b, _, h, w = x.shape
+        m, masked = pipe.prepare_mask_latents(mask, (x * (1 - mask)).to(device=device, dtype=pipe.vae.dtype), b,
+                                              pipe.vae.config.latent_channels, 1, h, w, self.transformer.dtype,
+                                              device, None)
+        return torch.cat([masked, m], dim=-1)
 
     # -- one step ----------------------------------------------------------------------------
     def compute_loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
@@ -568,9 +627,11 @@ class Trainer:
             prompt_embeds, pooled, text_ids = (t.to(device=device, dtype=self.transformer.dtype) for t in
                                                self.pipe.encode_prompt(batch["text"], device=self.text_device,
                                                                        max_sequence_length=cfg.model.max_text_tokens))
-            ref = None
+            ref = cond = None
             if cfg.mode != "t2i":
                 ref, ref_ids = self._images_to_tokens(batch["source"], reference=True)
+            if self.diptych:
+                cond = self._fill_condition(batch["source"])
             elif cfg.data.self_reference and torch.rand((), generator=g).item() < cfg.data.self_reference:
                 ref, ref_ids = x0, latent_ids.clone()  # the image itself in context (Kontext pretraining)
                 ref_ids[..., 0] = 1
@@ -582,11 +643,13 @@ class Trainer:
             sigmas = torch.full((len(x0),), float(start), device=device)
             xt, target = source_start_pair(x0, ref, start)
         hidden, img_ids = xt, latent_ids
+        if cond is not None:  # Fill: the condition rides along each token's channels
+            hidden = torch.cat([xt, cond], dim=2)
         if ref is not None and self.reference:
             hidden, img_ids = torch.cat([xt, ref], 1), torch.cat([latent_ids, ref_ids], 0)
         unwrapped = self.accelerator.unwrap_model(self.model)
         guidance = torch.full((len(x0),), 1.0, device=device) if unwrapped.config.guidance_embeds else None
-        want_contrast = cfg.mode == "edit" and cfg.loss.contrastive_weight > 0 and batch["task"] is not None
+        want_contrast = cfg.mode in ADAPTER_MODES and cfg.loss.contrastive_weight > 0 and batch["task"] is not None
         # Target tokens only: the reference tokens behind them are the source image (X2Edit does the same).
         blocks = BlockOutputs(unwrapped, cfg.loss.contrastive_blocks, num_tokens=x0.shape[1]) if want_contrast else None
         probe = BlockOutputs(unwrapped, [-1], num_tokens=x0.shape[1]) if self.mask_head is not None else None
@@ -598,6 +661,10 @@ class Trainer:
             if self.residual:  # the base's own output, for the change the adapter makes to it
                 with torch.no_grad(), adapters_disabled(unwrapped, [ADAPTER_NAME]):
                     base_pred = self.model(**call)[0][:, : x0.shape[1]]
+        if self.diptych and cfg.loss.diptych_region == "right":  # the edited half's tokens only
+            right = _right_half_tokens(batch["source"][0], self.pipe.vae_scale_factor * 2, device)
+            pred, xt, target, x0 = pred[:, right], xt[:, right], target[:, right], x0[:, right]
+            ref = ref[:, right] if ref is not None else None
         x0_reading = self.residual or self.prediction != "flow"
         x0_loss = cfg.loss.weighting in ("x0", "x0_edit")
         if x0_reading or x0_loss:
@@ -734,7 +801,7 @@ class Trainer:
             self.load_checkpoint(resume)
         if acc.is_main_process:
             save_config(cfg, self.out / "config.yaml")
-            logger.info(format_summary(adapter_summary(self.transformer)) if cfg.mode == "edit" else
+            logger.info(format_summary(adapter_summary(self.transformer)) if cfg.mode in ADAPTER_MODES else
                         f"{sum(p.numel() for p in self.params):,} trainable parameters")
         writer = _Metrics(self.out, acc.is_main_process)
         self.transformer.train()
@@ -788,11 +855,14 @@ class Trainer:
         if self.ema is not None:
             self.ema.copy_to(self.params)
         cfg = self.config
-        if cfg.mode != "edit":
+        if cfg.mode not in ADAPTER_MODES:
             self.pipe.save_pretrained(self.out / "pipeline")
-            if cfg.mode == "edit_base":  # what the base is trained for travels with it (x2edit.registry reads it)
-                settings = {"source_start": self.source_start, "reference_tokens": self.reference,
-                            "max_area": cfg.data.resolution**2}
+            if cfg.mode in BASE_MODES:  # what the base is trained for travels with it (x2edit.registry reads it)
+                settings = {"source_start": self.source_start, "max_area": cfg.data.resolution**2}
+                if self.diptych:
+                    settings["template"] = self.pipe.diptych_template
+                else:
+                    settings["reference_tokens"] = self.reference
                 if self.source_start is not None:
                     settings["num_inference_steps"] = 1
                 (self.out / "pipeline" / EMBEDDED_META).write_text(json.dumps(settings, indent=2))
@@ -805,6 +875,21 @@ class Trainer:
 
 
 ADAPTER_NAME = "default"  # the name of the adapter being trained (as saved by save_adapter)
+
+
+def _diptych_batch(batch: dict, template: str) -> dict:
+    """An edit batch as diptychs: source [source | source] (the start of a one-step edit, and Fill's condition
+    once its right half is masked), target [source | target], the instruction inside ``template``."""
+    return {**batch, "source": [np.concatenate([s, s], axis=1) for s in batch["source"]],
+            "target": [np.concatenate([s, t], axis=1) for s, t in zip(batch["source"], batch["target"])],
+            "text": [template.format(instruction=t) for t in batch["text"]]}
+
+
+def _right_half_tokens(canvas: np.ndarray, patch: int, device) -> torch.Tensor:
+    """(T,) bool: the packed tokens (row-major, ``patch`` pixels a side) of a canvas's right half."""
+    cols = canvas.shape[1] // patch
+    rows = canvas.shape[0] // patch
+    return (torch.arange(rows * cols, device=device) % cols) >= cols // 2
 MASK_HEAD = "mask_head"  # the edit-region probe's key prefix in a checkpoint's trainable.safetensors
 
 
