@@ -85,7 +85,7 @@ def test_bad_input_is_refused_before_any_output(editor, example, tmp_path):
         (dict(source=None, instruction="zoom in"), "no image"),
         (dict(source=example, instruction="zoom in", task="zoom"), "unknown task"),
         (dict(source=example, instruction="zoom in", steps=0), "steps must be"),
-        (dict(source=example, instruction="zoom in", base="flux.1-fill-dev"), "unknown base"),
+        (dict(source=example, instruction="zoom in", base="sdxl-turbo"), "unknown base"),
         (dict(source=example, instruction="zoom in", adapter="/tmp/other.safetensors"), "unknown adapter"),
         (dict(source=example, instruction="zoom in", loras=[(str(outside), 1.0)]), "not a LoRA of this app's index"),
         (dict(source=example, instruction="zoom in", fusion="median"), "unknown fusion"),
@@ -162,3 +162,13 @@ def test_cli_checks_its_options_before_loading(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "gradio", None)  # as if the app extra were not installed
     assert main(["app"]) == 2
     assert "pip install 'x2edit[app]'" in capsys.readouterr().err
+
+
+def test_modes_offer_their_bases_and_the_diptych_mode_edits(editor, example):
+    """The app's mode selector: each mode lists its own bases; a diptych base edits through X2EditDiptychPipeline."""
+    assert editor.mode_choices() == ["edit", "diptych"]
+    assert "x2edit-tiny-fill" in editor.base_choices("diptych") and "x2edit-tiny-fill" not in editor.base_choices("edit")
+    assert editor.mode_of("x2edit-tiny") == "edit" and editor.mode_of("x2edit-tiny-fill") == "diptych"
+    record = editor.edit(example, "make the background blue", base="x2edit-tiny-fill")
+    assert record.settings["mode"] == "diptych" and Path(record.result).is_file()
+    assert type(editor.pipeline("x2edit-tiny-fill")).__name__ == "X2EditDiptychPipeline"

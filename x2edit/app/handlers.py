@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from x2edit.registry import EDIT_MODES
+
 BASE_OWN_ADAPTER = "the base's own"  # the adapter choice that keeps the base's shipped editing adapter
 AUTO_TASK = "auto"  # the task choice that routes by the classifier
 FUSION_CHOICES = ("gated", "sum", "average", "switch", "composite", "klora")  # the learned gate, then fuse_loras' names
@@ -163,12 +165,25 @@ class Editor:
 
         return self.config.base or DEFAULT_BASE
 
-    def base_choices(self) -> list[str]:
-        """Registered bases this pipeline can run (not the Fill/diptych ones), and ``--base`` if a directory."""
+    def base_choices(self, mode: str | None = None) -> list[str]:
+        """Registered bases that edit and are installed (of ``mode``, "edit" or "diptych"; None: both), and
+        ``--base`` if a directory."""
         from x2edit.registry import BASE_MODELS
 
-        names = [m.name for m in BASE_MODELS.values() if m.mode == "edit" and m.available]
-        return names if self.default_base in names else [self.default_base, *names]
+        names = [m.name for m in BASE_MODELS.values() if m.mode in ((mode,) if mode else EDIT_MODES) and m.available]
+        if self.default_base in names or (mode is not None and self.mode_of(self.default_base) != mode):
+            return names
+        return [self.default_base, *names]
+
+    def mode_choices(self) -> list[str]:
+        """The editing modes some offered base runs: "edit" (Kontext layout) and "diptych" (ICEdit on Fill)."""
+        return [m for m in EDIT_MODES if self.base_choices(m)]
+
+    @staticmethod
+    def mode_of(base: str) -> str:
+        from x2edit.registry import pipeline_mode, resolve_base
+
+        return pipeline_mode(*resolve_base(base))
 
     def adapter_choices(self) -> list[str]:
         return [BASE_OWN_ADAPTER, *([str(self.config.adapter)] if self.config.adapter else [])]
@@ -351,9 +366,9 @@ class Editor:
         # the picked LoRAs live for this edit only: the next edit starts from the bare model
         with pipe.with_loras([f for f, _ in loras], fusion=self._fusion(fusion), weights=[w for _, w in loras],
                              prefix="app_lora"):
-            result = pipe(image=image, prompt=instruction, task=routed, num_inference_steps=steps,
-                          guidance_scale=guidance, generator=torch.Generator(device="cpu").manual_seed(seed),
-                          callback_on_step_end=on_step).images[0]
+            result = pipe.edit(image, instruction, task=routed, num_inference_steps=steps, guidance_scale=guidance,
+                               generator=torch.Generator(device="cpu").manual_seed(seed),
+                               callback_on_step_end=on_step).images[0]
         source_path = self._new_path("source")
         image.save(source_path)
         before_path = source_path
@@ -363,7 +378,7 @@ class Editor:
         result_path = self._new_path("result")
         result.save(result_path)
         base_name, adapter_name = self._loaded
-        settings = {"base": base_name, "adapter": adapter_name, "steps": pipe.num_timesteps, "guidance": guidance,
+        settings = {"base": base_name, "mode": self.mode_of(base_name), "adapter": adapter_name, "steps": pipe.num_timesteps, "guidance": guidance,
                     "seed": seed, "loras": [[Path(f).name, w] for f, w in loras], "fusion": fusion if loras else None,
                     "size": list(result.size)}
         return EditRecord(str(source_path), str(before_path), str(result_path), instruction, routed, task, scores,

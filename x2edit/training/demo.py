@@ -1,4 +1,5 @@
-"""`x2edit demo`: the embedded x2edit-tiny model edits held-out Shape World pairs of all 15 tasks.
+"""`x2edit demo`: the embedded x2edit-tiny model edits held-out Shape World pairs of all 15 tasks
+(``--mode diptych``: x2edit-tiny-fill, the same edits as ICEdit's diptychs on a Fill model).
 
 Writes DIR/demo.png (rows: source | instruction | output | target) and DIR/metrics.json
 ({task: {"edit_gain_db", "psnr", "err_in", "err_out", "n"}, "mean": ..., "classifier_accuracy": ...}),
@@ -14,7 +15,12 @@ from pathlib import Path
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="x2edit_demo", help="output directory (default: ./x2edit_demo)")
-    parser.add_argument("--base", default="x2edit-tiny", help="registered name or pipeline directory")
+    parser.add_argument("--mode", default=None, choices=["edit", "diptych"],
+                        help="edit (Kontext layout) or diptych (a Fill model, ICEdit's in-context edit); default: the "
+                             "base's own")
+    parser.add_argument("--base", default=None,
+                        help="registered name or pipeline directory (default: x2edit-tiny; --mode diptych: "
+                             "x2edit-tiny-fill)")
     parser.add_argument("--n-per-task", type=int, default=4, help="held-out pairs per task")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0)
@@ -27,7 +33,7 @@ def run(args) -> int:
     import torch
 
     from x2edit.data_pipeline.shapeworld import ShapeWorld
-    from x2edit.registry import load_pipeline
+    from x2edit.registry import check_mode, load_pipeline
     from x2edit.training.evaluation import edit_grid, edit_metrics, format_table, run_edits, summarize
 
     if args.n_per_task < 1 or (args.steps is not None and args.steps < 1):
@@ -35,7 +41,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.base, torch_dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(check_mode(args.base, args.mode), torch_dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
     pairs = list(ShapeWorld(resolution=args.resolution).eval_pairs(n_per_task=args.n_per_task))
     predicted = pipe.task_classifier([p.instruction for p in pairs])
