@@ -84,6 +84,10 @@ def test_edit_end_to_end(tiny_base, capsys):
     ({"--lora": "junk.png"}, "not a readable safetensors"),
     ({"--lora": "moe.safetensors"}, "is an x2edit adapter: pass it with --adapter"),
     ({"--max-area": "0"}, "--max-area must be >= 1"),
+    ({"--best-of": "2"}, "--best-of N needs a judge"),
+    ({"--best-of": "0"}, "--best-of must be >= 1"),
+    ({"--judge": "absent_vlm"}, "--judge picks among --best-of N outputs"),
+    ({"--best-of": "2", "--judge": "absent_vlm"}, "is not a directory"),
     ({"--device": "cuda:7"}, "not available here" if not torch.cuda.is_available() else "does not exist"),
     ({"--device": "gpu"}, "unknown device 'gpu'"),
 ])
@@ -98,7 +102,7 @@ def test_edit_bad_input_exits_2_with_one_line_and_no_output(tiny_base, capsys, m
             "--base": str(tiny_base / "base"), "--steps": "1", **change}
     argv = ["edit"]
     for k, v in opts.items():
-        argv += [k, v if k in ("--instruction", "--steps", "--task", "--max-area", "--device", "--mode")
+        argv += [k, v if k in ("--instruction", "--steps", "--task", "--max-area", "--device", "--mode", "--best-of")
                  or v.startswith(("/", "x2edit", "flux")) else str(tiny_base / v)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -36,6 +36,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--guidance", type=float, default=None,
                         help="distilled guidance scale (default: 2.5; diptych: the model's own, 50 for FLUX.1 Fill)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--best-of", type=int, default=1, metavar="N",
+                        help="edit with N seeds (--seed, --seed+1, ...) and keep the one --judge scores best "
+                             "(models sampled from noise only; costs N edits + N judge calls)")
+    parser.add_argument("--judge", default=None, metavar="PATH",
+                        help="the VLM judge of --best-of: a local transformers VLM (e.g. Qwen2.5-VL), scored as "
+                             "VIEScore's overall (x2edit.data_pipeline.stages.scorers.VlmJudge)")
     parser.add_argument("--max-area", type=int, default=None,
                         help="cap on the output's pixel area (default: the model's own: 1024x1024 for FLUX, "
                              "64x64 for x2edit-tiny); larger images are scaled down, keeping their aspect ratio")
@@ -101,6 +107,18 @@ def run(args) -> int:
         check_lora_file(f)
     device = resolve_device(args.device)
     base = check_mode(args.base, args.mode)  # a base of the mode asked for, before loading it
+    judge = None
+    if args.best_of < 1:
+        raise ValueError(f"--best-of must be >= 1, got {args.best_of}")
+    if args.best_of > 1:
+        if args.judge is None:
+            raise ValueError("--best-of N needs a judge to pick with: --judge PATH (a local VLM)")
+        from x2edit.data_pipeline.stages.scorers import VlmJudge
+
+        judge = VlmJudge(VlmJudge.Params(path=args.judge))
+        judge.validate()  # the path holds a model, before anything loads
+    elif args.judge is not None:
+        raise ValueError("--judge picks among --best-of N outputs: give --best-of N (N >= 2)")
 
     t0 = time.perf_counter()
     pipe = load_edit_pipeline(base, args.adapter, device, args.dtype)
@@ -120,9 +138,18 @@ def run(args) -> int:
     if task is None and pipe._routes_by_task():
         task = pipe.task_classifier([args.instruction])[0]
     guidance = args.guidance if args.guidance is not None or diptych else 2.5
-    result = pipe.edit(image, args.instruction, task=task, num_inference_steps=args.steps, guidance_scale=guidance,
-                       max_area=args.max_area, generator=torch.Generator(device="cpu").manual_seed(args.seed),
-                       **auto).images[0]
+    kwargs = dict(task=task, num_inference_steps=args.steps, guidance_scale=guidance, max_area=args.max_area, **auto)
+    if judge is not None:
+        from x2edit.best_of import best_of_n
+
+        best = best_of_n(pipe, image, args.instruction, args.best_of, judge.score_edit, seed=args.seed, **kwargs)
+        result = best.image
+        print(f"best of {args.best_of}: seed {best.seeds[best.chosen]} (judge scores "
+              f"{', '.join('-' if s is None else f'{s:.2f}' for s in best.scores)}); {best.edit_seconds:.1f} s "
+              f"editing, {best.judge_seconds:.1f} s judging")
+    else:
+        result = pipe.edit(image, args.instruction, generator=torch.Generator(device="cpu").manual_seed(args.seed),
+                           **kwargs).images[0]
     with atomic_path(out) as tmp:  # an interrupted run leaves no partial output file
         result.save(tmp)
     print(f"wrote {out} ({result.size[0]}x{result.size[1]}, {'diptych, ' if diptych else ''}task={task or '-'}, "

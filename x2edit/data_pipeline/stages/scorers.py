@@ -300,6 +300,19 @@ class VlmJudge(Scorer):
     def ask(self, prompt: str, images: list[np.ndarray]) -> str:
         return self.model.generate(prompt, images, self.params.max_new_tokens)
 
+    def score_edit(self, source, output, instruction: str) -> float | None:
+        """VIEScore's overall score (0..10) of one edit, PIL images or uint8 arrays; None when an answer cannot
+        be read. The judge of ``x2edit.best_of.best_of_n`` (``x2edit edit --best-of N --judge PATH``)."""
+        from x2edit.data_pipeline.chat import parse_scores
+
+        if not hasattr(self, "model"):
+            self.setup()
+        source, output = np.asarray(source.convert("RGB")) if hasattr(source, "convert") else source, \
+            np.asarray(output.convert("RGB")) if hasattr(output, "convert") else output
+        sc, _ = parse_scores(self.ask(SC_PROMPT.format(instruction=instruction), [source, output]))
+        pq, _ = parse_scores(self.ask(PQ_PROMPT, [output]))
+        return viescore(sc, pq)["judge_overall"]
+
     def process(self, batch):
         from x2edit.data_pipeline.chat import parse_scores
 
