@@ -225,3 +225,26 @@ def test_icedit_lora_layout_loads_on_a_fill_size_model_and_is_refused_elsewhere(
     with pytest.raises(ValueError, match="another base model") as e:
         load_community_lora(model(64), dict(state), "icedit")
     assert "\n" not in str(e.value)
+
+
+def test_a_plain_diptych_lora_exports_to_stock_fill_x_embedder_included(tmp_path):
+    """A plain LoRA on a Fill model (x_embedder among its targets, as ICEdit's) exported in diffusers' format
+    loads in stock FluxFillPipeline (diffusers + peft) and gives x2edit's output."""
+    from x2edit.adapters import export_diffusers_lora
+
+    ours, stock = _pipes()
+    targets = ["x_embedder", r"transformer_blocks\.\d+\.attn\.(to_q|to_v)", r"single_transformer_blocks\.\d+\.proj_mlp"]
+    inject_adapters(ours.transformer, AdapterConfig(kind="lora", rank=4, targets=targets))
+    randomize_adapters(ours.transformer, std=0.3)
+    path = export_diffusers_lora(ours.transformer, tmp_path)
+    stock.load_lora_weights(path)
+    assert any("x_embedder" in name for name, _ in stock.transformer.named_modules() if "lora_A" in name)
+    image = torch.rand(1, 3, 32, 32, generator=_gen(2))
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 16:] = 1
+    kw = dict(prompt="a cat", image=image, mask_image=mask, height=32, width=32, output_type="np", **KW)
+    a, b = ours(**kw, generator=_gen()).images, stock(**kw, generator=_gen()).images
+    bare = FluxFillPipeline(**tiny_fill_components(0))
+    bare.set_progress_bar_config(disable=True)
+    assert np.abs(a - bare(**kw, generator=_gen()).images).max() > 1e-3  # the LoRA changes the output
+    np.testing.assert_allclose(a, b, atol=1e-5)
