@@ -4,7 +4,11 @@ For each model (``--model NAME=BASE``, a registered name or a pipeline directory
 diptych): the edit gain per task with its standard error (label routing, ``x2edit eval``'s metric), the
 image + text tokens one edit costs, the median seconds per single edit and the peak memory above the
 loaded model (each model in its own process, so the peaks do not mix), all measured in one run on one
-machine. ``--best-of N`` adds best-of-N sampling for models that sample from noise: N seeds per pair, the
+machine. ``NAME=sets:BASE[+ADAPTER]`` edits each pair as a 2-panel IC-LoRA set: the right panel of
+[source | ?] is made under the set's joint caption, which describes the target scene (more than an instruction
+says: IC-LoRA's form), by training-free SDEdit-style inpainting on a text-to-image base with its task LoRA, or
+by a Fill base (``x2edit.incontext.inpaint_set``).
+``--best-of N`` adds best-of-N sampling for models that sample from noise: N seeds per pair, the
 one the judge prefers kept. The judge here is the oracle (PSNR to Shape World's exact target): an upper
 bound on what any judge can pick, at N times the cost; a one-step model is deterministic and gains nothing.
 
@@ -34,7 +38,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: int) -> dict:
+def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: int, incontext_steps: int = 20) -> dict:
     """One model's numbers (run in a fresh process: ``--worker``)."""
     import torch
     from PIL import Image
@@ -46,26 +50,51 @@ def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: i
     from x2edit.training.evaluation import edit_metrics, run_edits
 
     torch.manual_seed(seed)
+    incontext = base.startswith("sets:")  # edited as a 2-panel IC-LoRA set
+    base, _, adapter = base.removeprefix("sets:").partition("+")  # BASE+ADAPTER: a task LoRA on the base
     pipe = load_pipeline(base)
     pipe.set_progress_bar_config(disable=True)
     diptych = hasattr(pipe, "diptych_template")
+    method = "fill" if diptych else "sdedit"
+    if adapter:
+        pipe.load_adapter(adapter, adapter_name="incontext", replace=True)  # in place of the base's own
+    if incontext:
+        from x2edit.incontext import inpaint_set, joint_caption
+
+        if pipe.source_start() is None:
+            pipe.default_num_inference_steps = incontext_steps
     one_step = pipe.source_start() is not None
     pairs = list(ShapeWorld(resolution=64).eval_pairs(n_per_task=n_per_task))
     labels = [p.task for p in pairs]
+
+    def edit_all(s):  # uint8 outputs of every pair, seeds s + i
+        if not incontext:
+            return run_edits(pipe, pairs, seed=s, tasks=labels)
+        return [np.asarray(edit_one(p, s + i)) for i, p in enumerate(pairs)]
+
+    def edit_one(p, s):  # one edit as a user makes it
+        if incontext:  # the right panel made from the left under the set's caption (training-free inpainting)
+            caption = joint_caption("EDIT", p.instruction, list(p.captions))
+            steps = {} if pipe.source_start() is not None else {"num_inference_steps": incontext_steps}
+            return inpaint_set(pipe, [p.source, None], caption, method=method, task=p.task,
+                               generator=torch.Generator().manual_seed(s), **steps)[1]
+        return pipe.edit(Image.fromarray(p.source), p.instruction, task=p.task, output_type="np",
+                         generator=torch.Generator().manual_seed(s)).images[0]
+
     rss_loaded = _rss_mb()
-    outputs = run_edits(pipe, pairs, seed=seed, tasks=labels)
+    outputs = edit_all(seed)
     gains = [edit_metrics(o, p.source, p.target, p.mask)["edit_gain_db"] for p, o in zip(pairs, outputs)]
 
-    # Tokens of one 64x64 edit: image tokens (the diptych's canvas is twice the image) + text tokens.
+    # Tokens of one 64x64 edit: image tokens (a diptych's or a set's canvas is twice the image) + text tokens.
     grid = pipe.vae_scale_factor * 2
-    image_tokens = (64 // grid) * (64 // grid) * (2 if diptych or (pipe.reference_tokens and not one_step) else 1)
+    doubled = diptych or incontext or (pipe.reference_tokens and not one_step)
+    image_tokens = (64 // grid) * (64 // grid) * (2 if doubled else 1)
     text_tokens = pipe.text_length() if pipe.text_encoder_2 is not None else pipe.tokenizer.model_max_length
 
     times = []
-    for p in pairs[:timing_edits]:  # single edits, as a user makes them
+    for p in pairs[:timing_edits]:
         t0 = time.perf_counter()
-        pipe.edit(Image.fromarray(p.source), p.instruction, task=p.task, output_type="np",
-                  generator=torch.Generator().manual_seed(seed))
+        edit_one(p, seed)
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB, over the whole process
 
@@ -73,7 +102,7 @@ def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: i
     if best_of > 1 and not one_step:
         scores = []  # (N, pairs): seed set 0 is the single-sample run above
         for k in range(best_of):
-            outs = outputs if k == 0 else run_edits(pipe, pairs, seed=seed + 1000 * k, tasks=labels)
+            outs = outputs if k == 0 else edit_all(seed + 1000 * k)
             scores.append([psnr(o, p.target) for p, o in zip(pairs, outs)])
         chosen = np.max(np.array(scores), axis=0)  # the oracle judge keeps the output closest to the target
         best = [c - psnr(p.source, p.target) for c, p in zip(chosen, pairs)]
@@ -89,7 +118,9 @@ def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: i
                        "se": float(math.sqrt(sum(r["se"] ** 2 for r in out.values())) / len(means)), "n": len(values)}
         return out
 
-    return {"base": base, "layout": "diptych (Fill)" if diptych else "Kontext", "one_step": one_step,
+    layout = (f"IC-LoRA set, {'Fill' if diptych else 'SDEdit'} inpainting" if incontext
+              else "diptych (Fill)" if diptych else "Kontext")
+    return {"base": base, "adapter": adapter or None, "layout": layout, "one_step": one_step,
             "steps": 1 if one_step else pipe.default_num_inference_steps, "image_tokens": image_tokens,
             "text_tokens": text_tokens, "seconds_per_edit": statistics.median(times),
             "memory_above_loaded_mb": peak - rss_loaded, "per_task": per_task(gains),
@@ -135,7 +166,11 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", required=True, help="NAME=BASE (repeatable)")
+    ap.add_argument("--model", action="append", required=True,
+                    help="NAME=BASE (repeatable); NAME=sets:BASE[+ADAPTER]: edited as a 2-panel IC-LoRA set, the right "
+                         "panel of [source | ?] inpainted under the set's joint caption (a text-to-image base with "
+                         "its task LoRA: SDEdit-style; a Fill base: by Fill)")
+    ap.add_argument("--incontext-steps", type=int, default=20, help="denoising steps of IC-LoRA inpainting")
     ap.add_argument("--n-per-task", type=int, default=20)
     ap.add_argument("--best-of", type=int, default=1)
     ap.add_argument("--timing-edits", type=int, default=20)
@@ -144,7 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(measure(args.worker, args.n_per_task, args.best_of, args.timing_edits, args.seed)))
+        print(json.dumps(measure(args.worker, args.n_per_task, args.best_of, args.timing_edits, args.seed,
+                                 args.incontext_steps)))
         return 0
     if args.out is None:
         ap.error("--out is required")
@@ -154,7 +190,8 @@ def main(argv=None) -> int:
         if not base:
             ap.error(f"--model takes NAME=BASE, got {spec!r}")
         cmd = [sys.executable, __file__, "--worker", base, "--model", spec, "--n-per-task", str(args.n_per_task),
-               "--best-of", str(args.best_of), "--timing-edits", str(args.timing_edits), "--seed", str(args.seed)]
+               "--best-of", str(args.best_of), "--timing-edits", str(args.timing_edits), "--seed", str(args.seed),
+               "--incontext-steps", str(args.incontext_steps)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{name}: {done.stderr.strip().splitlines()[-1]}")

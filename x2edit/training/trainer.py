@@ -7,7 +7,9 @@ Five modes share one loop:
   reference tokens; loss = flow matching + balance_weight * router balance + contrastive_weight *
   contrastive loss on the double blocks' image-stream outputs, grouped by task;
 - "diptych_base" / "diptych": ICEdit's in-context form of the last two: a FLUX Fill model repaints the
-  right half of a [source | target] canvas, prompted with the diptych template (``_diptych_batch``).
+  right half of a [source | target] canvas, prompted with the diptych template (``_diptych_batch``);
+- "incontext": IC-LoRA: a task LoRA on the text-to-image base, trained as text-to-image on [before | after]
+  panel sets under a joint caption (``_incontext_batch``).
 
 Exact resume: the data order and the noise of step s are pure functions of (seed, s, rank), and
 checkpoints hold the trainable weights, optimizer, LR schedule and EMA, so "stop at k, resume" gives
@@ -110,7 +112,7 @@ class ShapeWorldSource:
             return {"source": None, "target": pair.source if i % 2 == 0 else pair.target,
                     "text": pair.captions[i % 2], "task": None}
         return {"source": pair.source, "target": pair.target, "text": pair.instruction,
-                "task": get_task(pair.task).id}
+                "task": get_task(pair.task).id, "captions": pair.captions}
 
 
 class TaskDraw:
@@ -410,6 +412,10 @@ def load_base_pipeline(config: TrainConfig, dtype: torch.dtype = torch.float32):
         pipe = load_pipeline(config.model.base, torch_dtype=dtype)
     if pipe.text_encoder_2 is None:  # a sentence encoder: the length is the model's budget, up to the encoder's own
         limit = getattr(pipe.text_encoder.config, "max_position_embeddings", config.model.max_text_tokens)
+        if config.mode in ADAPTER_MODES and config.model.max_text_tokens > pipe.tokenizer.model_max_length:
+            raise ValueError(f"model.max_text_tokens {config.model.max_text_tokens} exceeds the base's text budget of "
+                             f"{pipe.tokenizer.model_max_length} tokens (its tokenizer), which the pipeline encodes "
+                             "with at inference: lower it, or save the base with a longer tokenizer budget")
         pipe.tokenizer.model_max_length = min(config.model.max_text_tokens, limit)
     else:  # CLIP's tokenizer: never beyond its 77
         pipe.tokenizer.model_max_length = min(pipe.tokenizer.model_max_length, config.model.max_text_tokens)
@@ -493,6 +499,11 @@ class Trainer:
             self.pipe.default_source_start = self.source_start
             if not self.diptych:
                 self.pipe.reference_tokens = self.reference
+        elif config.mode == "incontext":  # text-to-image on the canvas: from noise, nothing in context
+            self.reference = False
+            if self.pipe.default_source_start is not None:
+                raise ValueError(f"model.base {config.model.base} edits in one step from the source: IC-LoRA trains on "
+                                 "a text-to-image base, sampled from noise")
         elif config.mode in ADAPTER_MODES:
             self.source_start = config.adapter.source_start
             if self.source_start is None:
@@ -600,6 +611,8 @@ class Trainer:
                  "task": None if items[0]["task"] is None else torch.tensor([it["task"] for it in items])}
         if self.diptych:
             batch = _diptych_batch(batch, self.pipe.diptych_template)
+        elif self.config.mode == "incontext":
+            batch = _incontext_batch(batch, [it["captions"] for it in items])
         if self.config.data.prompt_dropout:  # drawn from (seed, step, rank): a resumed run drops the same
             g = np.random.default_rng([self.config.seed, step, acc.process_index, 0xD0])
             batch["text"] = ["" if g.random() < self.config.data.prompt_dropout else t for t in batch["text"]]
@@ -628,7 +641,7 @@ class Trainer:
                                                self.pipe.encode_prompt(batch["text"], device=self.text_device,
                                                                        max_sequence_length=cfg.model.max_text_tokens))
             ref = cond = None
-            if cfg.mode != "t2i":
+            if cfg.mode not in ("t2i", "incontext"):  # incontext: text-to-image on the set's canvas
                 ref, ref_ids = self._images_to_tokens(batch["source"], reference=True)
             if self.diptych:
                 cond = self._fill_condition(batch["source"])
@@ -772,7 +785,17 @@ class Trainer:
         out_dir = self.out / "validation"
         out_dir.mkdir(parents=True, exist_ok=True)
         self.transformer.eval()
-        if cfg.mode != "t2i":
+        if cfg.mode == "incontext":  # the right panel made from the left, training-free, under the set's caption
+            from x2edit.incontext import inpaint_set, joint_caption
+            from x2edit.training.evaluation import edit_metrics
+
+            outputs = [np.asarray(inpaint_set(self.pipe, [p.source, None], joint_caption("EDIT", p.instruction,
+                                                                                        list(p.captions)),
+                                              task=p.task, num_inference_steps=20,
+                                              generator=torch.Generator().manual_seed(cfg.seed))[1]) for p in pairs]
+            gains = [edit_metrics(o, p.source, p.target, p.mask)["edit_gain_db"] for o, p in zip(outputs, pairs)]
+            metrics = {"val/edit_gain_db": float(np.mean(gains))}
+        elif cfg.mode != "t2i":
             steps = 1 if self.source_start is not None else 20
             table, _, outputs = evaluate_pairs(self.pipe, pairs, steps=steps, seed=cfg.seed,
                                                tasks=[p.task for p in pairs])
@@ -883,6 +906,15 @@ def _diptych_batch(batch: dict, template: str) -> dict:
     return {**batch, "source": [np.concatenate([s, s], axis=1) for s in batch["source"]],
             "target": [np.concatenate([s, t], axis=1) for s, t in zip(batch["source"], batch["target"])],
             "text": [template.format(instruction=t) for t in batch["text"]]}
+
+
+def _incontext_batch(batch: dict, captions: list[tuple[str, str]]) -> dict:
+    """An edit batch as IC-LoRA 2-panel sets: the [source | target] canvas is the image to generate (nothing in
+    context), described by "[EDIT] instruction [LEFT] source caption [RIGHT] target caption"."""
+    from x2edit.incontext import joint_caption, tile
+
+    return {**batch, "source": None, "target": [tile([s, t]) for s, t in zip(batch["source"], batch["target"])],
+            "text": [joint_caption("EDIT", text, list(c)) for text, c in zip(batch["text"], captions)]}
 
 
 def _right_half_tokens(canvas: np.ndarray, patch: int, device) -> torch.Tensor:

@@ -1,0 +1,62 @@
+"""x2edit train mode incontext (IC-LoRA): 2-panel [before | after] sets under a joint caption, a task LoRA
+trained as text-to-image on the canvas, validated by training-free inpainting of the right panel."""
+
+import json
+
+import pytest
+
+from x2edit.adapters import read_adapter_header
+from x2edit.incontext import check_caption
+from x2edit.training.config import load_config
+from x2edit.training.trainer import Trainer
+
+TINY = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
+        "axes_dims_rope": [4, 6, 6]}
+
+
+def _config(tmp_path, **over):
+    import yaml
+
+    base = {"mode": "t2i", "output_dir": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "checkpoint_every": 0,
+            "validate_every": 0, "log_every": 1, "data": {"resolution": 32},
+            "model": {"transformer": TINY, "max_text_tokens": 48}, "optim": {"lr": 1e-3}}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(base))
+    return load_config(tmp_path / "cfg.yaml", [f"{k}={json.dumps(v)}" for k, v in over.items()])
+
+
+@pytest.fixture(scope="module")
+def t2i_base(tmp_path_factory):
+    return Trainer(_config(tmp_path_factory.mktemp("t2i"))).train() / "pipeline"
+
+
+def test_incontext_trains_a_task_lora_on_captioned_sets(t2i_base, tmp_path):
+    cfg = _config(tmp_path, mode="incontext", validate_every=2, **{"model.base": str(t2i_base),
+                  "adapter": {"kind": "lora", "rank": 2}, "data.validation_pairs": 1})
+    trainer = Trainer(cfg)
+    batch = trainer.batch(0)
+    assert batch["source"] is None and batch["target"][0].shape == (32, 64, 3)
+    for text in batch["text"]:
+        check_caption(text, 2)
+        assert text.startswith("[EDIT] ")
+    out = trainer.train()
+    assert read_adapter_header(out / "adapter.safetensors")["config"].kind == "lora"
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/edit_gain_db" in row for row in logged) and (out / "validation").is_dir()
+
+
+def test_incontext_refuses_what_it_cannot_train_on(t2i_base, tmp_path):
+    for over, message in [({"data.source": {"format": "x2edit", "path": "x"}}, "Shape World's captioned sets"),
+                          ({"loss.weighting": "x0_edit"}, "x0_edit")]:
+        with pytest.raises(ValueError, match=message):
+            _config(tmp_path, mode="incontext", **{"model.base": str(t2i_base), **over})
+    with pytest.raises(ValueError, match="exceeds the base's text budget of 48 tokens"):
+        Trainer(_config(tmp_path, mode="incontext", **{"model.base": str(t2i_base), "model.max_text_tokens": 64,
+                                                        "adapter": {"rank": 2}}))
+    one_step = tmp_path / "one_step"
+    import shutil
+
+    shutil.copytree(t2i_base, one_step)
+    (one_step / "x2edit_embedded.json").write_text('{"source_start": 0.5, "reference_tokens": false}')
+    with pytest.raises(ValueError, match="IC-LoRA trains on a text-to-image base"):
+        Trainer(_config(tmp_path, mode="incontext", **{"model.base": str(one_step), "adapter": {"rank": 2}}))
