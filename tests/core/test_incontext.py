@@ -93,3 +93,24 @@ def test_fill_makes_the_masked_panel_as_a_stock_fill_call(t2i):
         inpaint_set(t2i, [left, left], CAPTION, **KW)
     with pytest.raises(ValueError, match="grid"):
         inpaint_set(t2i, [_panel(0, w=6, h=6), None], CAPTION, **KW)
+
+
+def test_a_one_step_fill_base_starts_the_made_panel_from_the_given_one():
+    """x2edit-tiny-fill's reading: the panel to make starts as a copy of the nearest given panel at the base's
+    noise level, one step; a model that changes nothing returns that copy."""
+    from x2edit.pipeline_diptych import fill_transformer_from
+    from x2edit.pixel_vae import PixelShuffleVAE
+    from x2edit.testing import tiny_flux_transformer, tiny_sentence_components
+
+    comps = tiny_sentence_components(0)
+    comps["vae"] = PixelShuffleVAE(factor=2)
+    comps["transformer"] = fill_transformer_from(tiny_flux_transformer(0, in_channels=48), 12, 2)
+    pipe = X2EditDiptychPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.default_source_start = 0.5
+    torch.nn.init.zeros_(pipe.transformer.proj_out.weight)
+    torch.nn.init.zeros_(pipe.transformer.proj_out.bias)
+    left = _panel(4)
+    out = inpaint_set(pipe, [left, None, None], "[SET] x [PANEL-1] a [PANEL-2] b [PANEL-3] c", method="fill",
+                      max_sequence_length=16)
+    assert all(np.array_equal(np.asarray(o), np.asarray(left)) for o in out)
