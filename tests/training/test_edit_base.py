@@ -99,7 +99,8 @@ def test_task_weights_draw_tasks_in_proportion_and_per_seed():
 @pytest.mark.parametrize("over, message", [
     ({"data.task_weights": {"colour_change": 2}}, "unknown task"),
     ({"data.task_weights": {"color_change": -1}}, "task_weights.color_change must be a number"),
-    ({"model.source_start": 0.5, "mode": "edit"}, "need mode: edit_base"),
+    ({"model.source_start": 0.5, "mode": "edit"}, "needs mode: edit_base or diptych_base"),
+    ({"model.reference_tokens": False, "mode": "diptych_base", "model.source_start": 0.5}, "it needs mode: edit_base"),
     ({"model.reference_tokens": False}, "needs model.source_start"),
     ({"loss.mask_weight": 1.0, "mode": "t2i"}, "needs an edit mode"),
 ])
