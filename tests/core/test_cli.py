@@ -84,6 +84,9 @@ def test_edit_end_to_end(tiny_base, capsys):
     ({"--lora": "junk.png"}, "not a readable safetensors"),
     ({"--lora": "moe.safetensors"}, "is an x2edit adapter: pass it with --adapter"),
     ({"--max-area": "0"}, "--max-area must be >= 1"),
+    ({"--mode": "incontext"}, "needs the set's joint caption"),
+    ({"--mode": "incontext", "--caption": "a blue square, then a red one"}, "task tag"),
+    ({"--caption": "[EDIT] x [LEFT] a [RIGHT] b"}, "--caption is the joint caption of --mode incontext"),
     ({"--best-of": "2"}, "--best-of N needs a judge"),
     ({"--best-of": "0"}, "--best-of must be >= 1"),
     ({"--judge": "absent_vlm"}, "--judge picks among --best-of N outputs"),
@@ -102,7 +105,8 @@ def test_edit_bad_input_exits_2_with_one_line_and_no_output(tiny_base, capsys, m
             "--base": str(tiny_base / "base"), "--steps": "1", **change}
     argv = ["edit"]
     for k, v in opts.items():
-        argv += [k, v if k in ("--instruction", "--steps", "--task", "--max-area", "--device", "--mode", "--best-of")
+        argv += [k, v if k in ("--instruction", "--steps", "--task", "--max-area", "--device", "--mode", "--best-of",
+                               "--caption")
                  or v.startswith(("/", "x2edit", "flux")) else str(tiny_base / v)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -151,3 +155,14 @@ def test_edit_reads_a_photo_at_the_embedded_models_working_size_and_returns_it_a
     assert np.abs(np.diff(change, axis=1)).mean() < 4 < np.abs(np.diff(photo.astype(int), axis=1)).mean()
     assert main([*argv, "--max-area", "8192"]) == 0
     assert Image.open(tmp_path / "out.png").size == (3000, 2000)
+
+
+def test_edit_incontext_makes_the_right_panel_of_a_set_offline(tmp_path, capsys):
+    """x2edit edit --mode incontext on the embedded Fill base: the right panel of [source | ?] under the caption."""
+    src = tmp_path / "src.png"
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(src)
+    out = tmp_path / "out.png"
+    assert main(["edit", "--mode", "incontext", "--image", str(src), "--instruction", "make the background blue",
+                 "--caption", "[EDIT] make the background blue [LEFT] a red scene [RIGHT] a red scene on blue",
+                 "--out", str(out)]) == 0
+    assert "incontext" in capsys.readouterr().out and Image.open(out).size[0] * Image.open(out).size[1] <= 64 * 64

@@ -7,7 +7,15 @@ import torch
 from PIL import Image
 
 from x2edit import X2EditPipeline
-from x2edit.incontext import check_caption, generate_set, inpaint_set, joint_caption, position_tags, split, tile
+from x2edit.incontext import (
+    check_caption,
+    generate_set,
+    inpaint_set,
+    joint_caption,
+    position_tags,
+    split,
+    tile,
+)
 from x2edit.pipeline_diptych import X2EditDiptychPipeline
 from x2edit.testing import tiny_fill_components, tiny_kontext_components
 

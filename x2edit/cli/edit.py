@@ -13,10 +13,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--image", required=True, help="source image file")
     parser.add_argument("--instruction", required=True, help='what to change, e.g. "make the car red"')
     parser.add_argument("--out", required=True, help="output image file (.png, .jpg, .webp)")
-    parser.add_argument("--mode", default=None, choices=["edit", "diptych"],
+    parser.add_argument("--mode", default=None, choices=["edit", "diptych", "incontext"],
                         help="edit: the source as Kontext reference tokens (X2EditPipeline); diptych: ICEdit's "
                              "in-context edit, a Fill model repaints the right half of [source | edit] "
-                             "(X2EditDiptychPipeline). Default: the base's own")
+                             "(X2EditDiptychPipeline); incontext: the right panel of an IC-LoRA set [source | ?] made "
+                             "under --caption (a text-to-image base with its task LoRA as --adapter: SDEdit-style; a "
+                             "Fill base: by Fill; default base x2edit-tiny-fill). Default: the base's own")
+    parser.add_argument("--caption", default=None,
+                        help='incontext: the set\'s joint caption, e.g. "[EDIT] make it red [LEFT] a blue square '
+                             '[RIGHT] a red square"')
     parser.add_argument("--base", default=None, help="registered base model name or local pipeline directory "
                                                        "(default: x2edit-tiny; --mode diptych: x2edit-tiny-fill)")
     parser.add_argument("--adapter", default=None, help="x2edit adapter file (.safetensors) to load")
@@ -106,7 +111,20 @@ def run(args) -> int:
             raise FileNotFoundError(f"LoRA file not found: {f}")
         check_lora_file(f)
     device = resolve_device(args.device)
-    base = check_mode(args.base, args.mode)  # a base of the mode asked for, before loading it
+    incontext = args.mode == "incontext"
+    if incontext:
+        from x2edit.incontext import check_caption
+
+        if args.caption is None:
+            raise ValueError("--mode incontext needs the set's joint caption: --caption \"[EDIT] ... [LEFT] ... [RIGHT] ...\"")
+        check_caption(args.caption, 2)
+        if args.best_of > 1:
+            raise ValueError("--best-of is for the edit and diptych modes")
+        base = check_mode(args.base or "x2edit-tiny-fill", None)  # either kind: Fill, or text-to-image + task LoRA
+    elif args.caption is not None:
+        raise ValueError("--caption is the joint caption of --mode incontext")
+    else:
+        base = check_mode(args.base, args.mode)  # a base of the mode asked for, before loading it
     judge = None
     if args.best_of < 1:
         raise ValueError(f"--best-of must be >= 1, got {args.best_of}")
@@ -139,7 +157,17 @@ def run(args) -> int:
         task = pipe.task_classifier([args.instruction])[0]
     guidance = args.guidance if args.guidance is not None or diptych else 2.5
     kwargs = dict(task=task, num_inference_steps=args.steps, guidance_scale=guidance, max_area=args.max_area, **auto)
-    if judge is not None:
+    if incontext:
+        from x2edit.incontext import inpaint_set
+        from x2edit.pipeline_common import _fit
+
+        grid = pipe.vae_scale_factor * 2
+        h, w = _fit(image.size[1], image.size[0], args.max_area or pipe.default_max_area, grid, "the source image")
+        steps = {} if pipe.source_start() is not None else {"num_inference_steps": args.steps or 28}
+        result = inpaint_set(pipe, [image.convert("RGB").resize((w, h)), None], args.caption,
+                             method="fill" if diptych else "sdedit", task=task, guidance_scale=guidance,
+                             generator=torch.Generator(device="cpu").manual_seed(args.seed), **steps)[1]
+    elif judge is not None:
         from x2edit.best_of import best_of_n
 
         best = best_of_n(pipe, image, args.instruction, args.best_of, judge.score_edit, seed=args.seed, **kwargs)
@@ -152,7 +180,8 @@ def run(args) -> int:
                            **kwargs).images[0]
     with atomic_path(out) as tmp:  # an interrupted run leaves no partial output file
         result.save(tmp)
-    print(f"wrote {out} ({result.size[0]}x{result.size[1]}, {'diptych, ' if diptych else ''}task={task or '-'}, "
+    how = "incontext, " if incontext else "diptych, " if diptych else ""
+    print(f"wrote {out} ({result.size[0]}x{result.size[1]}, {how}task={task or '-'}, "
           f"{time.perf_counter() - t0:.1f} s)")
     for hit in pipe.retrieved_loras or []:
         print(f"  retrieved {hit['file']} (score {hit['score']:.3f})"
