@@ -34,6 +34,7 @@ from x2edit.adapters import residual_adapters, residual_reading, static_merge
 from x2edit.pipeline_common import (
     X2EditPipelineMixin,
     _check_instructions,
+    _check_positive,
     _check_sources,
     _fit,
     _resize_sources,
@@ -245,12 +246,8 @@ class X2EditPipeline(X2EditPipelineMixin, X2EditLoraMixin, FluxKontextPipeline):
             ``FluxPipelineOutput`` with ``images``, or ``(images,)`` when ``return_dict`` is False.
         """
         prompts = _check_instructions(prompt)
-        if num_images_per_prompt is None or isinstance(num_images_per_prompt, bool) \
-                or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        for name, value in (("height", height), ("width", width), ("max_area", max_area)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive({"num_images_per_prompt": num_images_per_prompt},
+                        {"height": height, "width": width, "max_area": max_area})
         start = self.source_start()
         on_grid = self._needs_source_on_output_grid()
         if on_grid and image is None:

@@ -287,6 +287,14 @@ class X2EditPipelineMixin:
 
 
 # -- input checks and sizes (module level: they need no pipeline state) ------------------------------
+def _check_positive(required: dict, optional: dict) -> None:
+    """Each value of ``required`` a positive integer, and of ``optional`` too unless None (one-line
+    ``ValueError`` naming the argument)."""
+    for name, value in [*required.items(), *((k, v) for k, v in optional.items() if v is not None)]:
+        if value is None or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _check_instructions(prompt) -> list[str] | None:
     if prompt is None:
         return None

@@ -31,6 +31,7 @@ from x2edit.adapters import residual_adapters, static_merge
 from x2edit.pipeline_common import (
     X2EditPipelineMixin,
     _check_instructions,
+    _check_positive,
     _check_sources,
     _fit,
     _pixels,
@@ -241,12 +242,8 @@ class X2EditDiptychPipeline(X2EditPipelineMixin, X2EditLoraMixin, FluxFillPipeli
         template = self.diptych_template if template is None else template
         if not isinstance(template, str) or "{instruction}" not in template:
             raise ValueError(f"template must contain '{{instruction}}', got {template!r}")
-        if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \
-                or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        for name, value in (("height", height), ("width", width), ("max_area", max_area)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive({"num_images_per_prompt": num_images_per_prompt},
+                        {"height": height, "width": width, "max_area": max_area})
         sources, count, size = _check_sources(image)
         if count not in (1, len(prompts)):
             raise ValueError(f"got {count} source images for {len(prompts)} instructions: pass one image, or one per "
