@@ -15,7 +15,7 @@ bound on what any judge can pick, at N times the cost; a one-step model is deter
     python benchmarks/incontext.py --model kontext=x2edit-tiny --model diptych=x2edit-tiny-fill \\
         --model "diptych from noise=runs/fill/base_noise/pipeline" --best-of 4 --out benchmarks/results/incontext
 
-Writes OUT/incontext.json and OUT/incontext.md.
+Writes OUT/incontext.json and OUT/incontext.md (``--grids``: OUT/NAME.png, one edit per task of each model).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import resource
 import statistics
 import subprocess
@@ -38,7 +39,8 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: int, incontext_steps: int = 20) -> dict:
+def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: int, incontext_steps: int = 20,
+            grid: str | None = None) -> dict:
     """One model's numbers (run in a fresh process: ``--worker``)."""
     import torch
     from PIL import Image
@@ -83,6 +85,13 @@ def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: i
 
     rss_loaded = _rss_mb()
     outputs = edit_all(seed)
+    if grid:  # one pair per task: source | instruction | output | target
+        from x2edit.training.evaluation import edit_grid
+
+        first = {}
+        for p, o in zip(pairs, outputs):
+            first.setdefault(p.task, (p, o))
+        edit_grid([v[0] for v in first.values()], [v[1] for v in first.values()]).save(grid)
     gains = [edit_metrics(o, p.source, p.target, p.mask)["edit_gain_db"] for p, o in zip(pairs, outputs)]
 
     # Tokens of one 64x64 edit: image tokens (a diptych's or a set's canvas is twice the image) + text tokens.
@@ -171,6 +180,8 @@ def main(argv=None) -> int:
                          "panel of [source | ?] inpainted under the set's joint caption (a text-to-image base with "
                          "its task LoRA: SDEdit-style; a Fill base: by Fill)")
     ap.add_argument("--incontext-steps", type=int, default=20, help="denoising steps of IC-LoRA inpainting")
+    ap.add_argument("--grids", action="store_true", help="also write OUT/NAME.png: one edit per task of each model")
+    ap.add_argument("--grid", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n-per-task", type=int, default=20)
     ap.add_argument("--best-of", type=int, default=1)
     ap.add_argument("--timing-edits", type=int, default=20)
@@ -180,7 +191,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(measure(args.worker, args.n_per_task, args.best_of, args.timing_edits, args.seed,
-                                 args.incontext_steps)))
+                                 args.incontext_steps, args.grid)))
         return 0
     if args.out is None:
         ap.error("--out is required")
@@ -192,6 +203,9 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--worker", base, "--model", spec, "--n-per-task", str(args.n_per_task),
                "--best-of", str(args.best_of), "--timing-edits", str(args.timing_edits), "--seed", str(args.seed),
                "--incontext-steps", str(args.incontext_steps)]
+        if args.grids:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            cmd += ["--grid", str(Path(args.out) / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".png"))]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{name}: {done.stderr.strip().splitlines()[-1]}")
