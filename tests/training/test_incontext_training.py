@@ -46,8 +46,7 @@ def test_incontext_trains_a_task_lora_on_captioned_sets(t2i_base, tmp_path):
 
 
 def test_incontext_refuses_what_it_cannot_train_on(t2i_base, tmp_path):
-    for over, message in [({"data.source": {"format": "x2edit", "path": "x"}}, "Shape World's captioned sets"),
-                          ({"loss.weighting": "x0_edit"}, "x0_edit")]:
+    for over, message in [({"loss.weighting": "x0_edit"}, "x0_edit"), ({"loss.mask_weight": 1.0}, "mask_weight")]:
         with pytest.raises(ValueError, match=message):
             _config(tmp_path, mode="incontext", **{"model.base": str(t2i_base), **over})
     with pytest.raises(ValueError, match="exceeds the base's text budget of 48 tokens"):
@@ -60,3 +59,47 @@ def test_incontext_refuses_what_it_cannot_train_on(t2i_base, tmp_path):
     (one_step / "x2edit_embedded.json").write_text('{"source_start": 0.5, "reference_tokens": false}')
     with pytest.raises(ValueError, match="IC-LoRA trains on a text-to-image base"):
         Trainer(_config(tmp_path, mode="incontext", **{"model.base": str(one_step), "adapter": {"rank": 2}}))
+
+
+def test_build_data_shards_are_panel_sets_the_incontext_trainer_reads(t2i_base, tmp_path):
+    """x2edit build-data writes each Shape World pair's scene captions (a 2-panel set); the reader carries them and
+    mode incontext trains from the shards. Shards without captions are refused, naming the sample."""
+    import io
+    import tarfile
+
+    from x2edit.cli import main
+    from x2edit.training.data import EditDataset
+    from x2edit.training.trainer import TrainingError
+
+    shards = tmp_path / "shards"
+    assert main(["build-data", "--no-progress", "--out", str(shards), "--num-samples", "8", "--workers", "1",
+                 "writer.samples_per_shard=8"]) == 0
+    ds = EditDataset({"format": "x2edit", "path": str(shards)})
+    assert all(r.captions is not None and all(r.captions) for r in ds.records)
+    spec = {"format": "x2edit", "path": str(shards)}
+    cfg = _config(tmp_path, mode="incontext", **{"model.base": str(t2i_base), "adapter": {"kind": "lora", "rank": 2},
+                                                 "data.source": spec, "data.resolution": 32})
+    trainer = Trainer(cfg)
+    batch = trainer.batch(0)
+    for text in batch["text"]:
+        check_caption(text, 2)
+    trainer.train()
+
+    # the same shards with the captions taken out of every sample's JSON
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for tar in shards.glob("*.tar"):
+        with tarfile.open(tar) as src, tarfile.open(bare / tar.name, "w") as dst:
+            for m in src.getmembers():
+                data = src.extractfile(m).read()
+                if m.name.endswith(".json"):
+                    meta = json.loads(data)
+                    meta.pop("captions", None)
+                    data = json.dumps(meta).encode()
+                m.size = len(data)
+                dst.addfile(m, io.BytesIO(data))
+    cfg = _config(tmp_path / "b", mode="incontext", **{"model.base": str(t2i_base), "adapter": {"rank": 2},
+                                                      "data.source": {"format": "x2edit", "path": str(bare)},
+                                                      "data.resolution": 32})
+    with pytest.raises(TrainingError, match="needs each pair's scene captions"):
+        Trainer(cfg).batch(0)

@@ -57,9 +57,12 @@ def sample_meta(s: Sample) -> dict:
     """The JSON metadata written beside a sample's images."""
     h, w = s.source.shape[:2]
     task_id = get_task(s.task).id if s.task in TASK_NAMES else None
-    return {"key": s.key, "instruction": s.instruction, "task": s.task, "task_id": task_id,
+    meta = {"key": s.key, "instruction": s.instruction, "task": s.task, "task_id": task_id,
             "scores": dict(s.scores), "score_notes": dict(s.notes), "provenance": s.provenance,
             "width": w, "height": h}
+    if "captions" in s.extra:  # the scenes' descriptions: the pair is a 2-panel IC-LoRA set (x2edit.incontext)
+        meta["captions"] = [str(c) for c in s.extra["captions"]]
+    return meta
 
 
 def sample_record(s: Sample, write_mask: bool = True) -> dict[str, bytes | str]:

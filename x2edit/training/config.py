@@ -228,9 +228,9 @@ class TrainConfig:
             "diptych_base" (the whole transformer as a FLUX Fill model repainting the right half of a
             [source | target] canvas) and "diptych" (an adapter on a frozen Fill base, the same way). The
             diptych modes read the same data as edit mode. "incontext" (IC-LoRA): a task LoRA on the frozen
-            text-to-image base, trained as text-to-image on 2-panel [before | after] sets of Shape World pairs
-            under a joint caption ("[EDIT] instruction [LEFT] source caption [RIGHT] target caption";
-            ``x2edit.incontext``).
+            text-to-image base, trained as text-to-image on 2-panel [before | after] sets of captioned pairs
+            (Shape World on the fly, or x2edit shards of it) under a joint caption ("[EDIT] instruction [LEFT]
+            source caption [RIGHT] target caption"; ``x2edit.incontext``).
         output_dir: checkpoints, logs, validation grids and the final model/adapter.
         steps: optimizer steps; batch_size: samples per step and process.
         checkpoint_every / validate_every / log_every: in steps (0 disables).
@@ -283,10 +283,10 @@ class TrainConfig:
         if self.loss.weighting not in ("none", "sigma_sqrt", "cosmap", "x0", "x0_edit"):
             raise ValueError("loss.weighting must be none, sigma_sqrt, cosmap, x0 or x0_edit, got "
                              f"{self.loss.weighting!r}")
-        if self.mode == "incontext" and (self.data.readers or self.loss.weighting == "x0_edit"
-                                         or self.loss.mask_weight or self.loss.region_weight):
-            raise ValueError("mode incontext trains on Shape World's captioned sets (data.source: shapeworld) as text-to-"
-                             "image: no reader data, x0_edit weighting, mask_weight or region_weight")
+        if self.mode == "incontext" and (self.loss.weighting == "x0_edit" or self.loss.mask_weight
+                                         or self.loss.region_weight):
+            raise ValueError("mode incontext trains on captioned sets as text-to-image: no x0_edit weighting, "
+                             "mask_weight or region_weight")
         if self.loss.weighting == "x0_edit" and self.mode == "t2i":
             raise ValueError("loss.weighting x0_edit divides by each pair's edit (source vs target): it needs an edit "
                              "mode (edit or edit_base)")

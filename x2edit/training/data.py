@@ -78,6 +78,8 @@ class EditSample:
         scores: named numeric quality scores (lists already reduced to one number).
         key: the sample's key inside its origin (tar key, file stem, row).
         origin: where it came from (shard, file, ``file:line``), for messages and debugging.
+        captions: (source, target) scene descriptions where the data has them (x2edit shards of Shape
+            World): the pair as a 2-panel IC-LoRA set; None otherwise.
     """
 
     source: Image.Image
@@ -87,6 +89,7 @@ class EditSample:
     scores: dict[str, float]
     key: str
     origin: str
+    captions: tuple[str, str] | None = None
 
 
 class NoSamplesError(ValueError):
@@ -501,6 +504,7 @@ class SampleRecord:
     source: ImageRef
     target: ImageRef
     size: tuple[int, int] | None = None
+    captions: tuple[str, str] | None = None
 
 
 def load_record(record: SampleRecord) -> EditSample:
@@ -512,7 +516,14 @@ def load_record(record: SampleRecord) -> EditSample:
         raise AspectMismatch(f"source {source.size[0]}x{source.size[1]} and target "
                          f"{target.size[0]}x{target.size[1]} have different aspect ratios")
     return EditSample(source, target, record.instruction, record.task, dict(record.scores), record.key,
-                      record.origin)
+                      record.origin, record.captions)
+
+
+def _captions(value) -> tuple[str, str] | None:
+    """A sample's (source, target) captions from its metadata, when it has two strings there."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(c, str) and c.strip() for c in value):
+        return value[0], value[1]
+    return None
 
 
 @dataclass
@@ -733,7 +744,7 @@ class EditReader:
                 stats.drop(checked.outcome, checked.where, checked.detail)
                 continue
             yield SampleRecord(raw.key, raw.origin, raw.instruction.strip(), checked.task, raw.scores,
-                               raw.source, raw.target)
+                               raw.source, raw.target, captions=_captions(raw.fields.get("captions")))
 
     def _empty(self, stats: ReadStats) -> NoSamplesError:
         filters = ", ".join(f"'{f}'" for f in self.rules) or "none"

@@ -265,7 +265,8 @@ class ReaderSource:
             return None
         return {"source": np.asarray(sample.source) if self.mode != "t2i" else None,
                 "target": np.asarray(sample.target), "text": sample.instruction,
-                "task": task_slot(sample.task) if sample.task is not None else None}
+                "task": task_slot(sample.task) if sample.task is not None else None, "captions": sample.captions,
+                "origin": f"{sample.origin}:{sample.key}"}
 
 
 class SourceMixture:
@@ -612,6 +613,10 @@ class Trainer:
         if self.diptych:
             batch = _diptych_batch(batch, self.pipe.diptych_template)
         elif self.config.mode == "incontext":
+            missing = [it.get("origin", "?") for it in items if it.get("captions") is None]
+            if missing:
+                raise TrainingError(f"mode incontext needs each pair's scene captions (x2edit build-data writes them "
+                                    f"for Shape World); {missing[0]} has none")
             batch = _incontext_batch(batch, [it["captions"] for it in items])
         if self.config.data.prompt_dropout:  # drawn from (seed, step, rank): a resumed run drops the same
             g = np.random.default_rng([self.config.seed, step, acc.process_index, 0xD0])
