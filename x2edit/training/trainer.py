@@ -411,14 +411,12 @@ def load_base_pipeline(config: TrainConfig, dtype: torch.dtype = torch.float32):
         from x2edit.registry import load_pipeline
 
         pipe = load_pipeline(config.model.base, torch_dtype=dtype)
-    if pipe.text_encoder_2 is None:  # a sentence encoder: the length is the model's budget, up to the encoder's own
+    if pipe.text_encoder_2 is None and config.mode not in ADAPTER_MODES:
+        # A sentence encoder's length is the model's own budget, saved with the base it trains (up to the encoder's
+        # positions): a base may be given a longer one than it started with.
         limit = getattr(pipe.text_encoder.config, "max_position_embeddings", config.model.max_text_tokens)
-        if config.mode in ADAPTER_MODES and config.model.max_text_tokens > pipe.tokenizer.model_max_length:
-            raise ValueError(f"model.max_text_tokens {config.model.max_text_tokens} exceeds the base's text budget of "
-                             f"{pipe.tokenizer.model_max_length} tokens (its tokenizer), which the pipeline encodes "
-                             "with at inference: lower it, or save the base with a longer tokenizer budget")
         pipe.tokenizer.model_max_length = min(config.model.max_text_tokens, limit)
-    else:  # CLIP's tokenizer: never beyond its 77
+    else:  # an adapter is encoded as its base encodes at inference (its tokenizer's budget); CLIP: never beyond 77
         pipe.tokenizer.model_max_length = min(pipe.tokenizer.model_max_length, config.model.max_text_tokens)
     if config.mode in DIPTYCH_MODES:
         pipe = as_fill_pipeline(pipe, config)
