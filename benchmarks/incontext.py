@@ -56,7 +56,7 @@ def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: i
     base, _, adapter = base.removeprefix("sets:").partition("+")  # BASE+ADAPTER: a task LoRA on the base
     pipe = load_pipeline(base)
     pipe.set_progress_bar_config(disable=True)
-    diptych = hasattr(pipe, "diptych_template")
+    diptych = pipe.editing_mode == "diptych"
     method = "fill" if diptych else "sdedit"
     if adapter:
         pipe.load_adapter(adapter, adapter_name="incontext", replace=True)  # in place of the base's own

@@ -125,7 +125,7 @@ def inpaint_set(pipe, panels: list, caption: str, method: str = "sdedit", genera
         if start is not None:  # a base trained to edit in one step from the source: the panels to make start as
             near = [min(given, key=lambda g: abs(g - i)) for i in range(n)]  # copies of the nearest given panel
             begin = torch.from_numpy(tile([canvas[:, j * w:(j + 1) * w] for j in near])).permute(2, 0, 1)[None] / 255
-            call_kwargs = {**call_kwargs, "latents": pipe._canvas_tokens(begin.float()), "num_inference_steps": 1,
+            call_kwargs = {**call_kwargs, "latents": pipe._pack_pixels(begin.float() * 2 - 1), "num_inference_steps": 1,
                            "sigmas": pipe._one_step_sigmas(start, h, n * w)}
         out = pipe(prompt=caption, image=pixels, mask_image=mask, height=h, width=n * w, generator=generator,
                    output_type="np", **call_kwargs).images[0]
@@ -144,9 +144,7 @@ def inpaint_set(pipe, panels: list, caption: str, method: str = "sdedit", genera
 def _sdedit(pipe, pixels: torch.Tensor, keep: np.ndarray, caption: str, generator, call_kwargs: dict) -> np.ndarray:
     """(h, n*w, 3) float output of the training-free inpainting loop (see ``inpaint_set``)."""
     device, dtype = pipe._execution_device, pipe.transformer.dtype
-    z = pipe._encode_vae_image((pixels * 2 - 1).to(device=device, dtype=pipe.vae.dtype), generator=None).to(dtype)
-    b, c, lh, lw = z.shape
-    clean = pipe._pack_latents(z, b, c, lh, lw)  # (1, T, 4C)
+    clean = pipe._pack_pixels(pixels * 2 - 1)  # (1, T, 4C)
     patch = pipe.vae_scale_factor * 2  # pixels per token side
     kept = torch.from_numpy(keep[::patch, ::patch].copy()).flatten().to(device)  # (T,) tokens of given panels
     noise = torch.randn(clean.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)

@@ -61,6 +61,7 @@ class X2EditPipeline(X2EditPipelineMixin, X2EditLoraMixin, FluxKontextPipeline):
     """
 
     _optional_components = ["text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor"]
+    editing_mode = "edit"
     # What a call that passes None gets: stock Kontext's values, or what a bundled model records in its
     # x2edit_embedded.json (the registry sets them on loading; x2edit-tiny: 1 step, 64x64 pixels).
     default_num_inference_steps: int = 28
@@ -114,12 +115,8 @@ class X2EditPipeline(X2EditPipelineMixin, X2EditLoraMixin, FluxKontextPipeline):
     def _source_tokens(self, image, batch_size: int) -> torch.Tensor:
         """Packed latents (B, T, C) of the sources (already at the output's size), one row per image of the
         batch (each instruction's images side by side): the start of a one-step edit without reference tokens."""
-        device, dtype = self._execution_device, self.transformer.dtype
-        pixels = self.image_processor.preprocess(image)  # (N, 3, H, W) in [-1, 1]
-        z = self._encode_vae_image(pixels.to(device=device, dtype=self.vae.dtype), generator=None)  # argmax: no noise
-        z = z.repeat_interleave(batch_size // z.shape[0], dim=0).to(dtype)
-        b, c, h, w = z.shape
-        return self._pack_latents(z, b, c, h, w)
+        tokens = self._pack_pixels(self.image_processor.preprocess(image))  # from (N, 3, H, W) in [-1, 1]
+        return tokens.repeat_interleave(batch_size // tokens.shape[0], dim=0)
 
     def prepare_latents(self, image, batch_size, num_channels_latents, height, width, dtype, device, generator=None,
                         latents=None):
@@ -312,13 +309,9 @@ class X2EditPipeline(X2EditPipelineMixin, X2EditLoraMixin, FluxKontextPipeline):
         # 4. Stock Kontext from here: text encoding, latents, timesteps, loop, decode.
         self._start_from_source = start is not None
         try:
-            # LoRA hook: joint_attention_kwargs={"scale": s} scales the community LoRAs (pipeline_lora.py)
-            # AutoLoRA hook: lora_index= / auto_lora_top_k= retrieve and load LoRAs, fuse_loras() gates them per
-            # layer and step (pipeline_lora.py); entered first, so the routing and the reading see them
-            auto = {"lora_index": lora_index, "auto_lora_top_k": auto_lora_top_k, "auto_lora_fusion": auto_lora_fusion,
-                    "auto_lora_min_score": auto_lora_min_score}
-            with self._lora_fusion_call(prompts, auto), routing, reading, \
-                    self._community_lora_scale(joint_attention_kwargs):
+            with self._call_hooks(prompts, routing, reading, joint_attention_kwargs, lora_index=lora_index,
+                                  auto_lora_top_k=auto_lora_top_k, auto_lora_fusion=auto_lora_fusion,
+                                  auto_lora_min_score=auto_lora_min_score):
                 out = super().__call__(
                     image=image, prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt,
                     negative_prompt_2=negative_prompt_2, true_cfg_scale=true_cfg_scale, height=height, width=width,

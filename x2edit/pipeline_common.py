@@ -65,6 +65,7 @@ class X2EditPipelineMixin:
     and ``vae_scale_factor``; ``__init__`` of the subclass calls ``_init_x2edit_state()``.
     """
 
+    editing_mode: str  # each pipeline's: "edit" (Kontext layout) or "diptych" (Fill), as the registry names the modes
     default_max_sequence_length: int = 512  # unless the active adapters record their trained length
     # A base trained to edit in one step from the source records the noise level (unless an active adapter
     # sets its own); None: sampled from noise, as stock.
@@ -260,6 +261,24 @@ class X2EditPipelineMixin:
         logger.warning("%s is %dx%d, more than this pipeline's working area of %d pixels (about %dx%d): editing at "
                        "%dx%d; pass max_area= (x2edit edit: --max-area) to change it (reported once per pipeline)",
                        what, size[1], size[0], max_area, math.isqrt(max_area), math.isqrt(max_area), used[1], used[0])
+
+    def _pack_pixels(self, pixels: torch.Tensor, device=None) -> torch.Tensor:
+        """Packed latents (N, T, 4C) in the transformer's dtype of images (N, 3, H, W) in [-1, 1], encoded on
+        ``device`` (default: the pipeline's) without sampling noise (the VAE's mode), shifted and scaled as the
+        pipeline's own latents."""
+        pixels = pixels.to(device=device or self._execution_device, dtype=self.vae.dtype)
+        z = self._encode_vae_image(pixels, generator=None)  # (N, C, h, w)
+        b, c, h, w = z.shape
+        return self._pack_latents(z.to(self.transformer.dtype), b, c, h, w)
+
+    @contextlib.contextmanager
+    def _call_hooks(self, prompts: list[str] | None, routing, reading, joint_attention_kwargs: dict | None, **auto):
+        """The contexts a call runs the stock loop under, in order: AutoLoRA (``auto``: lora_index= and the
+        auto_lora_* arguments; entered first, so the routing and the reading see its LoRAs), the task
+        ``routing``, the adapters' ``reading`` (transient merge, residual reading) and the community LoRAs'
+        ``joint_attention_kwargs={"scale": s}`` (``x2edit.pipeline_lora``)."""
+        with self._lora_fusion_call(prompts, auto), routing, reading, self._community_lora_scale(joint_attention_kwargs):
+            yield
 
     def _one_step_sigmas(self, start: float, height: int, width: int) -> list[float]:
         """The sigmas to pass stock's loop so its one step starts at noise level ``start`` for a height x width

@@ -84,6 +84,7 @@ class X2EditDiptychPipeline(X2EditPipelineMixin, X2EditLoraMixin, FluxFillPipeli
     """
 
     _optional_components = ["text_encoder_2", "tokenizer_2"]
+    editing_mode = "diptych"
     # What ``edit`` uses when a call passes None: ICEdit's values on FLUX.1 Fill, or what a bundled model
     # records in its x2edit_embedded.json (the registry sets them; x2edit-tiny-fill: one step, 64x64 halves).
     default_num_inference_steps: int = 28
@@ -146,11 +147,9 @@ class X2EditDiptychPipeline(X2EditPipelineMixin, X2EditLoraMixin, FluxFillPipeli
         if max_sequence_length is None:
             max_sequence_length = self.text_length()
         routing = self._task_routing(prompts, task, n_prompts, num_images_per_prompt or 1)
-        auto = {"lora_index": lora_index, "auto_lora_top_k": auto_lora_top_k, "auto_lora_fusion": auto_lora_fusion,
-                "auto_lora_min_score": auto_lora_min_score}
-        # As in X2EditPipeline: AutoLoRA first, so the routing and the transient merge see its LoRAs.
-        with self._lora_fusion_call(prompts, auto), routing, static_merge(self.transformer, calls=num_inference_steps), \
-                self._community_lora_scale(joint_attention_kwargs):
+        with self._call_hooks(prompts, routing, static_merge(self.transformer, calls=num_inference_steps),
+                              joint_attention_kwargs, lora_index=lora_index, auto_lora_top_k=auto_lora_top_k,
+                              auto_lora_fusion=auto_lora_fusion, auto_lora_min_score=auto_lora_min_score):
             return super().__call__(
                 prompt=prompt, prompt_2=prompt_2, image=image, mask_image=mask_image,
                 masked_image_latents=masked_image_latents, height=height, width=width, strength=strength,
@@ -170,13 +169,6 @@ class X2EditDiptychPipeline(X2EditPipelineMixin, X2EditLoraMixin, FluxFillPipeli
         mask = torch.zeros_like(canvas[:, :1])
         mask[..., sources.shape[-1]:] = 1
         return canvas, mask
-
-    def _canvas_tokens(self, canvas: torch.Tensor) -> torch.Tensor:
-        """Packed latents (N, T, C) of canvases (N, 3, H, 2W) in [0, 1]: the start of a one-step edit."""
-        device, dtype = self._execution_device, self.transformer.dtype
-        z = self._encode_vae_image((canvas * 2 - 1).to(device=device, dtype=self.vae.dtype), generator=None)
-        b, c, h, w = z.shape
-        return self._pack_latents(z.to(dtype), b, c, h, w)
 
     @torch.no_grad()
     def edit(
@@ -276,7 +268,7 @@ class X2EditDiptychPipeline(X2EditPipelineMixin, X2EditLoraMixin, FluxFillPipeli
             self.resolve_tasks(prompts, task)  # an unknown task name is still an error
         texts = [template.format(instruction=p) for p in prompts for _ in range(k)]
         if start is not None:
-            latents = self._canvas_tokens(canvas)
+            latents = self._pack_pixels(canvas * 2 - 1)  # the canvas itself is the start of a one-step edit
         out = self(prompt=texts, image=canvas, mask_image=mask, height=h, width=2 * w, strength=strength or 1.0,
                    num_inference_steps=num_inference_steps or self.default_num_inference_steps, sigmas=sigmas,
                    guidance_scale=self.default_guidance_scale if guidance_scale is None else guidance_scale,

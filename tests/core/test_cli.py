@@ -165,4 +165,6 @@ def test_edit_incontext_makes_the_right_panel_of_a_set_offline(tmp_path, capsys)
     assert main(["edit", "--mode", "incontext", "--image", str(src), "--instruction", "make the background blue",
                  "--caption", "[EDIT] make the background blue [LEFT] a red scene [RIGHT] a red scene on blue",
                  "--out", str(out)]) == 0
-    assert "incontext" in capsys.readouterr().out and Image.open(out).size[0] * Image.open(out).size[1] <= 64 * 64
+    made = np.asarray(Image.open(out))
+    assert "incontext" in capsys.readouterr().out and made.shape[0] * made.shape[1] <= 64 * 64
+    assert (made != (200, 40, 40)).any()  # the right panel was made, not the given one copied back

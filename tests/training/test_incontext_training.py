@@ -4,25 +4,15 @@ trained as text-to-image on the canvas, validated by training-free inpainting of
 import json
 
 import pytest
+from tiny_configs import tiny_config
 
 from x2edit.adapters import read_adapter_header
 from x2edit.incontext import check_caption
-from x2edit.training.config import load_config
 from x2edit.training.trainer import Trainer
-
-TINY = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
-        "axes_dims_rope": [4, 6, 6]}
 
 
 def _config(tmp_path, **over):
-    import yaml
-
-    base = {"mode": "t2i", "output_dir": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "checkpoint_every": 0,
-            "validate_every": 0, "log_every": 1, "data": {"resolution": 32},
-            "model": {"transformer": TINY, "max_text_tokens": 48}, "optim": {"lr": 1e-3}}
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(base))
-    return load_config(tmp_path / "cfg.yaml", [f"{k}={json.dumps(v)}" for k, v in over.items()])
+    return tiny_config(tmp_path, **{"mode": "t2i", **over})
 
 
 @pytest.fixture(scope="module")

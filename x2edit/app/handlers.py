@@ -378,7 +378,7 @@ class Editor:
         result_path = self._new_path("result")
         result.save(result_path)
         base_name, adapter_name = self._loaded
-        settings = {"base": base_name, "mode": self.mode_of(base_name), "adapter": adapter_name, "steps": pipe.num_timesteps, "guidance": guidance,
+        settings = {"base": base_name, "mode": pipe.editing_mode, "adapter": adapter_name, "steps": pipe.num_timesteps, "guidance": guidance,
                     "seed": seed, "loras": [[Path(f).name, w] for f, w in loras], "fusion": fusion if loras else None,
                     "size": list(result.size)}
         return EditRecord(str(source_path), str(before_path), str(result_path), instruction, routed, task, scores,

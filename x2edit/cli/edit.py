@@ -140,7 +140,7 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     pipe = load_edit_pipeline(base, args.adapter, device, args.dtype)
-    diptych = hasattr(pipe, "diptych_template")
+    diptych = pipe.editing_mode == "diptych"
     for i, f in enumerate(args.lora):
         pipe.load_lora_weights(f, adapter_name=f"lora_{i}")
     fusion = args.fusion

@@ -583,13 +583,11 @@ class Trainer:
     def _images_to_tokens(self, images: list[np.ndarray], reference: bool):
         """uint8 (H, W, 3) images -> packed latents (B, T, C) and their position ids (T, 3)."""
         pipe, device = self.pipe, self.accelerator.device
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        x = x.to(device=device, dtype=pipe.vae.dtype)
-        z = pipe._encode_vae_image(x, generator=None)  # (B, C, h, w), shifted and scaled as the pipeline does
-        z = z.to(self.transformer.dtype)
-        b, c, h, w = z.shape
-        tokens = pipe._pack_latents(z, b, c, h, w)  # (B, h/2 * w/2, 4C)
-        ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, tokens.dtype)
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (B, 3, H, W)
+        tokens = pipe._pack_pixels(x, device)  # (B, H/p * W/p, 4C), encoded as the pipeline encodes (p: pixels per token)
+        patch = pipe.vae_scale_factor * 2
+        ids = pipe._prepare_latent_image_ids(len(images), x.shape[-2] // patch, x.shape[-1] // patch, device,
+                                             tokens.dtype)
         if reference:
             ids[..., 0] = 1  # Kontext: reference tokens are marked by position-id coordinate 1
         return tokens, ids

@@ -300,30 +300,28 @@ class VlmJudge(Scorer):
     def ask(self, prompt: str, images: list[np.ndarray]) -> str:
         return self.model.generate(prompt, images, self.params.max_new_tokens)
 
+    def _judge(self, source: np.ndarray, target: np.ndarray, instruction: str) -> tuple[dict, str | None, str | None]:
+        """(``viescore`` of one edit, why the consistency answer could not be read, why the quality one could not)."""
+        from x2edit.data_pipeline.chat import parse_scores
+
+        if not hasattr(self, "model"):
+            self.setup()
+        sc, sc_why = parse_scores(self.ask(SC_PROMPT.format(instruction=instruction), [source, target]))
+        pq, pq_why = parse_scores(self.ask(PQ_PROMPT, [target]))
+        return viescore(sc, pq), sc_why, pq_why
+
     def score_edit(self, source, output, instruction: str) -> float | None:
         """VIEScore's overall score (0..10) of one edit, PIL images or uint8 arrays; None when an answer cannot
         be read. The judge of ``x2edit.best_of.best_of_n`` (``x2edit edit --best-of N --judge PATH``)."""
-        from x2edit.data_pipeline.chat import parse_scores
-
-        if not hasattr(self, "model"):
-            self.setup()
-        source, output = np.asarray(source.convert("RGB")) if hasattr(source, "convert") else source, \
-            np.asarray(output.convert("RGB")) if hasattr(output, "convert") else output
-        sc, _ = parse_scores(self.ask(SC_PROMPT.format(instruction=instruction), [source, output]))
-        pq, _ = parse_scores(self.ask(PQ_PROMPT, [output]))
-        return viescore(sc, pq)["judge_overall"]
+        rgb = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else im for im in (source, output)]
+        return self._judge(*rgb, instruction)[0]["judge_overall"]
 
     def process(self, batch):
-        from x2edit.data_pipeline.chat import parse_scores
-
-        if not hasattr(self, "model"):
-            self.setup()
         for s in batch:
             if not s.kept:
                 continue
-            sc, sc_why = parse_scores(self.ask(SC_PROMPT.format(instruction=s.instruction), [s.source, s.target]))
-            pq, pq_why = parse_scores(self.ask(PQ_PROMPT, [s.target]))
-            for name, value in viescore(sc, pq).items():
+            scores, sc_why, pq_why = self._judge(s.source, s.target, s.instruction)
+            for name, value in scores.items():
                 why = sc_why if name in ("judge_success", "judge_overedit", "judge_sc") else pq_why
                 if name == "judge_overall":
                     why = "; ".join(w for w in (sc_why, pq_why) if w)
