@@ -39,7 +39,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: int, incontext_steps: int = 20,
+def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: int, incontext_steps: int | None = None,
             grid: str | None = None) -> dict:
     """One model's numbers (run in a fresh process: ``--worker``)."""
     import torch
@@ -49,7 +49,7 @@ def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: i
     from x2edit.data_pipeline.shapeworld import ShapeWorld
     from x2edit.registry import load_pipeline
     from x2edit.tasks import TASK_NAMES
-    from x2edit.training.evaluation import edit_metrics, run_edits
+    from x2edit.training.evaluation import edit_metrics, run_edits, run_set_edits
 
     torch.manual_seed(seed)
     incontext = base.startswith("sets:")  # edited as a 2-panel IC-LoRA set
@@ -57,14 +57,8 @@ def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: i
     pipe = load_pipeline(base)
     pipe.set_progress_bar_config(disable=True)
     diptych = pipe.editing_mode == "diptych"
-    method = "fill" if diptych else "sdedit"
     if adapter:
         pipe.load_adapter(adapter, adapter_name="incontext", replace=True)  # in place of the base's own
-    if incontext:
-        from x2edit.incontext import inpaint_set, joint_caption
-
-        if pipe.source_start() is None:
-            pipe.default_num_inference_steps = incontext_steps
     one_step = pipe.source_start() is not None
     pairs = list(ShapeWorld(resolution=64).eval_pairs(n_per_task=n_per_task))
     labels = [p.task for p in pairs]
@@ -72,14 +66,11 @@ def measure(base: str, n_per_task: int, best_of: int, timing_edits: int, seed: i
     def edit_all(s):  # uint8 outputs of every pair, seeds s + i
         if not incontext:
             return run_edits(pipe, pairs, seed=s, tasks=labels)
-        return [np.asarray(edit_one(p, s + i)) for i, p in enumerate(pairs)]
+        return run_set_edits(pipe, pairs, steps=incontext_steps, seed=s, tasks=labels)
 
     def edit_one(p, s):  # one edit as a user makes it
-        if incontext:  # the right panel made from the left under the set's caption (training-free inpainting)
-            caption = joint_caption("EDIT", p.instruction, list(p.captions))
-            steps = {} if pipe.source_start() is not None else {"num_inference_steps": incontext_steps}
-            return inpaint_set(pipe, [p.source, None], caption, method=method, task=p.task,
-                               generator=torch.Generator().manual_seed(s), **steps)[1]
+        if incontext:  # the right panel made from the left under the set's caption
+            return run_set_edits(pipe, [p], steps=incontext_steps, seed=s, tasks=[p.task])[0]
         return pipe.edit(Image.fromarray(p.source), p.instruction, task=p.task, output_type="np",
                          generator=torch.Generator().manual_seed(s)).images[0]
 
@@ -179,7 +170,8 @@ def main(argv=None) -> int:
                     help="NAME=BASE (repeatable); NAME=sets:BASE[+ADAPTER]: edited as a 2-panel IC-LoRA set, the right "
                          "panel of [source | ?] inpainted under the set's joint caption (a text-to-image base with "
                          "its task LoRA: SDEdit-style; a Fill base: by Fill)")
-    ap.add_argument("--incontext-steps", type=int, default=20, help="denoising steps of IC-LoRA inpainting")
+    ap.add_argument("--incontext-steps", type=int, default=None,
+                    help="denoising steps of IC-LoRA inpainting (default: the base's own; x2edit-tiny-t2i: 10)")
     ap.add_argument("--grids", action="store_true", help="also write OUT/NAME.png: one edit per task of each model")
     ap.add_argument("--grid", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n-per-task", type=int, default=20)
@@ -202,7 +194,7 @@ def main(argv=None) -> int:
             ap.error(f"--model takes NAME=BASE, got {spec!r}")
         cmd = [sys.executable, __file__, "--worker", base, "--model", spec, "--n-per-task", str(args.n_per_task),
                "--best-of", str(args.best_of), "--timing-edits", str(args.timing_edits), "--seed", str(args.seed),
-               "--incontext-steps", str(args.incontext_steps)]
+               *(["--incontext-steps", str(args.incontext_steps)] if args.incontext_steps else [])]
         if args.grids:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             cmd += ["--grid", str(Path(args.out) / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".png"))]

@@ -141,6 +141,29 @@ def inpaint_set(pipe, panels: list, caption: str, method: str = "sdedit", genera
     return split(result, n)
 
 
+def edit_as_set(pipe, image, caption: str, max_area: int | None = None, num_inference_steps: int | None = None,
+                **call_kwargs) -> Image.Image:
+    """The right panel of the 2-panel set [image | ?] under the set's ``caption``: by Fill on a Fill pipeline,
+    SDEdit-style on a text-to-image one (``inpaint_set``). ``image`` (PIL) is scaled down to ``max_area`` pixels
+    (None: the pipeline's working area) on the model's grid; the panel comes back at that size.
+
+    num_inference_steps: None: the pipeline's own; a base that edits in one step from the source takes one."""
+    from x2edit.pipeline_common import _fit
+
+    check_caption(caption, 2)
+    one_step = pipe.source_start() is not None
+    if one_step and num_inference_steps not in (None, 1):
+        raise ValueError(f"this base makes the panel in one step from the given one: num_inference_steps must be 1 "
+                         f"or None, got {num_inference_steps}")
+    image = image.convert("RGB")
+    h, w = _fit(image.size[1], image.size[0], max_area or pipe.default_max_area, pipe.vae_scale_factor * 2,
+                "the source image")
+    steps = {} if one_step else {"num_inference_steps": num_inference_steps or pipe.default_num_inference_steps}
+    method = "fill" if pipe.editing_mode == "diptych" else "sdedit"
+    return inpaint_set(pipe, [image.resize((w, h), Image.BICUBIC), None], caption, method=method, **steps,
+                       **call_kwargs)[1]
+
+
 def _sdedit(pipe, pixels: torch.Tensor, keep: np.ndarray, caption: str, generator, call_kwargs: dict) -> np.ndarray:
     """(h, n*w, 3) float output of the training-free inpainting loop (see ``inpaint_set``)."""
     device, dtype = pipe._execution_device, pipe.transformer.dtype
@@ -149,14 +172,18 @@ def _sdedit(pipe, pixels: torch.Tensor, keep: np.ndarray, caption: str, generato
     kept = torch.from_numpy(keep[::patch, ::patch].copy()).flatten().to(device)  # (T,) tokens of given panels
     noise = torch.randn(clean.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
+    call_kwargs = dict(call_kwargs)
+    user = call_kwargs.pop("callback_on_step_end", None)  # the caller's callback runs after the put-back
+    inputs = list(dict.fromkeys(["latents", *call_kwargs.pop("callback_on_step_end_tensor_inputs", [])]))
+
     def put_back(p, i, t, tensors):
         latents = tensors["latents"]
         s = p.scheduler.sigmas[i + 1].to(device=device, dtype=dtype)  # the level this step has reached
         latents[:, kept] = ((1 - s) * clean + s * noise)[:, kept]
-        return {"latents": latents}
+        return {"latents": latents, **((user(p, i, t, {**tensors, "latents": latents}) or {}) if user else {})}
 
     # The loop starts from the same noise on the given panels (sigma 1: x = e there), so they start consistent.
     height, width = keep.shape
     return pipe(prompt=caption, height=height, width=width, max_area=height * width, latents=noise.clone(),
                 callback_on_step_end=put_back,
-                callback_on_step_end_tensor_inputs=["latents"], output_type="np", **call_kwargs).images[0]
+                callback_on_step_end_tensor_inputs=inputs, output_type="np", **call_kwargs).images[0]

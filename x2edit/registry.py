@@ -22,7 +22,9 @@ class BaseModel:
     Args:
         name: registry name.
         source: hub id, or a path relative to ``x2edit/models`` for embedded models.
-        mode: "edit" (source as Kontext reference tokens), "diptych" (Fill model, IC-LoRA) or "t2i".
+        mode: the kind of base: "edit" (the source as Kontext reference tokens, or a one-step editing base),
+            "diptych" (a Fill model: ICEdit's diptychs, IC-LoRA panels by Fill) or "t2i" (text-to-image: IC-LoRA
+            sets from noise).
         weights_gb: size of all components' weights in bf16 (GB), a floor for memory needed.
         description: one line.
     """
@@ -54,6 +56,9 @@ BASE_MODELS: dict[str, BaseModel] = {m.name: m for m in [
     BaseModel("x2edit-tiny-fill", "x2edit-tiny-fill", "diptych", 0.02,
               "embedded FLUX Fill-layout model trained on Shape World diptychs (ICEdit's in-context editing)",
               embedded=True),
+    BaseModel("x2edit-tiny-t2i", "x2edit-tiny-t2i", "t2i", 0.02,
+              "embedded text-to-image model (x2edit-tiny release 3's base) with its IC-LoRA for 2-panel "
+              "[before | after] Shape World sets", embedded=True),
     BaseModel("flux.1-kontext-dev", "black-forest-labs/FLUX.1-Kontext-dev", "edit", _FLUX_GB,
               "FLUX.1 Kontext [dev]: in-context editing base; reference tokens marked by position id 1"),
     BaseModel("flux.1-dev", "black-forest-labs/FLUX.1-dev", "edit", _FLUX_GB,
@@ -63,7 +68,11 @@ BASE_MODELS: dict[str, BaseModel] = {m.name: m for m in [
 ]}
 
 DEFAULT_BASE = "x2edit-tiny"
-DEFAULT_BASES = {"edit": DEFAULT_BASE, "diptych": "x2edit-tiny-fill"}  # per editing mode
+# The editing modes, the kinds of base each runs on (``BaseModel.mode``) and its default base. "incontext"
+# makes the right panel of a 2-panel IC-LoRA set [source | ?] under a joint caption: by Fill on a Fill base,
+# training-free (SDEdit-style) on a text-to-image base with its task LoRA.
+MODE_KINDS = {"edit": ("edit",), "diptych": ("diptych",), "incontext": ("diptych", "t2i")}
+DEFAULT_BASES = {"edit": DEFAULT_BASE, "diptych": "x2edit-tiny-fill", "incontext": "x2edit-tiny-fill"}
 EDIT_MODES = tuple(DEFAULT_BASES)
 
 
@@ -132,13 +141,13 @@ FILL_CLASSES = ("X2EditDiptychPipeline", "FluxFillPipeline")
 
 
 def pipeline_mode(source: str, model: BaseModel | None) -> str:
-    """"diptych" for a Fill model (a registered one, or a directory saved from a Fill pipeline), else "edit"."""
-    if model is not None and model.mode == "diptych":
-        return "diptych"
+    """The kind of base: a registered model's own; for a directory, "diptych" if saved from a Fill pipeline,
+    "t2i" if from stock ``FluxPipeline``, else "edit" (a saved ``X2EditPipeline`` may be either kind)."""
+    if model is not None:
+        return model.mode
     index = Path(source) / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name") in FILL_CLASSES:
-        return "diptych"
-    return "edit"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    return "diptych" if name in FILL_CLASSES else "t2i" if name == "FluxPipeline" else "edit"
 
 
 def embedded_text_components(path: Path, meta: dict) -> dict:
@@ -214,18 +223,28 @@ def load_pipeline(name_or_path: str | os.PathLike = DEFAULT_BASE, torch_dtype=No
     return pipe.to(device) if device else pipe
 
 
+_KIND_NAMES = {"edit": "an editing base", "diptych": "a Fill model", "t2i": "a text-to-image base"}
+
+
 def check_mode(base: str | os.PathLike | None, mode: str | None) -> str:
-    """The base an editing mode runs on (``base``, else the mode's default), checked to be of that mode:
-    "edit" (Kontext layout, ``X2EditPipeline``) or "diptych" (a Fill model, ``X2EditDiptychPipeline``); None:
-    whichever the base is. One-line ``ValueError`` otherwise; nothing is loaded."""
+    """The base an editing mode runs on (``base``, else the mode's default), checked to be of a kind the mode
+    runs on (``MODE_KINDS``): "edit" (Kontext layout, ``X2EditPipeline``), "diptych" (a Fill model,
+    ``X2EditDiptychPipeline``) or "incontext" (a Fill or text-to-image base); None: the base's own mode. A
+    directory saved from ``X2EditPipeline`` may be an editing or a text-to-image base: both modes take it.
+    One-line ``ValueError`` otherwise; nothing is loaded."""
     if mode is not None and mode not in EDIT_MODES:
-        raise ValueError(f"unknown mode {mode!r}: expected one of {EDIT_MODES}")
+        raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(EDIT_MODES)}")
     base = str(base) if base is not None else DEFAULT_BASES[mode or "edit"]
     source, model = resolve_base(base)
-    actual = pipeline_mode(source, model)
-    if mode is not None and mode != actual:
-        what = "a Fill model for diptych editing" if actual == "diptych" else "not a Fill model"
-        raise ValueError(f"{base} is {what}: use mode {actual}, or a {mode} base (default {DEFAULT_BASES[mode]})")
+    kind = pipeline_mode(source, model)
+    if mode is None and kind == "t2i":
+        raise ValueError(f"{base} is a text-to-image base: it makes IC-LoRA sets (mode incontext), it does not edit")
+    if mode is None:
+        return base
+    if kind not in MODE_KINDS[mode] + (("edit",) if mode == "incontext" and model is None else ()):
+        modes = [m for m, k in MODE_KINDS.items() if kind in k]
+        raise ValueError(f"{base} is {_KIND_NAMES[kind]}: use mode {' or '.join(modes)}, or a base for mode {mode} "
+                         f"(default {DEFAULT_BASES[mode]})")
     return base
 
 

@@ -121,6 +121,27 @@ def test_a_history_entry_reloads_and_the_result_downloads(page, tmp_path):
     assert Image.open(saved).format == "PNG" and Image.open(saved).size == (64, 64)
 
 
+def test_the_incontext_mode_shows_the_set_caption_and_edits_with_it(page):
+    """Picking incontext lists its bases and shows the set's caption box; a history entry of another mode hides it."""
+    from playwright.sync_api import expect
+
+    caption = "[EDIT] zoom in [LEFT] a scene [RIGHT] the same scene, closer"
+    expect(page.locator("#caption")).to_be_hidden()
+    page.get_by_text("Advanced").click()
+    page.locator("#mode").get_by_test_id("incontext-radio-label").click()
+    expect(page.locator("#caption")).to_be_visible()
+    expect(page.locator("#base input")).to_have_value("x2edit-tiny-fill")
+    page.locator("#caption textarea").fill(caption)
+    page.locator("#instruction textarea").fill("zoom in")
+    page.locator("#run").click()
+    expect(page.locator("#history img")).to_have_count(4)
+    expect(page.locator("#edit-info")).to_contain_text("(incontext)")
+    page.locator("#history img").nth(0).click()  # an edit-mode entry: its mode back, the caption box hidden
+    expect(page.locator("#caption")).to_be_hidden()
+    page.locator("#history img").nth(3).click()
+    expect(page.locator("#caption textarea")).to_have_value(caption)
+
+
 def test_the_page_fetches_nothing_from_outside_the_app(page, served):
     assert page.requested and all(u.startswith((served[2], "data:", "blob:")) for u in page.requested), \
         [u for u in page.requested if not u.startswith((served[2], "data:", "blob:"))]

@@ -15,7 +15,7 @@ from x2edit.app.ui import LORA_HEADERS
 from x2edit.retrieval.index import read_index, search
 
 EDIT_PARAMETERS = ["image", "instruction", "task", "steps", "guidance", "seed", "random_seed", "base", "adapter",
-                   "loras", "fusion"]
+                   "loras", "fusion", "mode", "caption"]
 
 
 def pixels(path) -> np.ndarray:
@@ -34,6 +34,7 @@ def test_api_names_and_signature_are_stable(client):
     assert [p["parameter_name"] for p in edit if not p["parameter_has_default"]] == ["image", "instruction"]
     defaults = {p["parameter_name"]: p["parameter_default"] for p in edit}
     assert defaults["task"] == "auto" and defaults["steps"] == 1 and defaults["base"] == "x2edit-tiny"
+    assert defaults["mode"] == "edit" and not defaults["caption"]  # appended last: older calls keep working
     assert [p["parameter_name"] for p in api["/edit_batch"]["parameters"]] == ["files", *EDIT_PARAMETERS[1:]]
 
 

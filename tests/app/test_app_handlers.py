@@ -166,9 +166,42 @@ def test_cli_checks_its_options_before_loading(tmp_path, capsys, monkeypatch):
 
 def test_modes_offer_their_bases_and_the_diptych_mode_edits(editor, example):
     """The app's mode selector: each mode lists its own bases; a diptych base edits through X2EditDiptychPipeline."""
-    assert editor.mode_choices() == ["edit", "diptych"]
+    assert editor.mode_choices() == ["edit", "diptych", "incontext"]
     assert "x2edit-tiny-fill" in editor.base_choices("diptych") and "x2edit-tiny-fill" not in editor.base_choices("edit")
     assert editor.mode_of("x2edit-tiny") == "edit" and editor.mode_of("x2edit-tiny-fill") == "diptych"
     record = editor.edit(example, "make the background blue", base="x2edit-tiny-fill")
     assert record.settings["mode"] == "diptych" and Path(record.result).is_file()
     assert type(editor.pipeline("x2edit-tiny-fill")).__name__ == "X2EditDiptychPipeline"
+
+
+CAPTION = "[EDIT] make the background blue [LEFT] a red circle on white [RIGHT] a red circle on blue"
+
+
+@pytest.mark.parametrize("base, steps", [("x2edit-tiny-fill", 1), ("x2edit-tiny-t2i", 10)])
+def test_the_incontext_mode_makes_the_right_panel_under_the_set_caption(editor, example, base, steps):
+    """incontext: by Fill on the Fill base, SDEdit-style on the text-to-image base with its IC-LoRA; the record
+    keeps the mode and the caption (the history reloads them)."""
+    assert editor.base_choices("incontext") == ["x2edit-tiny-fill", "x2edit-tiny-t2i", "flux.1-fill-dev"]
+    assert "x2edit-tiny-t2i" not in editor.base_choices("edit") + editor.base_choices("diptych")
+    ticks = []
+    record = editor.edit(example, "make the background blue", base=base, mode="incontext", caption=CAPTION,
+                         progress=lambda f, desc="": ticks.append(desc))
+    assert (record.settings["mode"], record.settings["caption"], record.settings["steps"]) == ("incontext", CAPTION, steps)
+    assert Image.open(record.result).size == (64, 64)
+    assert np.abs(pixels(record.result) - pixels(example)).max() > 0
+    assert f"step {steps}/{steps}" in ticks  # the app's progress callback ran inside the set's loop
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mode": "incontext", "base": "x2edit-tiny-fill"}, "needs the set's joint caption"),
+    ({"mode": "incontext", "base": "x2edit-tiny-fill", "caption": "a blue square, then a red one"}, "task tag"),
+    ({"base": "x2edit-tiny-t2i", "caption": "[EDIT] x [RIGHT] b"}, "\\[LEFT\\] is missing"),
+    ({"mode": "incontext", "base": "x2edit-tiny", "caption": CAPTION}, "does not run the incontext mode"),
+    ({"mode": "edit", "base": "x2edit-tiny-t2i"}, "does not run the edit mode"),
+    ({"mode": "collage"}, "unknown editing mode"),
+])
+def test_bad_mode_settings_are_refused_before_any_edit(editor, example, kwargs, message):
+    before = output_files(editor)
+    with pytest.raises(ValueError, match=message):
+        editor.edit(example, "make the background blue", **kwargs)
+    assert output_files(editor) == before

@@ -24,7 +24,7 @@ def test_help_lists_every_command():
 def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert set(info["base_models"]) == {"x2edit-tiny", "x2edit-tiny-fill", "flux.1-kontext-dev", "flux.1-dev",
+    assert set(info["base_models"]) == {"x2edit-tiny", "x2edit-tiny-fill", "x2edit-tiny-t2i", "flux.1-kontext-dev", "flux.1-dev",
                                         "flux.1-fill-dev"}
     assert len(info["tasks"]) == 15 and info["versions"]["torch"]
     assert info["kernel_backend"] in ("auto", "torch", "triton")
@@ -75,8 +75,8 @@ def test_edit_end_to_end(tiny_base, capsys):
     ({"--out": "out.gif"}, "--out must end in"),
     ({"--out": "missing_dir/out.png"}, "output directory does not exist"),
     ({"--steps": "0"}, "--steps must be >= 1"),
-    ({"--base": "flux.1-fill-dev", "--mode": "edit"}, "flux.1-fill-dev is a Fill model for diptych editing: use mode diptych"),
-    ({"--base": "base", "--mode": "diptych"}, "is not a Fill model: use mode edit"),
+    ({"--base": "flux.1-fill-dev", "--mode": "edit"}, "flux.1-fill-dev is a Fill model: use mode diptych or incontext"),
+    ({"--base": "base", "--mode": "diptych"}, "is an editing base: use mode edit"),
     ({"--base": "nonexistent_dir/"}, "not found"),
     ({"--adapter": "absent.safetensors"}, "adapter file not found"),
     ({"--adapter": "junk.png"}, "not a readable safetensors"),
@@ -157,14 +157,22 @@ def test_edit_reads_a_photo_at_the_embedded_models_working_size_and_returns_it_a
     assert Image.open(tmp_path / "out.png").size == (3000, 2000)
 
 
-def test_edit_incontext_makes_the_right_panel_of_a_set_offline(tmp_path, capsys):
-    """x2edit edit --mode incontext on the embedded Fill base: the right panel of [source | ?] under the caption."""
+@pytest.mark.parametrize("base", [[], ["--base", "x2edit-tiny-t2i"]], ids=["fill", "t2i"])
+def test_edit_incontext_makes_the_right_panel_of_a_set_offline(tmp_path, capsys, monkeypatch, base):
+    """x2edit edit --mode incontext on the embedded bases: the right panel of [source | ?] under the caption, by
+    Fill (x2edit-tiny-fill, one step) or SDEdit-style (x2edit-tiny-t2i with its IC-LoRA, its own 10 steps)."""
+    from x2edit.pipeline import X2EditPipeline
+
+    steps, call = [], X2EditPipeline.__call__
+    monkeypatch.setattr(X2EditPipeline, "__call__",
+                        lambda self, *a, **k: steps.append(k.get("num_inference_steps")) or call(self, *a, **k))
     src = tmp_path / "src.png"
     Image.new("RGB", (96, 64), (200, 40, 40)).save(src)
     out = tmp_path / "out.png"
-    assert main(["edit", "--mode", "incontext", "--image", str(src), "--instruction", "make the background blue",
+    assert main(["edit", "--mode", "incontext", *base, "--image", str(src), "--instruction", "make the background blue",
                  "--caption", "[EDIT] make the background blue [LEFT] a red scene [RIGHT] a red scene on blue",
                  "--out", str(out)]) == 0
     made = np.asarray(Image.open(out))
     assert "incontext" in capsys.readouterr().out and made.shape[0] * made.shape[1] <= 64 * 64
+    assert steps == ([10] if base else [])  # the text-to-image bundle's own step count; Fill is no X2EditPipeline
     assert (made != (200, 40, 40)).any()  # the right panel was made, not the given one copied back

@@ -81,6 +81,21 @@ def test_sdedit_keeps_the_given_panel_and_conditions_the_made_one_on_it(t2i):
     assert np.abs(np.asarray(out[1], dtype=int) - np.asarray(free[1], dtype=int)).max() > 0
 
 
+def test_edit_as_set_fits_the_source_and_runs_the_callers_callback_after_the_put_back(t2i):
+    """The app's and the CLI's entry: [image | ?] at the working area; a step callback (the app's progress) runs
+    on every step of the SDEdit loop without displacing the loop's own put-back (the given panel stays exact)."""
+    from x2edit.incontext import edit_as_set
+
+    seen = []
+    made = edit_as_set(t2i, _panel(1, w=64, h=32), CAPTION, max_area=32 * 16, generator=_gen(),
+                       callback_on_step_end=lambda p, i, t, k: seen.append((i, tuple(k))) or {}, **KW)
+    assert made.size == (32, 16) and [i for i, _ in seen] == [0, 1, 2] and all(k == ("latents",) for _, k in seen)
+    plain = edit_as_set(t2i, _panel(1, w=64, h=32), CAPTION, max_area=32 * 16, generator=_gen(), **KW)
+    assert np.array_equal(np.asarray(made), np.asarray(plain))
+    with pytest.raises(ValueError, match="needs the position tags"):
+        edit_as_set(t2i, _panel(1), "[EDIT] make it red", generator=_gen(), **KW)
+
+
 def test_fill_makes_the_masked_panel_as_a_stock_fill_call(t2i):
     fill = X2EditDiptychPipeline(**tiny_fill_components(0))
     fill.set_progress_bar_config(disable=True)

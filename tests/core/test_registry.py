@@ -6,8 +6,9 @@ from x2edit.testing import tiny_flux_transformer, tiny_kontext_components
 
 
 def test_registered_models():
-    assert x2edit.list_base_models() == ["x2edit-tiny", "x2edit-tiny-fill", "flux.1-kontext-dev", "flux.1-dev",
-                                         "flux.1-fill-dev"]
+    assert x2edit.list_base_models() == ["x2edit-tiny", "x2edit-tiny-fill", "x2edit-tiny-t2i", "flux.1-kontext-dev",
+                                         "flux.1-dev", "flux.1-fill-dev"]
+    assert get_base_model("x2edit-tiny-t2i").mode == "t2i" and get_base_model("x2edit-tiny-t2i").available
     assert get_base_model("x2edit-tiny-fill").mode == "diptych" and BASE_MODELS["x2edit-tiny-fill"].embedded
     kontext = get_base_model("flux.1-kontext-dev")
     assert kontext.source == "black-forest-labs/FLUX.1-Kontext-dev" and kontext.mode == "edit"
@@ -39,9 +40,17 @@ def test_a_saved_fill_pipeline_loads_as_the_diptych_pipeline_and_modes_are_check
     x2edit.X2EditPipeline(**tiny_kontext_components(0)).save_pretrained(tmp_path / "kontext")
     assert check_mode(tmp_path / "stock_fill", None) == check_mode(tmp_path / "stock_fill", "diptych")
     assert check_mode(None, "edit") == "x2edit-tiny" and check_mode(None, "diptych") == "x2edit-tiny-fill"
-    for base, mode, message in [(tmp_path / "kontext", "diptych", "is not a Fill model: use mode edit"),
-                                (tmp_path / "stock_fill", "edit", "a Fill model for diptych editing: use mode diptych"),
-                                ("flux.1-fill-dev", "edit", "use mode diptych"), (None, "inpaint", "unknown mode")]:
+    assert check_mode(None, "incontext") == "x2edit-tiny-fill" == check_mode("x2edit-tiny-fill", "incontext")
+    # a saved X2EditPipeline may be a text-to-image base (a trained IC-LoRA base): incontext takes it
+    assert check_mode("x2edit-tiny-t2i", "incontext") == "x2edit-tiny-t2i"
+    assert check_mode(tmp_path / "kontext", "incontext") == str(tmp_path / "kontext")
+    for base, mode, message in [(tmp_path / "kontext", "diptych", "is an editing base: use mode edit"),
+                                (tmp_path / "stock_fill", "edit", "is a Fill model: use mode diptych or incontext"),
+                                ("flux.1-fill-dev", "edit", "use mode diptych"), (None, "inpaint", "unknown mode"),
+                                ("x2edit-tiny", "incontext", "is an editing base: use mode edit"),
+                                ("flux.1-dev", "incontext", "is an editing base"),
+                                ("x2edit-tiny-t2i", "edit", "is a text-to-image base: use mode incontext"),
+                                ("x2edit-tiny-t2i", None, "makes IC-LoRA sets \\(mode incontext\\), it does not edit")]:
         with pytest.raises(ValueError, match=message):
             check_mode(base, mode)
 
@@ -71,6 +80,33 @@ def test_a_device_this_machine_lacks_is_refused_before_loading(tmp_path, monkeyp
     for device, message in [("cuda", "not available here"), ("cuda:1", "not available here"), ("gpu", "unknown device")]:
         with pytest.raises(ValueError, match=message):
             load_pipeline(tmp_path, device=device)
+
+
+def test_a_directory_saved_from_stock_flux_is_a_text_to_image_base(tmp_path):
+    from diffusers import FluxPipeline
+
+    from x2edit.registry import check_mode
+
+    comps = tiny_kontext_components(0)
+    FluxPipeline(**{k: comps[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+                                           "tokenizer_2", "transformer")}).save_pretrained(tmp_path)
+    assert check_mode(tmp_path, "incontext") == str(tmp_path)
+    with pytest.raises(ValueError, match="text-to-image base: use mode incontext"):
+        check_mode(tmp_path, "edit")
+
+
+def test_the_embedded_text_to_image_base_makes_sets_with_its_ic_lora():
+    """x2edit-tiny-t2i: release 3's text-to-image base plus its [EDIT] IC-LoRA, 10 steps, a 64-token caption."""
+    from x2edit.adapters import adapter_names
+    from x2edit.incontext import generate_set, joint_caption
+
+    pipe = load_pipeline("x2edit-tiny-t2i")
+    assert pipe.source_start() is None and pipe.default_num_inference_steps == 10
+    assert adapter_names(pipe.transformer) == ["default"] and pipe.tokenizer.model_max_length == 64
+    caption = joint_caption("EDIT", "make the square red", ["a blue square on white", "a red square on white"])
+    gen = __import__("torch").Generator().manual_seed(0)
+    panels = generate_set(pipe, caption, 2, (32, 32), generator=gen)
+    assert [p.size for p in panels] == [(32, 32), (32, 32)]
 
 
 def test_x2edit_tiny_records_its_working_size_and_step_count():

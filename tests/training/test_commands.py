@@ -41,10 +41,28 @@ def test_bundle_has_no_sentence_encoder_and_loads_by_path(bundled):
 def test_demo_writes_grid_and_metrics(bundled, tmp_path, capsys):
     assert main(["demo", "--base", str(bundled.path), "--out", str(tmp_path), "--n-per-task", "1", "--steps", "2"]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert len([k for k in metrics if k not in ("mean", "classifier_accuracy", "routing", "steps")]) == 15
+    assert len([k for k in metrics if k not in ("mean", "classifier_accuracy", "routing", "mode", "steps")]) == 15
     assert 0 <= metrics["classifier_accuracy"] <= 1 and metrics["mean"]["n"] == 15
     assert (tmp_path / "demo.png").stat().st_size > 0
     assert "edit gain" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, mode, steps", [(["--mode", "diptych"], "diptych", 1),
+                                               (["--mode", "incontext"], "incontext", 1),
+                                               (["--mode", "incontext", "--base", "x2edit-tiny-t2i"], "incontext", 10)],
+                         ids=["diptych", "incontext-fill", "incontext-t2i"])
+def test_demo_runs_every_mode_on_the_embedded_models(tmp_path, argv, mode, steps, monkeypatch):
+    """Each mode on its embedded base, offline; the set modes edit by ``inpaint_set`` (a mutation that edits
+    incontext pairs with the diptych entry instead fails the call count)."""
+    import x2edit.incontext
+
+    calls, inpaint = [], x2edit.incontext.inpaint_set
+    monkeypatch.setattr(x2edit.incontext, "inpaint_set", lambda *a, **k: calls.append(a[2]) or inpaint(*a, **k))
+    assert main(["demo", *argv, "--out", str(tmp_path), "--n-per-task", "1"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["mode"], metrics["steps"], metrics["mean"]["n"]) == (mode, steps, 15)
+    assert len(calls) == (15 if mode == "incontext" else 0)
+    assert all(c.startswith("[EDIT] ") and "[LEFT]" in c and "[RIGHT]" in c for c in calls)
 
 
 def test_eval_shapeworld(bundled, tmp_path):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from x2edit.registry import EDIT_MODES
+from x2edit.registry import EDIT_MODES, MODE_KINDS
 
 BASE_OWN_ADAPTER = "the base's own"  # the adapter choice that keeps the base's shipped editing adapter
 AUTO_TASK = "auto"  # the task choice that routes by the classifier
@@ -166,21 +166,30 @@ class Editor:
         return self.config.base or DEFAULT_BASE
 
     def base_choices(self, mode: str | None = None) -> list[str]:
-        """Registered bases that edit and are installed (of ``mode``, "edit" or "diptych"; None: both), and
+        """Registered bases that are installed and run ``mode`` (``MODE_KINDS``; None: any mode), and
         ``--base`` if a directory."""
         from x2edit.registry import BASE_MODELS
 
-        names = [m.name for m in BASE_MODELS.values() if m.mode in ((mode,) if mode else EDIT_MODES) and m.available]
-        if self.default_base in names or (mode is not None and self.mode_of(self.default_base) != mode):
+        kinds = MODE_KINDS[mode] if mode else {k for ks in MODE_KINDS.values() for k in ks}
+        names = [m.name for m in BASE_MODELS.values() if m.mode in kinds and m.available]
+        if self.default_base in names or (mode is not None and self.mode_of(self.default_base) not in MODE_KINDS[mode]):
             return names
         return [self.default_base, *names]
 
+    @property
+    def default_mode(self) -> str:
+        """The editing mode the default base runs first: its own ("incontext" for a text-to-image base)."""
+        kind = self.mode_of(self.default_base)
+        return "incontext" if kind == "t2i" else kind
+
     def mode_choices(self) -> list[str]:
-        """The editing modes some offered base runs: "edit" (Kontext layout) and "diptych" (ICEdit on Fill)."""
+        """The editing modes some offered base runs: "edit" (Kontext layout), "diptych" (ICEdit on Fill) and
+        "incontext" (IC-LoRA 2-panel sets)."""
         return [m for m in EDIT_MODES if self.base_choices(m)]
 
     @staticmethod
     def mode_of(base: str) -> str:
+        """The kind of ``base``: "edit", "diptych" or "t2i" (``registry.pipeline_mode``)."""
         from x2edit.registry import pipeline_mode, resolve_base
 
         return pipeline_mode(*resolve_base(base))
@@ -205,7 +214,7 @@ class Editor:
                 progress(0.0, desc=f"loading {base}")
             self._pipe = None  # one model in memory at a time
             pipe = load_edit_pipeline(base, None if adapter == BASE_OWN_ADAPTER else adapter, self.config.device,
-                                      self.config.dtype)
+                                      self.config.dtype, mode="incontext" if self.mode_of(base) == "t2i" else None)
             pipe.set_progress_bar_config(disable=True)
             self._pipe, self._loaded = pipe, (base, adapter)
         return self._pipe
@@ -266,7 +275,7 @@ class Editor:
     def edit(self, source: str | Path, instruction: str, task: str = AUTO_TASK, steps: int | None = None,
              guidance: float | None = None, seed: int | None = 0, base: str | None = None,
              adapter: str | None = None, loras: list[tuple[str, float]] = (), fusion: str = "gated",
-             progress: Progress | None = None) -> EditRecord:
+             progress: Progress | None = None, mode: str | None = None, caption: str | None = None) -> EditRecord:
         """Edit one image and save the result.
 
         Args:
@@ -280,18 +289,22 @@ class Editor:
             loras: [(LoRA file from the index, weight)] fused for this edit with ``fusion``.
             fusion: "gated" or a training-free fusion (``FUSION_CHOICES``).
             progress: called with (fraction, desc=...) while loading and after each denoising step.
+            mode: "edit", "diptych" or "incontext" (None: the base's own): checked against the base.
+            caption: incontext: the 2-panel set's joint caption ("[EDIT] ... [LEFT] ... [RIGHT] ...").
         """
         instruction, task, steps, guidance, seed, loras, fusion = self._check_settings(
             instruction, task, steps, guidance, seed, loras, fusion)
+        mode, caption = self._check_mode(base, mode, caption, loras)
         image = self.read_image(source)
         with self._lock:
             return self._edit(image, instruction, task, steps, guidance, seed, base, adapter, loras, fusion,
-                              progress)
+                              progress, mode, caption)
 
     def edit_batch(self, sources: list[str | Path], instruction: str, task: str = AUTO_TASK,
                    steps: int | None = None, guidance: float | None = None, seed: int | None = 0,
                    base: str | None = None, adapter: str | None = None, loras: list[tuple[str, float]] = (),
-                   fusion: str = "gated", progress: Progress | None = None) -> tuple[list[EditRecord], Path]:
+                   fusion: str = "gated", progress: Progress | None = None, mode: str | None = None,
+                   caption: str | None = None) -> tuple[list[EditRecord], Path]:
         """One instruction over several images (arguments as ``edit``): (records, zip of the results).
 
         Every image is read and checked before the first edit, so a bad file stops the batch early.
@@ -300,6 +313,7 @@ class Editor:
             raise ValueError("no images: upload one or more images for the batch")
         instruction, task, steps, guidance, seed, loras, fusion = self._check_settings(
             instruction, task, steps, guidance, seed, loras, fusion)
+        mode, caption = self._check_mode(base, mode, caption, loras)
         images = [self.read_image(s) for s in sources]
         records = []
         with self._lock:
@@ -309,7 +323,7 @@ class Editor:
                         progress((i + fraction) / len(images), desc=f"image {i + 1}/{len(images)}: {desc}")
 
                 records.append(self._edit(image, instruction, task, steps, guidance, seed, base, adapter, loras,
-                                          fusion, step))
+                                          fusion, step, mode, caption))
         archive = self._new_path("batch", ".zip")
         with zipfile.ZipFile(archive, "w") as z:
             for i, (record, name) in enumerate(zip(records, sources)):
@@ -348,7 +362,30 @@ class Editor:
             checked.append((str(Path(file).resolve()), float(weight)))
         return instruction.strip(), task, steps, guidance, int(seed), checked, fusion
 
-    def _edit(self, image, instruction, task, steps, guidance, seed, base, adapter, loras, fusion, progress):
+    def _check_mode(self, base, mode, caption, loras) -> tuple[str, str | None]:
+        """(the editing mode, the set's caption): the mode checked against the base, the caption against the mode."""
+        from x2edit.incontext import check_caption
+        from x2edit.registry import DEFAULT_BASES
+
+        kind = self.mode_of(base or self.default_base)
+        mode = mode or ("incontext" if kind == "t2i" else kind)
+        if mode not in EDIT_MODES:
+            raise ValueError(f"unknown editing mode {mode!r}: choose one of {', '.join(EDIT_MODES)}")
+        if kind not in MODE_KINDS[mode]:
+            raise ValueError(f"the base {base or self.default_base} does not run the {mode} mode: pick a base of that "
+                             f"mode (e.g. {DEFAULT_BASES[mode]})")
+        if mode != "incontext":
+            return mode, None
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError("the incontext mode needs the set's joint caption, e.g. "
+                             "\"[EDIT] make it red [LEFT] a blue square [RIGHT] a red square\"")
+        check_caption(caption.strip(), 2)
+        if loras:
+            raise ValueError("LoRAs from the index are for the edit and diptych modes: untick them for incontext")
+        return mode, caption.strip()
+
+    def _edit(self, image, instruction, task, steps, guidance, seed, base, adapter, loras, fusion, progress,
+              mode="edit", caption=None):
         import torch
 
         t0 = time.perf_counter()
@@ -363,12 +400,17 @@ class Editor:
 
         if progress is not None:
             progress(0.0, desc="editing")
-        # the picked LoRAs live for this edit only: the next edit starts from the bare model
-        with pipe.with_loras([f for f, _ in loras], fusion=self._fusion(fusion), weights=[w for _, w in loras],
-                             prefix="app_lora"):
-            result = pipe.edit(image, instruction, task=routed, num_inference_steps=steps, guidance_scale=guidance,
-                               generator=torch.Generator(device="cpu").manual_seed(seed),
-                               callback_on_step_end=on_step).images[0]
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        if mode == "incontext":  # the right panel of [source | ?] under the set's caption
+            from x2edit.incontext import edit_as_set
+
+            result = edit_as_set(pipe, image, caption, num_inference_steps=steps, task=routed, guidance_scale=guidance,
+                                 generator=generator, callback_on_step_end=on_step)
+        else:  # the picked LoRAs live for this edit only: the next edit starts from the bare model
+            with pipe.with_loras([f for f, _ in loras], fusion=self._fusion(fusion), weights=[w for _, w in loras],
+                                 prefix="app_lora"):
+                result = pipe.edit(image, instruction, task=routed, num_inference_steps=steps, guidance_scale=guidance,
+                                   generator=generator, callback_on_step_end=on_step).images[0]
         source_path = self._new_path("source")
         image.save(source_path)
         before_path = source_path
@@ -378,7 +420,7 @@ class Editor:
         result_path = self._new_path("result")
         result.save(result_path)
         base_name, adapter_name = self._loaded
-        settings = {"base": base_name, "mode": pipe.editing_mode, "adapter": adapter_name, "steps": pipe.num_timesteps, "guidance": guidance,
+        settings = {"base": base_name, "mode": mode, "caption": caption, "adapter": adapter_name, "steps": pipe.num_timesteps, "guidance": guidance,
                     "seed": seed, "loras": [[Path(f).name, w] for f, w in loras], "fusion": fusion if loras else None,
                     "size": list(result.size)}
         return EditRecord(str(source_path), str(before_path), str(result_path), instruction, routed, task, scores,

@@ -100,7 +100,7 @@ def summary(record: EditRecord) -> str:
     else:
         routed = f"**Task:** `{record.task}` (chosen by you)"
     loras = ", ".join(f"{name} x{w:g}" for name, w in s["loras"])
-    mode = " (diptych)" if s.get("mode") == "diptych" else ""
+    mode = f" ({s['mode']})" if s.get("mode") in ("diptych", "incontext") else ""
     return (f"{routed} · base `{s['base']}`{mode} · adapter: {s['adapter']} · {s['steps']} step(s) · guidance "
             f"{s['guidance']:g} · seed {s['seed']} · {s['size'][0]}x{s['size'][1]} · {record.seconds:.1f} s"
             + (f"  \n**LoRAs** ({s['fusion']}): {loras}" if loras else ""))
@@ -116,21 +116,22 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
     steps_default, steps_fixed = editor.steps_setting()
 
     def edit(image, instruction, task, steps, guidance, seed, random_seed, base, adapter, loras, fusion, history,
-             progress=gr.Progress()):
+             mode=None, caption=None, progress=gr.Progress()):
         record = editor.edit(file_path(image), instruction, task or AUTO_TASK, number(steps, "steps"),
                              number(guidance, "guidance"), None if random_seed else number(seed, "the seed"),
-                             base, adapter, picked_loras(loras), fusion, progress=progress)
+                             base, adapter, picked_loras(loras), fusion, progress=progress, mode=mode, caption=caption)
         history = [*(history or []), record.to_dict()]
         return ((record.before, record.result), record.scores or record.task, summary(record), record.result,
                 gallery_items(history), history, record.settings["seed"])
 
     def edit_batch(files, instruction, task, steps, guidance, seed, random_seed, base, adapter, loras, fusion,
-                   history, progress=gr.Progress()):
+                   history, mode=None, caption=None, progress=gr.Progress()):
         paths = [file_path(f) for f in (files or [])]
         records, archive = editor.edit_batch(paths, instruction, task or AUTO_TASK, number(steps, "steps"),
                                              number(guidance, "guidance"),
                                              None if random_seed else number(seed, "the seed"), base, adapter,
-                                             picked_loras(loras), fusion, progress=progress)
+                                             picked_loras(loras), fusion, progress=progress, mode=mode,
+                                             caption=caption)
         history = [*(history or []), *(r.to_dict() for r in records)]
         return ([(r.result, f"{r.task}: {Path(p).name}") for r, p in zip(records, paths)], str(archive),
                 gallery_items(history), history)
@@ -144,8 +145,9 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
         h = history[evt.index]
         s = h["settings"]
         return (h["source"], h["instruction"], h["task_choice"], s["steps"], s["guidance"], s["seed"], False,
-                s["base"], s["adapter"], (h["before"], h["result"]), h["scores"] or h["task"],
-                summary(EditRecord(**h)), h["result"])
+                gr.update(choices=editor.base_choices(s["mode"]), value=s["base"]), s["adapter"], (h["before"], h["result"]), h["scores"] or h["task"],
+                summary(EditRecord(**h)), h["result"], s["mode"], gr.update(value=s["caption"] or "",
+                                                                           visible=s["mode"] == "incontext"))
 
     def use_as_input(shown):
         """The result on the slider (the last edit, or a history entry reloaded) becomes the source."""
@@ -153,11 +155,12 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
             raise gr.Error("there is no result yet: run an edit first", print_exception=False)
         return shown[1]
 
-    def mode_changed(mode):
-        """The base list of the chosen editing mode, its first base picked (unless the current one is of it)."""
+    def mode_changed(mode, current):
+        """The base list of the chosen editing mode with the current base kept if it runs the mode (else the
+        app's default, else the first), and the set's caption box, shown in the incontext mode only."""
         names = editor.base_choices(mode)
-        value = editor.default_base if editor.default_base in names else names[0]
-        return gr.update(choices=names, value=value)
+        value = current if current in names else editor.default_base if editor.default_base in names else names[0]
+        return gr.update(choices=names, value=value), gr.update(visible=mode == "incontext")
 
     def model_changed(base, adapter):
         value, fixed = editor.steps_setting(base, adapter)
@@ -174,6 +177,12 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
                                       height=280, elem_id="source")
                     instruction = gr.Textbox(label="Instruction", placeholder="e.g. make the square red",
                                              elem_id="instruction")
+                    caption = gr.Textbox(label="Set caption (incontext)", visible=editor.default_mode == "incontext",
+                                         elem_id="caption",
+                                         placeholder="[EDIT] make the square red [LEFT] a blue square on white "
+                                                     "[RIGHT] a red square on white",
+                                         info="the 2-panel set [source | result] in IC-LoRA's form: a task tag, then "
+                                              "each panel after its position tag")
                     with gr.Row():
                         task = gr.Dropdown([AUTO_TASK, *TASK_NAMES], value=AUTO_TASK, label="Task (auto: classifier)",
                                            elem_id="task")
@@ -187,11 +196,12 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
                         with gr.Row():
                             seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="seed")
                             random_seed = gr.Checkbox(False, label="Random seed")
-                        mode = gr.Radio(editor.mode_choices(), value=editor.mode_of(editor.default_base),
+                        mode = gr.Radio(editor.mode_choices(), value=editor.default_mode,
                                         label="Editing mode", elem_id="mode",
                                         info="edit: the source as Kontext reference tokens; diptych: ICEdit's "
-                                             "[source | edit] canvas on a Fill model")
-                        base = gr.Dropdown(editor.base_choices(editor.mode_of(editor.default_base)),
+                                             "[source | edit] canvas on a Fill model; incontext: the right panel of "
+                                             "an IC-LoRA set [source | ?] made under the set caption")
+                        base = gr.Dropdown(editor.base_choices(editor.default_mode),
                                            value=editor.default_base, label="Base model", elem_id="base")
                         adapter = gr.Dropdown(editor.adapter_choices(), value=BASE_OWN_ADAPTER,
                                               label="Editing adapter")
@@ -232,11 +242,11 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
                     batch_zip = gr.DownloadButton("Download all (zip)", elem_id="batch-zip")
 
         settings = [task, steps, guidance, seed, random_seed, base, adapter, loras, fusion, history]
-        gr.on([run.click, instruction.submit], user_errors(edit), inputs=[source, instruction, *settings],
+        gr.on([run.click, instruction.submit], user_errors(edit), inputs=[source, instruction, *settings, mode, caption],
               outputs=[slider, task_label, info, download, gallery, history, seed], api_name="edit",
               preprocess=False, concurrency_id=EDIT_CONCURRENCY, concurrency_limit=1)
         gr.on([batch_run.click, batch_instruction.submit], user_errors(edit_batch),
-              inputs=[batch_files, batch_instruction, *settings],
+              inputs=[batch_files, batch_instruction, *settings, mode, caption],
               outputs=[batch_gallery, batch_zip, gallery, history], api_name="edit_batch", preprocess=False,
               concurrency_id=EDIT_CONCURRENCY, concurrency_limit=1)
         instruction.change(user_errors(editor.classify), instruction, task_label, api_name="classify",
@@ -244,9 +254,9 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
         gr.on([lora_search.click, lora_query.submit], user_errors(search), [lora_query, instruction], loras,
               api_name="search_loras")
         gallery.select(reload, history, [source, instruction, task, steps, guidance, seed, random_seed, base, adapter,
-                                         slider, task_label, info, download], api_visibility="private")
+                                         slider, task_label, info, download, mode, caption], api_visibility="private")
         use.click(use_as_input, slider, source, api_visibility="private")
-        mode.change(user_errors(mode_changed), mode, base, api_visibility="private")
+        mode.change(user_errors(mode_changed), [mode, base], [base, caption], api_visibility="private")
         gr.on([base.change, adapter.change], user_errors(model_changed), [base, adapter], steps,
               api_visibility="private", concurrency_id=EDIT_CONCURRENCY)
     return demo

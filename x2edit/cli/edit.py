@@ -17,13 +17,14 @@ def add_arguments(parser) -> None:
                         help="edit: the source as Kontext reference tokens (X2EditPipeline); diptych: ICEdit's "
                              "in-context edit, a Fill model repaints the right half of [source | edit] "
                              "(X2EditDiptychPipeline); incontext: the right panel of an IC-LoRA set [source | ?] made "
-                             "under --caption (a text-to-image base with its task LoRA as --adapter: SDEdit-style; a "
-                             "Fill base: by Fill; default base x2edit-tiny-fill). Default: the base's own")
+                             "under --caption (by Fill on a Fill base, the default x2edit-tiny-fill; SDEdit-style on a "
+                             "text-to-image base with its task LoRA, e.g. x2edit-tiny-t2i). Default: the base's own")
     parser.add_argument("--caption", default=None,
                         help='incontext: the set\'s joint caption, e.g. "[EDIT] make it red [LEFT] a blue square '
                              '[RIGHT] a red square"')
     parser.add_argument("--base", default=None, help="registered base model name or local pipeline directory "
-                                                       "(default: x2edit-tiny; --mode diptych: x2edit-tiny-fill)")
+                                                       "(default: x2edit-tiny; --mode diptych / incontext: "
+                                                       "x2edit-tiny-fill)")
     parser.add_argument("--adapter", default=None, help="x2edit adapter file (.safetensors) to load")
     parser.add_argument("--lora", action="append", default=[],
                         help="community LoRA file (.safetensors: kohya, XLabs or diffusers keys) to add (repeatable)")
@@ -120,11 +121,9 @@ def run(args) -> int:
         check_caption(args.caption, 2)
         if args.best_of > 1:
             raise ValueError("--best-of is for the edit and diptych modes")
-        base = check_mode(args.base or "x2edit-tiny-fill", None)  # either kind: Fill, or text-to-image + task LoRA
     elif args.caption is not None:
         raise ValueError("--caption is the joint caption of --mode incontext")
-    else:
-        base = check_mode(args.base, args.mode)  # a base of the mode asked for, before loading it
+    base = check_mode(args.base, args.mode)  # a base of the mode asked for, before loading it
     judge = None
     if args.best_of < 1:
         raise ValueError(f"--best-of must be >= 1, got {args.best_of}")
@@ -139,7 +138,7 @@ def run(args) -> int:
         raise ValueError("--judge picks among --best-of N outputs: give --best-of N (N >= 2)")
 
     t0 = time.perf_counter()
-    pipe = load_edit_pipeline(base, args.adapter, device, args.dtype)
+    pipe = load_edit_pipeline(base, args.adapter, device, args.dtype, mode=args.mode)
     diptych = pipe.editing_mode == "diptych"
     for i, f in enumerate(args.lora):
         pipe.load_lora_weights(f, adapter_name=f"lora_{i}")
@@ -158,15 +157,10 @@ def run(args) -> int:
     guidance = args.guidance if args.guidance is not None or diptych else 2.5
     kwargs = dict(task=task, num_inference_steps=args.steps, guidance_scale=guidance, max_area=args.max_area, **auto)
     if incontext:
-        from x2edit.incontext import inpaint_set
-        from x2edit.pipeline_common import _fit
+        from x2edit.incontext import edit_as_set
 
-        grid = pipe.vae_scale_factor * 2
-        h, w = _fit(image.size[1], image.size[0], args.max_area or pipe.default_max_area, grid, "the source image")
-        steps = {} if pipe.source_start() is not None else {"num_inference_steps": args.steps or 28}
-        result = inpaint_set(pipe, [image.convert("RGB").resize((w, h)), None], args.caption,
-                             method="fill" if diptych else "sdedit", task=task, guidance_scale=guidance,
-                             generator=torch.Generator(device="cpu").manual_seed(args.seed), **steps)[1]
+        result = edit_as_set(pipe, image, args.caption, max_area=args.max_area, num_inference_steps=args.steps,
+                             task=task, guidance_scale=guidance, generator=torch.Generator(device="cpu").manual_seed(args.seed))
     elif judge is not None:
         from x2edit.best_of import best_of_n
 

@@ -1,5 +1,7 @@
 """`x2edit demo`: the embedded x2edit-tiny model edits held-out Shape World pairs of all 15 tasks
-(``--mode diptych``: x2edit-tiny-fill, the same edits as ICEdit's diptychs on a Fill model).
+(``--mode diptych``: x2edit-tiny-fill, the same edits as ICEdit's diptychs on a Fill model; ``--mode incontext``:
+each pair as a 2-panel IC-LoRA set, its right panel made under the set's joint caption, by x2edit-tiny-fill or,
+``--base x2edit-tiny-t2i``, SDEdit-style by the text-to-image base and its IC-LoRA).
 
 Writes DIR/demo.png (rows: source | instruction | output | target) and DIR/metrics.json
 ({task: {"edit_gain_db", "psnr", "err_in", "err_out", "n"}, "mean": ..., "classifier_accuracy": ...}),
@@ -15,12 +17,12 @@ from pathlib import Path
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="x2edit_demo", help="output directory (default: ./x2edit_demo)")
-    parser.add_argument("--mode", default=None, choices=["edit", "diptych"],
-                        help="edit (Kontext layout) or diptych (a Fill model, ICEdit's in-context edit); default: the "
-                             "base's own")
+    parser.add_argument("--mode", default=None, choices=["edit", "diptych", "incontext"],
+                        help="edit (Kontext layout), diptych (a Fill model, ICEdit's in-context edit) or incontext "
+                             "(IC-LoRA 2-panel sets); default: the base's own")
     parser.add_argument("--base", default=None,
-                        help="registered name or pipeline directory (default: x2edit-tiny; --mode diptych: "
-                             "x2edit-tiny-fill)")
+                        help="registered name or pipeline directory (default: x2edit-tiny; --mode diptych / "
+                             "incontext: x2edit-tiny-fill)")
     parser.add_argument("--n-per-task", type=int, default=4, help="held-out pairs per task")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0)
@@ -34,7 +36,14 @@ def run(args) -> int:
 
     from x2edit.data_pipeline.shapeworld import ShapeWorld
     from x2edit.registry import check_mode, load_pipeline
-    from x2edit.training.evaluation import edit_grid, edit_metrics, format_table, run_edits, summarize
+    from x2edit.training.evaluation import (
+        edit_grid,
+        edit_metrics,
+        format_table,
+        run_edits,
+        run_set_edits,
+        summarize,
+    )
 
     if args.n_per_task < 1 or (args.steps is not None and args.steps < 1):
         raise ValueError("--n-per-task and --steps must be >= 1")
@@ -47,7 +56,8 @@ def run(args) -> int:
     predicted = pipe.task_classifier([p.instruction for p in pairs])
     accuracy = sum(a == p.task for a, p in zip(predicted, pairs)) / len(pairs)
     tasks = [p.task for p in pairs] if args.task_labels else predicted
-    outputs = run_edits(pipe, pairs, steps=args.steps, seed=args.seed, tasks=tasks)
+    edit = run_set_edits if args.mode == "incontext" else run_edits
+    outputs = edit(pipe, pairs, steps=args.steps, seed=args.seed, tasks=tasks)
     rows = [{"task": p.task, **edit_metrics(o, p.source, p.target, p.mask)} for p, o in zip(pairs, outputs)]
     table = summarize(rows)
     first = {}
@@ -56,7 +66,9 @@ def run(args) -> int:
     edit_grid([v[0] for v in first.values()], [v[1] for v in first.values()]).save(out / "demo.png")
     (out / "metrics.json").write_text(json.dumps({**table, "classifier_accuracy": accuracy,
                                                   "routing": "labels" if args.task_labels else "classifier",
-                                                  "steps": args.steps or pipe.default_num_inference_steps},
+                                                  "mode": args.mode or pipe.editing_mode,
+                                                  "steps": 1 if pipe.source_start() is not None
+                                                  else args.steps or pipe.default_num_inference_steps},
                                                  indent=2))
     print(format_table(table))
     print(f"\ntask classifier accuracy on these instructions: {100 * accuracy:.1f}%")

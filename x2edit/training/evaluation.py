@@ -72,6 +72,29 @@ def run_edits(pipe, pairs, steps: int | None = None, seed: int = 0, batch_size: 
     return outputs
 
 
+def run_set_edits(pipe, pairs, steps: int | None = None, seed: int = 0, tasks: list[str] | None = None,
+                  **call_kwargs) -> list[np.ndarray]:
+    """Edit each captioned Shape World pair as a 2-panel IC-LoRA set: the right panel of [source | ?] made under
+    "[EDIT] instruction [LEFT] source caption [RIGHT] target caption" (``x2edit.incontext.inpaint_set``: by
+    Fill on a Fill base, SDEdit-style on a text-to-image one); uint8 outputs in order, seeds ``seed + i``.
+
+    Args:
+        steps: denoising steps; None: the pipeline's own (a one-step Fill base takes exactly one).
+        tasks: task per pair for the router; None lets the pipeline classify each instruction.
+    """
+    from x2edit.incontext import edit_as_set, joint_caption
+
+    outputs = []
+    for i, p in enumerate(pairs):
+        caption = joint_caption("EDIT", p.instruction, list(p.captions))
+        h, w = p.source.shape[:2]
+        made = edit_as_set(pipe, Image.fromarray(p.source), caption, max_area=h * w, num_inference_steps=steps,
+                           task=None if tasks is None else tasks[i], generator=torch.Generator().manual_seed(seed + i),
+                           **call_kwargs)
+        outputs.append(np.asarray(made))
+    return outputs
+
+
 def evaluate_pairs(pipe, pairs, **kwargs) -> tuple[dict, list[dict], list[np.ndarray]]:
     """(per-task summary, per-pair rows, outputs) of ``pipe`` on Shape World pairs."""
     outputs = run_edits(pipe, pairs, **kwargs)
