@@ -170,3 +170,27 @@ def test_speed_smoke(sw):
     for s in range(150):
         sw.sample(s)
     assert 150 / (time.perf_counter() - t0) > 20
+
+
+def test_a_panel_set_is_one_scene_with_one_object_in_n_colors(sw):
+    """ShapeWorld.panel_set: panels 0 and 1 are a colour-change pair; every further panel recolours the same
+    object only (pixels elsewhere equal), each in a colour of its own; the joint caption carries n tags."""
+    from x2edit.data_pipeline.shapeworld import PanelSet
+    from x2edit.incontext import check_caption
+
+    colors = sw.panel_set(3, n_panels=4)
+    assert isinstance(colors, PanelSet) and len(colors.panels) == len(colors.captions) == 4
+    assert np.array_equal(colors.panels[0], colors.pair.source) and np.array_equal(colors.panels[1], colors.pair.target)
+    assert colors.pair.task == "color_change" and colors.pair.instruction
+    outside = ~colors.pair.mask
+    for panel in colors.panels[2:]:
+        assert np.array_equal(panel[outside], colors.panels[1][outside])  # only the recoloured object moves
+        assert not np.array_equal(panel, colors.panels[1])
+    assert len(set(colors.captions)) == 4
+    check_caption(colors.caption, 4)
+    assert colors.caption.startswith("[COLORS] one scene, the ")
+    again = sw.panel_set(3, n_panels=4)
+    assert all(np.array_equal(a, b) for a, b in zip(again.panels, colors.panels))
+    for bad in (2, 7, True, 3.0):
+        with pytest.raises(ValueError, match="3 to 6 panels"):
+            sw.panel_set(0, n_panels=bad)

@@ -94,3 +94,56 @@ def test_build_data_shards_are_panel_sets_the_incontext_trainer_reads(t2i_base, 
                                                       "data.resolution": 32})
     with pytest.raises(TrainingError, match="needs each pair's scene captions"):
         Trainer(cfg).batch(0)
+
+
+def test_three_panel_color_sets_from_build_data_train_the_incontext_mode(t2i_base, tmp_path):
+    """configs/build_data/shapeworld_color_sets.yaml writes one object in 3 colours per sample (src, tgt and
+    panel2.png, 3 captions, the joint caption); the reader carries the third panel and the caption; mode
+    incontext trains on 3-panel canvases under that caption. A sample that lost its third panel is dropped,
+    named; sets of two sizes in one batch are refused."""
+    import tarfile
+    from pathlib import Path
+
+    from x2edit.cli import main
+    from x2edit.data_pipeline.shards import read_shards, shard_paths
+    from x2edit.training.data import EditDataset
+    from x2edit.training.trainer import TrainingError, _incontext_batch
+
+    config = Path(__file__).parents[2] / "configs" / "build_data" / "shapeworld_color_sets.yaml"
+    shards = tmp_path / "sets"
+    assert main(["build-data", "--no-progress", "--config", str(config), "--out", str(shards), "--num-samples", "6",
+                 "--workers", "1"]) == 0
+    written = list(read_shards(shard_paths(shards)))
+    assert len(written) == 6 and all(len(s.panels) == 1 and s.meta["panels"] == 3 for s in written)
+    ds = EditDataset({"format": "x2edit", "path": str(shards)})
+    sample = ds[0]
+    assert len(sample.panels) == 1 and sample.panels[0].size == sample.target.size and len(sample.captions) == 3
+    check_caption(sample.set_caption, 3)
+
+    cfg = _config(tmp_path, mode="incontext", **{"model.base": str(t2i_base), "adapter": {"kind": "lora", "rank": 2},
+                                                 "data.source": {"format": "x2edit", "path": str(shards)},
+                                                 "data.resolution": 32})
+    trainer = Trainer(cfg)
+    batch = trainer.batch(0)
+    assert all(t.shape == (32, 96, 3) for t in batch["target"])  # [panel 1 | panel 2 | panel 3]
+    assert all(text.startswith("[COLORS] one scene, the ") and "[PANEL-3]" in text for text in batch["text"])
+    trainer.train()
+
+    pair = {"captions": ("a", "b"), "origin": "x"}
+    with pytest.raises(TrainingError, match="mixes sets of 2 and 3 panels"):
+        _incontext_batch({"source": batch["target"][:2], "target": batch["target"][:2], "text": ["x", "y"]},
+                         [pair, {**pair, "panels": [batch["target"][0]], "set_caption": sample.set_caption}])
+
+    # the same shard with one sample's third panel taken out: that sample is dropped, the rest read
+    (tar,) = Path(shard_paths(shards)[0]).parent.glob("shard-*.tar")
+    cut = tmp_path / "cut" / tar.name
+    cut.parent.mkdir()
+    with tarfile.open(tar) as src, tarfile.open(cut, "w") as dst:
+        lost = None
+        for m in src.getmembers():
+            if m.name.endswith(".panel2.png") and lost is None:
+                lost = m.name.split(".")[0]
+                continue
+            dst.addfile(m, src.extractfile(m))
+    ds = EditDataset({"format": "x2edit", "path": str(cut.parent)})
+    assert len(ds) == 5 and lost in str(ds.stats.examples.get("missing_member"))

@@ -80,8 +80,10 @@ class Pipeline:
             if isinstance(st, Expert) and sampler is not None:
                 unsupported = [t for t in sampler.active_tasks() if t not in st.supported_tasks()]
                 if unsupported:
+                    listed = f" or list them in {st.name}.tasks" if hasattr(st.params, "tasks") else ""
                     raise ValueError(f"{sampler.name} draws task(s) {', '.join(unsupported)} that {st.name} does not "
-                                     f"handle; set their weights to 0 or list them in {st.name}.tasks")
+                                     f"handle (it makes {', '.join(st.supported_tasks())}); set their weights to "
+                                     f"0{listed}")
         missing = sorted(WRITER_NEEDS - have)
         if missing:
             raise ValueError(f"the written samples would lack {', '.join(missing)}: add stages that provide them")

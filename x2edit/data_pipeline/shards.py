@@ -8,6 +8,12 @@ A shard is a tar of samples, each as consecutive members::
     KEY.json      {"key", "instruction", "task", "task_id", "scores": {name: number|null},
                    "score_notes": {name: why null}, "provenance": {...}, "width", "height"}
 
+Shape World samples also carry "captions" (the scenes' descriptions): a pair is then a 2-panel IC-LoRA set. A
+set of n > 2 panels (``shapeworld_expert`` ``panels: n``) is its pair (panels 0 and 1, src and tgt) plus::
+
+    KEY.panel2.png ... KEY.panel{n-1}.png   the further panels (RGB, the target's size)
+    KEY.json      + "panels": n, "captions": n scene captions, "set_caption": the set's joint caption
+
 Writing is atomic: the tar is written to ``NAME.tmp``, synced and renamed, so a reader never sees
 half a shard. Reading tolerates damage: a truncated tar yields the samples before the damage and
 ``ReadReport`` says what was lost.
@@ -62,6 +68,9 @@ def sample_meta(s: Sample) -> dict:
             "width": w, "height": h}
     if "captions" in s.extra:  # the scenes' descriptions: the pair is a 2-panel IC-LoRA set (x2edit.incontext)
         meta["captions"] = [str(c) for c in s.extra["captions"]]
+    if s.extra.get("panels"):  # a set of more panels: how many, and its joint caption
+        meta["panels"] = 2 + len(s.extra["panels"])
+        meta["set_caption"] = str(s.extra["set_caption"])
     return meta
 
 
@@ -70,6 +79,8 @@ def sample_record(s: Sample, write_mask: bool = True) -> dict[str, bytes | str]:
     rec: dict[str, bytes | str] = {"__key__": s.key, "src.png": encode_png(s.source), "tgt.png": encode_png(s.target)}
     if write_mask and s.mask is not None:
         rec["mask.png"] = encode_png(s.mask.astype(np.uint8) * 255)
+    for i, panel in enumerate(s.extra.get("panels") or (), 2):
+        rec[f"panel{i}.png"] = encode_png(panel)
     rec["json"] = json.dumps(sample_meta(s), sort_keys=True).encode()
     return rec
 
@@ -214,6 +225,7 @@ class ShardSample:
     mask: np.ndarray | bytes | None
     meta: dict
     shard: str = ""
+    panels: list = field(default_factory=list)  # a set's panels after the pair (``panel_names``), decoded or bytes
 
     @property
     def instruction(self) -> str:
@@ -255,6 +267,15 @@ class ReadReport:
         return s
 
 
+def panel_names(meta: dict) -> list[str]:
+    """The members of a sample's further panels ("panel2.png", ...), from its metadata's "panels" count; a
+    one-line ``ValueError`` for a count that is not an integer >= 2."""
+    n = meta.get("panels", 2)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"\"panels\" must be an integer >= 2, got {n!r}")
+    return [f"panel{i}.png" for i in range(2, n)]
+
+
 def read_shard(path: str | os.PathLike, report: ReadReport | None = None, decode: bool = True,
                require: tuple[str, ...] = REQUIRED) -> Iterator[ShardSample]:
     """Samples of one tar, in order. Damage ends the file, not the program: what was read before it
@@ -275,17 +296,26 @@ def read_shard(path: str | os.PathLike, report: ReadReport | None = None, decode
         if missing:
             report.incomplete.append({"file": path, "key": key, "missing": missing})
             continue
+        meta = json.loads(mem["json"]) if "json" in mem else {}
+        try:
+            panels = panel_names(meta)
+        except ValueError as e:
+            report.incomplete.append({"file": path, "key": key, "missing": [f"(bad metadata: {e})"]})
+            continue
+        if any(n not in mem for n in panels):
+            report.incomplete.append({"file": path, "key": key, "missing": [n for n in panels if n not in mem]})
+            continue
         read += 1
         report.samples += 1
-        meta = json.loads(mem["json"]) if "json" in mem else {}
         mask = mem.get("mask.png")
         if decode:
             src = decode_png(mem["src.png"]) if "src.png" in mem else None
             tgt = decode_png(mem["tgt.png"]) if "tgt.png" in mem else None
             mask = decode_png(mask, "L") > 127 if mask is not None else None
+            panels = [decode_png(mem[n]) for n in panels]
         else:
-            src, tgt = mem.get("src.png"), mem.get("tgt.png")
-        yield ShardSample(key, src, tgt, mask, meta, os.path.basename(path))
+            src, tgt, panels = mem.get("src.png"), mem.get("tgt.png"), [mem[n] for n in panels]
+        yield ShardSample(key, src, tgt, mask, meta, os.path.basename(path), panels)
     if scan.error:
         report.truncated.append({"file": path, "samples_read": read, "error": scan.error})
         if scan.lost is not None:

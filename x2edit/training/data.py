@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from x2edit.data_pipeline.shards import TarScan, TarSpan, iter_tar  # the one tar reader
+from x2edit.data_pipeline.shards import TarScan, TarSpan, iter_tar, panel_names  # the one tar reader
 from x2edit.data_pipeline.stages.filters import (
     Rule as ScoreFilter,  # one rule grammar for build-data and train
 )
@@ -79,7 +79,9 @@ class EditSample:
         key: the sample's key inside its origin (tar key, file stem, row).
         origin: where it came from (shard, file, ``file:line``), for messages and debugging.
         captions: (source, target) scene descriptions where the data has them (x2edit shards of Shape
-            World): the pair as a 2-panel IC-LoRA set; None otherwise.
+            World): the pair as a 2-panel IC-LoRA set; None otherwise. A set of n panels has n.
+        panels: a set's panels after the pair (the target's size), empty for a pair.
+        set_caption: a set's joint caption as written with it (``x2edit.incontext``), None for a pair.
     """
 
     source: Image.Image
@@ -89,7 +91,9 @@ class EditSample:
     scores: dict[str, float]
     key: str
     origin: str
-    captions: tuple[str, str] | None = None
+    captions: tuple[str, ...] | None = None
+    panels: tuple[Image.Image, ...] = ()
+    set_caption: str | None = None
 
 
 class NoSamplesError(ValueError):
@@ -504,7 +508,9 @@ class SampleRecord:
     source: ImageRef
     target: ImageRef
     size: tuple[int, int] | None = None
-    captions: tuple[str, str] | None = None
+    captions: tuple[str, ...] | None = None
+    panels: tuple[ImageRef, ...] = ()
+    set_caption: str | None = None
 
 
 def load_record(record: SampleRecord) -> EditSample:
@@ -515,14 +521,19 @@ def load_record(record: SampleRecord) -> EditSample:
     if not _same_aspect(source.size, target.size):
         raise AspectMismatch(f"source {source.size[0]}x{source.size[1]} and target "
                          f"{target.size[0]}x{target.size[1]} have different aspect ratios")
+    panels = tuple(decode_image(ref, f"panel {i}") for i, ref in enumerate(record.panels, 2))
+    for i, panel in enumerate(panels, 2):
+        if panel.size != target.size:
+            raise ImageError(f"panel {i} is {panel.size[0]}x{panel.size[1]}, the target {target.size[0]}x"
+                             f"{target.size[1]}: a set's panels share one size")
     return EditSample(source, target, record.instruction, record.task, dict(record.scores), record.key,
-                      record.origin, record.captions)
+                      record.origin, record.captions, panels, record.set_caption)
 
 
-def _captions(value) -> tuple[str, str] | None:
-    """A sample's (source, target) captions from its metadata, when it has two strings there."""
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(c, str) and c.strip() for c in value):
-        return value[0], value[1]
+def _captions(value, n: int = 2) -> tuple[str, ...] | None:
+    """A sample's scene captions from its metadata, when it has ``n`` non-empty strings there (one per panel)."""
+    if isinstance(value, (list, tuple)) and len(value) == n and all(isinstance(c, str) and c.strip() for c in value):
+        return tuple(value)
     return None
 
 
@@ -544,6 +555,7 @@ class _Raw:
     target: ImageRef
     fields: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    panels: tuple[ImageRef, ...] = ()  # a set's panels after the pair (x2edit shards' panel2.png ...)
 
 
 @dataclass
@@ -743,8 +755,10 @@ class EditReader:
             if checked.outcome != "kept":
                 stats.drop(checked.outcome, checked.where, checked.detail)
                 continue
+            set_caption = raw.fields.get("set_caption") if raw.panels else None
             yield SampleRecord(raw.key, raw.origin, raw.instruction.strip(), checked.task, raw.scores,
-                               raw.source, raw.target, captions=_captions(raw.fields.get("captions")))
+                               raw.source, raw.target, captions=_captions(raw.fields.get("captions"), 2 + len(raw.panels)),
+                               panels=raw.panels, set_caption=set_caption if isinstance(set_caption, str) else None)
 
     def _empty(self, stats: ReadStats) -> NoSamplesError:
         filters = ", ".join(f"'{f}'" for f in self.rules) or "none"
@@ -874,6 +888,17 @@ class _TarReader(EditReader):
                     continue
                 raw.source, raw.target = group[layout[0]], group[layout[1]]
                 raw.notes["layout"] = f"{layout[0]} + {layout[1]}"
+                if "panels" in raw.fields:  # a set of more panels (x2edit build-data's colour sets)
+                    try:
+                        names = panel_names(raw.fields)
+                    except ValueError as e:
+                        stats.drop("bad_metadata", where, str(e))
+                        continue
+                    if any(n not in group for n in names):
+                        stats.drop("missing_member", where, f"no {', '.join(n for n in names if n not in group)} "
+                                                            f"of its {raw.fields['panels']} panels")
+                        continue
+                    raw.panels = tuple(group[n] for n in names)
                 yield raw
             if scan.error:
                 logger.warning("%s is truncated or corrupt (%s); using the %d samples before the damage",
@@ -1189,8 +1214,7 @@ class EditDataset:
             logger.warning("skipping %s:%s: %s", record.origin, record.key, e)
             return None
         if self.buckets is not None:
-            sample.source, sample.target = fit_pair(sample.source, sample.target,
-                                                    assign_bucket(record.size, self.buckets))
+            _fit_sample(sample, assign_bucket(record.size, self.buckets))
         return sample
 
     def batch_sampler(self, batch_size: int, *, balanced_tasks: bool = False, seed: int = 0,
@@ -1200,6 +1224,12 @@ class EditDataset:
             raise ValueError("batch_sampler needs buckets: EditDataset(..., buckets=make_buckets(...))")
         return BucketBatchSampler(self.sizes, self.buckets, batch_size, tasks=self.tasks,
                                   balanced_tasks=balanced_tasks, seed=seed, drop_last=drop_last)
+
+
+def _fit_sample(sample: EditSample, bucket: Bucket) -> None:
+    """Fit the sample's images (pair and further panels) to ``bucket`` in place, by one rule."""
+    sample.source, sample.target = fit_pair(sample.source, sample.target, bucket)
+    sample.panels = tuple(fit_pair(p, p, bucket)[1] for p in sample.panels)
 
 
 def load_samples(spec: EditReader | Mapping, *, filters: Sequence[str] | None = None,
@@ -1228,7 +1258,6 @@ def load_samples(spec: EditReader | Mapping, *, filters: Sequence[str] | None = 
     samples = []
     for sample in reader:
         if buckets is not None:
-            sample.source, sample.target = fit_pair(sample.source, sample.target,
-                                                    assign_bucket(sample.source.size, buckets))
+            _fit_sample(sample, assign_bucket(sample.source.size, buckets))
         samples.append(sample)
     return samples

@@ -266,6 +266,7 @@ class ReaderSource:
         return {"source": np.asarray(sample.source) if self.mode != "t2i" else None,
                 "target": np.asarray(sample.target), "text": sample.instruction,
                 "task": task_slot(sample.task) if sample.task is not None else None, "captions": sample.captions,
+                "panels": [np.asarray(p) for p in sample.panels], "set_caption": sample.set_caption,
                 "origin": f"{sample.origin}:{sample.key}"}
 
 
@@ -613,7 +614,7 @@ class Trainer:
             if missing:
                 raise TrainingError(f"mode incontext needs each pair's scene captions (x2edit build-data writes them "
                                     f"for Shape World); {missing[0]} has none")
-            batch = _incontext_batch(batch, [it["captions"] for it in items])
+            batch = _incontext_batch(batch, items)
         if self.config.data.prompt_dropout:  # drawn from (seed, step, rank): a resumed run drops the same
             g = np.random.default_rng([self.config.seed, step, acc.process_index, 0xD0])
             batch["text"] = ["" if g.random() < self.config.data.prompt_dropout else t for t in batch["text"]]
@@ -909,13 +910,29 @@ def _diptych_batch(batch: dict, template: str) -> dict:
             "text": [template.format(instruction=t) for t in batch["text"]]}
 
 
-def _incontext_batch(batch: dict, captions: list[tuple[str, str]]) -> dict:
-    """An edit batch as IC-LoRA 2-panel sets: the [source | target] canvas is the image to generate (nothing in
-    context), described by "[EDIT] instruction [LEFT] source caption [RIGHT] target caption"."""
-    from x2edit.incontext import joint_caption, tile
+def _incontext_batch(batch: dict, items: list[dict]) -> dict:
+    """An edit batch as IC-LoRA sets: the canvas of each item's panels is the image to generate (nothing in
+    context). A pair is the 2-panel set [source | target] under "[EDIT] instruction [LEFT] source caption [RIGHT]
+    target caption"; a set of more panels (build-data's colour sets) is [source | target | panel 2 | ...] under
+    the joint caption written with it. A batch is one canvas size: its sets have one panel count."""
+    from x2edit.incontext import check_caption, joint_caption, tile
 
-    return {**batch, "source": None, "target": [tile([s, t]) for s, t in zip(batch["source"], batch["target"])],
-            "text": [joint_caption("EDIT", text, list(c)) for text, c in zip(batch["text"], captions)]}
+    counts = sorted({2 + len(it.get("panels") or ()) for it in items})
+    if len(counts) > 1:
+        raise TrainingError(f"mode incontext: one batch mixes sets of {' and '.join(map(str, counts))} panels; "
+                            "train on data of one set size")
+    texts = []
+    for text, it in zip(batch["text"], items):
+        if it.get("panels"):
+            if it.get("set_caption") is None:
+                raise TrainingError(f"mode incontext: the {counts[0]}-panel set {it.get('origin', '?')} has no "
+                                    "set_caption")
+            check_caption(it["set_caption"], counts[0])
+            texts.append(it["set_caption"])
+        else:
+            texts.append(joint_caption("EDIT", text, list(it["captions"])))
+    return {**batch, "source": None, "text": texts,
+            "target": [tile([s, t, *(it.get("panels") or ())]) for s, t, it in zip(batch["source"], batch["target"], items)]}
 
 
 def _right_half_tokens(canvas: np.ndarray, patch: int, device) -> torch.Tensor:

@@ -21,7 +21,7 @@ import numpy as np
 from x2edit.data_pipeline.shapeworld import vocab
 from x2edit.data_pipeline.shapeworld.ops import OPS, SceneEdit, choose_op
 from x2edit.data_pipeline.shapeworld.render import Renderer, degrade
-from x2edit.data_pipeline.shapeworld.scene import ColorPolicy, describe_scene
+from x2edit.data_pipeline.shapeworld.scene import ColorPolicy, background_colors, describe_scene
 from x2edit.data_pipeline.shapeworld.templates import write_instruction
 from x2edit.tasks import TASK_NAMES, get_task
 
@@ -63,6 +63,35 @@ class EditPair:
     def captions(self) -> tuple[str, str]:
         """Canonical captions of the source and target scenes."""
         return describe_scene(self.edit.source), describe_scene(self.edit.target)
+
+
+@dataclass
+class PanelSet:
+    """An IC-LoRA panel set: one scene with one object in n colours, panel after panel.
+
+    Args:
+        panels: n (H, W, 3) uint8 images; panels 0 and 1 are ``pair``'s source and target.
+        captions: the n scenes' canonical captions.
+        summary: what the set shows, e.g. "one scene, the star in 3 colors".
+        pair: the colour change from panel 0 to panel 1 (with its instruction), so the set is also an edit pair.
+        tag: the set's task tag (``x2edit.incontext``).
+    """
+
+    panels: list[np.ndarray]
+    captions: list[str]
+    summary: str
+    pair: EditPair
+    tag: str = "COLORS"
+
+    @property
+    def caption(self) -> str:
+        """The set's joint caption: "[COLORS] summary [PANEL-1] caption ... [PANEL-n] caption"."""
+        from x2edit.incontext import joint_caption
+
+        return joint_caption(self.tag, self.summary, self.captions)
+
+
+MAX_PANELS = 6
 
 
 def _split_index(split: str) -> int:
@@ -159,6 +188,37 @@ class ShapeWorld:
         pair.instruction = text
         pair.provenance.update(extra)
         return pair
+
+    def panel_set(self, seed: int, n_panels: int = 3, split: str = "train") -> PanelSet:
+        """A set of ``n_panels`` (3..``MAX_PANELS``) scenes: a colour-change pair (seed, split) whose recoloured
+        object takes one more colour per further panel, each allowed in the split and unlike the object's earlier
+        colours and the background's. A pure function of its arguments, like ``sample``."""
+        if isinstance(n_panels, bool) or not isinstance(n_panels, int) or not 3 <= n_panels <= MAX_PANELS:
+            raise ValueError(f"a Shape World panel set has 3 to {MAX_PANELS} panels, got {n_panels!r}")
+        seed = _check_seed(seed)
+        policy = ColorPolicy(split)
+        for attempt in range(_MAX_ATTEMPTS):  # pair seeds seed, seed + 1e9, ...: another scene when colours run out
+            pair = self.sample(seed + attempt * 1_000_000_007, "color_change", split)
+            edit = pair.edit
+            (obj_id,) = edit.touched
+            obj = edit.target.get(obj_id)
+            rng = np.random.default_rng([_SALT, SHAPEWORLD_VERSION, _split_index(split), seed, attempt, 104729])
+            used = [edit.source.get(obj_id).color, obj.color]
+            scenes = [edit.source, edit.target]
+            while len(scenes) < n_panels:
+                color = policy.choose(rng, obj.kind, tuple(used) + background_colors(edit.target.background))
+                if color is None:
+                    break
+                used.append(color)
+                scenes.append(edit.target.replace_obj(obj_id, color=color))
+            if len(scenes) < n_panels:
+                continue
+            panels = [pair.source, pair.target] + [self.render(sc) for sc in scenes[2:]]
+            if any(np.array_equal(a, b) for i, a in enumerate(panels) for b in panels[i + 1:]):
+                continue  # a colour that renders the same at this resolution: draw another scene
+            return PanelSet(panels, [describe_scene(sc) for sc in scenes],
+                            f"one scene, the {obj.kind} in {n_panels} colors", pair)
+        raise RuntimeError(f"Shape World found no {n_panels}-colour set for seed {seed} in {_MAX_ATTEMPTS} attempts")
 
     def eval_pairs(self, n_per_task: int = 20, tasks=None) -> Iterator[EditPair]:
         """The fixed held-out evaluation set: seeds 0..n_per_task-1 of the "eval" split, per task."""

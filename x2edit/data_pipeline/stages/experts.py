@@ -58,12 +58,18 @@ class Expert(Stage):
 
 @register_stage("shapeworld_expert")
 class ShapeWorldExpert(Expert):
-    """Exact Shape World edits (needs a seed from ``shapeworld_source`` and a task)."""
+    """Exact Shape World edits (needs a seed from ``shapeworld_source`` and a task).
+
+    ``panels: n`` (3..6) makes IC-LoRA panel sets instead: one object in n colours (``ShapeWorld.panel_set``).
+    Each is still an edit pair (panels 0 and 1, a colour change, with its instruction); the further panels and
+    the set's joint caption are written beside it (``x2edit.data_pipeline.shards``). Colour changes only.
+    """
 
     @dataclasses.dataclass
     class Params:
         resolution: int = 64
         supersample: int | None = None
+        panels: int = 2
 
     @property
     def requires(self):
@@ -73,9 +79,18 @@ class ShapeWorldExpert(Expert):
     def provides(self):
         return frozenset({"source", "target", "mask", "edit", "captions"})
 
+    def supported_tasks(self) -> tuple[str, ...]:
+        return ("color_change",) if self.params.panels > 2 else TASK_NAMES
+
     def validate(self):
+        from x2edit.data_pipeline.shapeworld.world import MAX_PANELS
+
         if not 16 <= self.params.resolution <= 2048:
             raise ValueError(f"{self.name}: resolution must be in 16..2048, got {self.params.resolution}")
+        if isinstance(self.params.panels, bool) or not isinstance(self.params.panels, int) or \
+                not 2 <= self.params.panels <= MAX_PANELS:
+            raise ValueError(f"{self.name}: panels must be 2 (edit pairs) to {MAX_PANELS} (colour sets), got "
+                             f"{self.params.panels!r}")
 
     def setup(self):
         from x2edit.data_pipeline.shapeworld import ShapeWorld
@@ -88,11 +103,17 @@ class ShapeWorldExpert(Expert):
         for s in batch:
             if self._skip(s):
                 continue
-            pair = self.world.generate(s.seed, s.task, s.provenance.get("split", "train"))
+            split = s.provenance.get("split", "train")
+            if self.params.panels > 2:  # a colour set; panels 0 and 1 are its colour-change pair
+                colors = self.world.panel_set(s.seed, self.params.panels, split)
+                pair = colors.pair
+                s.extra["panels"], s.extra["set_caption"] = colors.panels[2:], colors.caption
+            else:
+                pair = self.world.generate(s.seed, s.task, split)
             s.source, s.target, s.mask = pair.source, pair.target, pair.mask
             s.extra["pair"] = pair
             s.extra["exact_target"] = pair.target
-            s.extra["captions"] = pair.captions
+            s.extra["captions"] = colors.captions if self.params.panels > 2 else pair.captions
             s.provenance.update(pair.provenance)
             s.provenance["expert"] = self.name
         return batch

@@ -219,7 +219,8 @@ class ClipScorer(Scorer):
         with_caps = [i for i, s in enumerate(live) if "captions" in s.extra]
         caps = {}
         if with_caps:
-            emb = self.encode_texts([c for i in with_caps for c in live[i].extra["captions"]])
+            # the pair's two scenes (a colour set's captions go on panel by panel: its first two are the pair's)
+            emb = self.encode_texts([c for i in with_caps for c in live[i].extra["captions"][:2]])
             caps = {i: (emb[2 * j], emb[2 * j + 1]) for j, i in enumerate(with_caps)}
         for i, s in enumerate(live):
             cs, ct = caps.get(i, (None, None))
