@@ -167,7 +167,7 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", required=True,
-                    help="NAME=BASE (repeatable); NAME=sets:BASE[+ADAPTER]: edited as a 2-panel IC-LoRA set, the right "
+                    help="NAME=BASE[+ADAPTER] (repeatable; the adapter in place of the base's own); NAME=sets:BASE[+ADAPTER]: edited as a 2-panel IC-LoRA set, the right "
                          "panel of [source | ?] inpainted under the set's joint caption (a text-to-image base with "
                          "its task LoRA: SDEdit-style; a Fill base: by Fill)")
     ap.add_argument("--incontext-steps", type=int, default=None,
