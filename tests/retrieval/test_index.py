@@ -251,6 +251,33 @@ def test_workers_finish_and_give_the_rows_of_one_process(folder, tmp_path, tiny_
         np.testing.assert_allclose(many[path], one[path], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_the_ray_engine_indexes_on_a_local_ray_as_one_process_does(folder, tmp_path, tiny_encoder):
+    """x2edit lora index --engine ray: index_chunk as Ray Data tasks on a local Ray (2 CPUs), piece by piece; the
+    rows equal the one-process index's, a bad file is recorded, not fatal."""
+    pytest.importorskip("ray.data")
+    from x2edit.cli import main
+
+    for i in range(4):
+        write_lora(folder / f"r{i}.safetensors", random_factors(KOHYA_MODULES, seed=60 + i), "kohya")
+    (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["lora", "index", str(folder), "--out", str(tmp_path / "ray.parquet"), "--encoder", str(tiny_encoder),
+                 "--workers", "2", "--engine", "ray"]) == 0
+    build_index(folder, tmp_path / "one.parquet", tiny_encoder)
+    ray_rows = {r["path"]: r for r in read_index(tmp_path / "ray.parquet")[0]}
+    one_rows = {r["path"]: r for r in read_index(tmp_path / "one.parquet")[0]}
+    assert ray_rows.keys() == one_rows.keys() and len(one_rows) == 9
+    for path, row in one_rows.items():
+        assert {k: v for k, v in ray_rows[path].items() if k != "embedding"} == \
+            {k: v for k, v in row.items() if k != "embedding"}, path
+        if row["status"] == "ok":
+            np.testing.assert_allclose(ray_rows[path]["embedding"], row["embedding"], rtol=1e-5, atol=1e-6)
+    assert ray_rows["broken.safetensors"]["status"] == "skipped"
+    with pytest.raises(ValueError, match="unknown engine"):
+        build_index(folder, tmp_path / "x.parquet", tiny_encoder, engine="spark")
+    assert main(["lora", "index", str(folder), "--out", str(tmp_path / "x.parquet"), "--ray-address", "auto"]) == 2
+
+
 # -- search sized for 1M rows (issue 23, item 2) -------------------------------------------------------------
 def _synthetic_index(path, n, dim=16, seed=0, twins=()):
     """An index of n random unit embeddings (rows in `twins` copy row 0's embedding), 1 in 7 rows skipped."""

@@ -2,7 +2,7 @@
 
     x2edit lora pool --config configs/autolora/pool.yaml --out runs/autolora/pool
     x2edit lora train-encoder --pool runs/autolora/pool --out runs/autolora/encoder.safetensors
-    x2edit lora index DIR --out INDEX.parquet [--encoder FILE] [--workers N]
+    x2edit lora index DIR --out INDEX.parquet [--encoder FILE] [--workers N] [--engine local|ray]
     x2edit lora search "QUERY" --index INDEX.parquet [-k 5] [--json]
     x2edit lora train-gate --pool runs/autolora/pool --out runs/autolora/gate.safetensors [--encoder FILE]
 
@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="folder of LoRA files (searched recursively)")
     p.add_argument("--out", required=True, help="index file (.parquet); an existing one is updated")
     p.add_argument("--encoder", default=None, help="weight encoder file (default: the shipped x2edit-tiny encoder)")
-    p.add_argument("--workers", type=int, default=1, help="local processes embedding new files")
+    p.add_argument("--workers", type=int, default=1, help="processes embedding new files (local, or Ray tasks)")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local processes, or Ray Data (a local Ray, or --ray-address)")
+    p.add_argument("--ray-address", default=None, help="a Ray cluster to run on (--engine ray)")
 
     p = sub.add_parser("search", help="find LoRAs for a description in an index")
     p.add_argument("query", help='what the LoRA should do, e.g. "a sepia tone"')
@@ -76,7 +79,10 @@ def run(args) -> int:
 
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        counts = build_index(args.dir, args.out, args.encoder, args.workers)
+        if args.ray_address and args.engine != "ray":
+            raise ValueError("--ray-address is for --engine ray")
+        counts = build_index(args.dir, args.out, args.encoder, args.workers, engine=args.engine,
+                             ray_address=args.ray_address)
         print(f"indexed {args.dir} -> {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     elif args.lora_command == "search":
         from x2edit.retrieval.index import search

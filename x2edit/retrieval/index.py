@@ -14,8 +14,10 @@ schema metadata) are all recomputed.
 Search embeds the query with the encoder's text side and ranks the "ok" rows by cosine: exact
 search, which is right at this scale (a million LoRAs x 384 floats is 1.5 GB and one matrix
 product); beyond that, or for many queries per second, build a vector index (faiss, hnswlib) from
-the embedding column. Large folders embed in parallel: ``workers`` local processes here, or the
-same per-chunk function (``index_chunk``) mapped over a Ray cluster as ``x2edit build-data`` does.
+the embedding column. Large folders embed in parallel: ``workers`` local processes
+(``engine="local"``), or the same per-chunk function (``index_chunk``) mapped by Ray Data over a local
+Ray or a cluster (``engine="ray"``, as ``x2edit build-data --engine ray``); either way the driver writes
+the index, piece by piece.
 """
 
 from __future__ import annotations
@@ -126,6 +128,43 @@ def index_chunk(paths: list[str], root: str, encoder_path: str | None, shas: lis
     return [read_row(Path(p), Path(root), encoder, sha) for p, sha in zip(paths, shas)]
 
 
+def _ray_chunk(row: dict, root: str, encoder_path: str | None) -> dict:
+    """One Ray Data row: a pickled (paths, shas) chunk in, its pickled index rows out (``index_chunk``)."""
+    import pickle
+
+    paths, shas = pickle.loads(row["chunk"])
+    return {"rows": pickle.dumps(index_chunk(paths, root, encoder_path, shas))}
+
+
+class _RayMap:
+    """``index_chunk`` over chunks of files as Ray Data tasks; starts (and stops) a local Ray with ``workers``
+    CPUs unless Ray is running already or ``address`` names a cluster."""
+
+    def __init__(self, workers: int, address: str | None):
+        try:
+            import ray
+            import ray.data
+        except ImportError:
+            raise ValueError("--engine ray needs Ray Data: pip install x2edit[ray]") from None
+        self.ray, self.started = ray, False
+        if not ray.is_initialized():
+            kw = {"num_cpus": workers} if address is None else {}
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
+            self.started = True
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the progress bar is ours
+
+    def __call__(self, chunks: list[tuple[list[str], list]], root: str, encoder_path: str | None) -> list[dict]:
+        import pickle
+
+        ds = self.ray.data.from_items([{"chunk": pickle.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
+        ds = ds.map(_ray_chunk, fn_kwargs={"root": root, "encoder_path": encoder_path})
+        return [r for row in ds.iter_rows() for r in pickle.loads(row["rows"])]
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
 def find_files(root: Path) -> list[Path]:
     """The LoRA files under ``root``: suffixes matched in any case (``.SafeTensors``), symlinked folders
     followed (each real folder once, so a link back up cannot loop)."""
@@ -187,20 +226,27 @@ def write_index(rows: list[dict], path: Path, meta: dict[str, str]) -> None:
 
 
 def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: str | None = None,
-                workers: int = 1, piece_files: int = 256, save_every_s: float = 60.0) -> dict:
+                workers: int = 1, piece_files: int = 256, save_every_s: float = 60.0, engine: str = "local",
+                ray_address: str | None = None) -> dict:
     """Index every LoRA file under ``root`` into ``out`` (Parquet), incrementally (module docstring).
 
     Args:
         root: the folder (searched recursively for .safetensors and .bin files).
         out: the index file; an existing one is updated.
         encoder_path: the weight encoder (default: the shipped x2edit-tiny encoder).
-        workers: local processes reading and embedding new files.
+        workers: processes reading and embedding new files (local processes, or Ray tasks per piece).
+        engine: "local" (``workers`` spawned processes) or "ray" (Ray Data; ``ray_address``: a cluster, None: a
+            local Ray of ``workers`` CPUs, or the one running already).
         piece_files, save_every_s: files are read in pieces of ``piece_files``; after a piece, if
             ``save_every_s`` have passed since the last write, the index is written with the progress so far
             (a stopped run keeps it). A progress bar shows on a terminal.
     Returns counts: files, new, changed, unchanged, reused (same content elsewhere), removed, skipped, ok.
     """
     root, out = Path(root), Path(out)
+    if engine not in ("local", "ray"):
+        raise ValueError(f"unknown engine {engine!r}: expected local or ray")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     if not root.is_dir():
         raise FileNotFoundError(f"LoRA folder not found: {root}")
     encoder = load_encoder(encoder_path)
@@ -251,14 +297,21 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
     # done so far plus the old rows of files not yet redone: a run stopped part-way keeps its progress, and the
     # next run re-reads only what is left (the rows it wrote match their files' size and mtime).
     last_save = time.monotonic()
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    pool = ray_map = None
+    if engine == "ray" and todo:
+        ray_map = _RayMap(workers, ray_address)
+    elif workers > 1:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     # (spawn, not fork: a forked child inherits the parent's OpenMP state, torch having run here, and can hang in
     # its first parallel region; spawned children start clean)
     try:
         with tqdm(total=len(todo), unit="file", desc=f"indexing {root}", disable=None) as bar:
             for start in range(0, len(todo), piece_files):
                 paths, piece_shas = todo[start:start + piece_files], shas[start:start + piece_files]
-                if pool is not None and len(paths) > 1:
+                if ray_map is not None:  # one Ray task per worker's share of the piece
+                    done = ray_map([(paths[i::workers], piece_shas[i::workers]) for i in range(workers)
+                                    if paths[i::workers]], str(root), encoder_path)
+                elif pool is not None and len(paths) > 1:
                     parts = pool.map(index_chunk, [paths[i::workers] for i in range(workers)], [str(root)] * workers,
                                      [encoder_path] * workers, [piece_shas[i::workers] for i in range(workers)])
                     done = [r for part in parts for r in part]
@@ -274,6 +327,8 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        if ray_map is not None:
+            ray_map.close()
     rows.sort(key=lambda r: r["path"])
     counts["removed"] = len(set(by_path) - {r["path"] for r in rows})
     counts["files"], counts["skipped"] = len(rows), sum(r["status"] == "skipped" for r in rows)
