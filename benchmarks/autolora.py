@@ -38,7 +38,7 @@ import torch
 from x2edit.data_pipeline.metrics import psnr
 from x2edit.data_pipeline.shapeworld.concepts import ConceptWorld, get_concept, instruction
 
-BASELINES = ("sum", "average", "switch", "composite", "klora")
+BASELINES = ("sum", "average", "switch", "composite", "klora", "topk_select")  # klora: k = 2 only (the paper's)
 
 
 # -- retrieval -----------------------------------------------------------------------------------
@@ -224,6 +224,8 @@ def composition_benchmark(pool: Path, manifest: dict, encoder_path: str | None, 
         caches = [{} for _ in pairs]
         for steps in step_counts:
             for method in methods:
+                if method == "klora" and len(names) != 2:
+                    continue  # K-LoRA fuses exactly two LoRAs [subject, style]
                 if method == "joint":
                     use, fusion = [joint], make_fusion("sum", [joint])
                 elif method == "gated":
@@ -281,6 +283,8 @@ def summarize(rows: list[dict], methods: list[str], step_counts: list[int]) -> d
             table = {}
             for m in methods:
                 rs = [r for r in sel if r["method"] == m]
+                if not rs:
+                    continue  # klora at k != 2
                 concept_acc = [v for r in rs for v in r["correct"].values()]
                 outs = [r["err_out"] for r in rs if r["err_out"] is not None]
                 table[m] = {"gain_db": float(np.mean([r["gain_db"] for r in rs])),
@@ -288,12 +292,13 @@ def summarize(rows: list[dict], methods: list[str], step_counts: list[int]) -> d
                             "err_in": float(np.mean([r["err_in"] for r in rs])),
                             "err_out": float(np.mean(outs)) if outs else None, "n": len(rs)}
             gated = {(r["combo"], r["seed"]): r["gain_db"] for r in sel if r["method"] == "gated"}
-            for m in BASELINES:
+            baselines = [m for m in BASELINES if m in table]
+            for m in baselines:
                 other = {(r["combo"], r["seed"]): r["gain_db"] for r in sel if r["method"] == m}
                 wins = [1.0 if gated[key] > other[key] + 1e-9 else 0.5 if abs(gated[key] - other[key]) <= 1e-9 else 0.0
                         for key in gated]
                 table[m]["gated_win_rate"] = float(np.mean(wins))
-            best = max(BASELINES, key=lambda m: (table[m]["all_correct"], table[m]["gain_db"]))
+            best = max(baselines, key=lambda m: (table[m]["all_correct"], table[m]["gain_db"]))
             table["_best_baseline"] = best
             table["_gated_margin_all_correct"] = table["gated"]["all_correct"] - table[best]["all_correct"]
             out[f"k={k}, steps={steps}"] = table

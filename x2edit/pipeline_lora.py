@@ -185,10 +185,11 @@ class X2EditLoraMixin:
         Args:
             names: LoRAs loaded with ``load_lora_weights``; they are activated beside the active x2edit
                 adapters (the editing adapter stays as it is), other community LoRAs are switched off.
-            fusion: a training-free fusion by name: "sum", "average", "switch", "composite", "klora"
-                (``x2edit.adapters.fusion``), or a learned one: a callable ``(transformer, names, weights)
-                -> Fusion`` such as ``x2edit.retrieval.LearnedGate()`` (per layer, noise level, LoRA and
-                instruction).
+            fusion: a training-free fusion by name: "sum", "average", "switch" (every 5 steps), "composite",
+                "klora" (two LoRAs: [subject, style]), "topk_select" (``x2edit.adapters.fusion``), or a
+                callable ``(transformer, names, weights) -> Fusion``: a learned one such as
+                ``x2edit.retrieval.LearnedGate()`` (per layer, noise level, LoRA and instruction), or one with
+                options, e.g. ``lambda tf, n, w: make_fusion("switch", n, w, tau=2)``.
             weights: per-LoRA multipliers (default 1).
         All k LoRAs of a layer stay one kernel call (stacked, gated per sample). ``unfuse_loras()`` ends it.
         Returns the fusion.

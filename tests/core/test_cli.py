@@ -176,3 +176,14 @@ def test_edit_incontext_makes_the_right_panel_of_a_set_offline(tmp_path, capsys,
     assert "incontext" in capsys.readouterr().out and made.shape[0] * made.shape[1] <= 64 * 64
     assert steps == ([10] if base else [])  # the text-to-image bundle's own step count; Fill is no X2EditPipeline
     assert (made != (200, 40, 40)).any()  # the right panel was made, not the given one copied back
+
+
+def test_klora_takes_exactly_two_loras_before_anything_loads(tmp_path, capsys):
+    """K-LoRA (the paper's) fuses a subject LoRA and a style LoRA: any other count is refused in one line."""
+    src = tmp_path / "src.png"
+    Image.new("RGB", (32, 32)).save(src)
+    base = ["edit", "--image", str(src), "--instruction", "x", "--out", str(tmp_path / "o.png"), "--fusion", "klora"]
+    for extra in (["--lora", str(tmp_path / "a.safetensors")], ["--auto-lora", str(tmp_path / "absent.parquet")]):
+        assert main([*base, *extra]) == 2
+        assert "klora (K-LoRA) fuses exactly two LoRAs" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()

@@ -7,16 +7,22 @@ gates of the layer's one ``x2edit.kernels.lora_linear`` call (the k LoRAs stacke
     y = x W^T + b + sum_j g[layer, step, b, j] * s_j (x A_j^T) B_j^T
 
 A step may also be several passes of the transformer whose changes are averaged (``Composite``).
-Every fusion has the same interface (``plan(sigma, step) -> passes``) and the same names as the CLI:
+Every fusion has the same interface (``plan(sigma, step) -> passes``) and the same names as the CLI;
+options go by keyword through ``make_fusion`` (``make_fusion("switch", names, tau=3)``):
 
 - ``sum``: a weighted sum, every gate = the LoRA's weight (1 by default): what ``set_adapters`` does;
 - ``average``: gates 1 / k;
-- ``switch``: LoRA Switch (Zhong et al. 2024): one LoRA per step, cycling in order;
+- ``switch``: LoRA Switch (Zhong et al. 2024): one LoRA at a time, cycling in order, the next one every
+  ``tau`` steps (5 by default, the paper's setting);
 - ``composite``: LoRA Composite (Zhong et al. 2024): the average of the k single-LoRA predictions,
   k passes per step;
-- ``klora``: K-LoRA-style selection: in each layer only the LoRA whose update has the larger top-K
-  magnitude acts (training-free; K-LoRA's content/style timestep factor is left out: these LoRAs have
-  no such roles);
+- ``klora``: K-LoRA (Ouyang et al. 2025): exactly two LoRAs, the subject (content) one first and the style
+  one second; in each attention layer and at each step only one of them acts, the one whose top-K update
+  magnitude is larger once the style's is scaled by a factor that grows over the steps (the subject leads
+  early, the style late); other layers keep both;
+- ``topk_select``: per-layer top-K magnitude selection over any k LoRAs, fixed over steps: in each layer
+  only the LoRA whose update has the largest sum of its K largest magnitudes acts (no roles, no step
+  dependence; what ``klora`` named before it followed the paper);
 - ``gated`` (``Gated``): a learned gate g(layer, sigma, LoRA embedding, instruction). The gate model,
   the weight encoder that embeds the LoRAs and their training live one floor up, in
   ``x2edit.retrieval`` (``LearnedGate`` builds a ``Gated`` fusion); this module only runs it.
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import re
 from collections.abc import Callable, Iterator
 
 import torch
@@ -34,7 +42,7 @@ import torch.nn as nn
 from x2edit.adapters.inject import adapter_layers
 from x2edit.adapters.layers import RoutingState
 
-TRAINING_FREE = ("sum", "average", "switch", "composite", "klora")
+TRAINING_FREE = ("sum", "average", "switch", "composite", "klora", "topk_select")
 FUSIONS = (*TRAINING_FREE, "gated")
 
 
@@ -101,13 +109,28 @@ class Average(Fusion):
 
 
 class Switch(Fusion):
-    """LoRA Switch: at step t only LoRA t mod k acts (at its weight)."""
+    """LoRA Switch (Zhong et al. 2024, "Multi-LoRA Composition for Image Generation"): one LoRA acts at a
+    time (at its weight), in the order named, and the next one takes over every ``tau`` steps: at step t
+    LoRA floor(t / tau) mod k acts.
+
+    Args:
+        tau: the switching interval in denoising steps. 5 by default: the paper's setting (its switch-step
+            ablation peaks at 5; its code's ``--switch_step`` defaults to 5). That code switches in a
+            step-end callback once ``step > 0 and step % tau == 0``, so its first LoRA runs tau + 1 steps;
+            here every LoRA runs tau steps, as the paper's "every tau steps" reads. tau=1: one LoRA per step.
+    """
 
     kind = "switch"
 
+    def __init__(self, names, weights=None, tau: int = 5):
+        super().__init__(names, weights)
+        if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
+            raise ValueError(f"the switch interval tau must be a whole number of steps >= 1, got {tau!r}")
+        self.tau = tau
+
     def layer_gates(self, sigma, step):
         g = super().layer_gates(sigma, step).clone()
-        keep = step % len(self.names)
+        keep = (step // self.tau) % len(self.names)
         g[..., [j for j in range(len(self.names)) if j != keep]] = 0.0
         return g
 
@@ -127,13 +150,138 @@ class Composite(Fusion):
         return passes
 
 
+# A layer of an attention block: q/k/v/out projections of FLUX's ``attn`` (double and single blocks, the
+# text stream's add_*_proj / to_add_out included) and SD-style ``attn1`` / ``attn2``.
+_ATTENTION = re.compile(r"(^|\.)attn\d*\.")
+
+
+def is_attention_layer(name: str) -> bool:
+    """Whether the adapter layer ``name`` (a module path) is a projection of an attention block."""
+    return _ATTENTION.search(name) is not None
+
+
+def _update_magnitudes(layer, names: list[str], weights: list[float]) -> list[torch.Tensor]:
+    """|dW| of each LoRA in ``layer``, flattened (N * K,): its (N, K) update at its weight and scale."""
+    return [(layer.adapters[n].delta_weight() * abs(w)).abs().flatten() for n, w in zip(names, weights)]
+
+
 class KLoRA(Fusion):
-    """K-LoRA-style selection: in each layer, the LoRA with the larger sum of its top-K |dW| entries acts."""
+    """K-LoRA (Ouyang et al., CVPR 2025, arXiv 2502.18461, "Unlocking Training-Free Fusion of Any Subject and
+    Style LoRAs"): two LoRAs, ``names = [subject (content) LoRA, style LoRA]``; in each attention layer
+    and at each step exactly one of them acts (at its weight).
+
+    In attention layer l at step t of T, with dW_c, dW_s the two (N, K) updates (weight * scale * B A):
+
+        S_c = sum of the K largest |dW_c|,   S_s = sum of the K largest |dW_s|,   K = r_c * r_s
+        S(t) = alpha * t / T + beta                         (pattern "s")
+        S*(t) = (alpha * t / T + beta) mod alpha            (pattern "s*")
+        the subject LoRA acts iff S_c / gamma > S(t) * S_s; else the style LoRA
+
+    gamma balances the two LoRAs' overall sizes: the mean over the layers that hold both of
+    sum|dW_c| / sum|dW_s|, averaged again without the layers at 3 times that mean or more. S grows over the
+    steps (by default from beta = 0.5 to alpha + beta = 2), so the subject wins more layers early and the
+    style more late. Scaling a LoRA's weight changes gamma as much as its scores, so the weights do not
+    move the choice. Layers outside attention blocks keep both LoRAs (the paper selects in attention layers; its FLUX code
+    also selects in the MLP/norm layers of LoRAs that have them: ``attention_only=False``).
+
+    Args:
+        names: [subject LoRA, style LoRA] (K-LoRA is defined for exactly two).
+        weights: per-LoRA multipliers of the gate of the LoRA that acts.
+        top_k: K; None: r_c * r_s, the product of the two LoRAs' ranks in that layer (the paper's code).
+        alpha, beta: S's slope and offset. Pattern "s" (the method's S): alpha 1.5, beta 0.5. Pattern "s*"
+            (the paper's supplement; its code's default, recommended there for FLUX): alpha 1.5,
+            beta 0.85 * alpha.
+        pattern: "s" or "s*".
+        steps: T, the denoising steps of the run: t / T = step / steps, as the paper counts. None: t / T is
+            read from the noise level, 1 - sigma (the same for a uniform schedule that starts at sigma = 1;
+            FLUX's shifted schedule keeps sigma high longer, so the style takes over later than with steps).
+        attention_only: select in attention layers only (the paper); False: in every layer holding both.
+    """
 
     kind = "klora"
 
+    def __init__(self, names, weights=None, top_k: int | None = None, alpha: float = 1.5,
+                 beta: float | None = None, pattern: str = "s", steps: int | None = None,
+                 attention_only: bool = True):
+        super().__init__(names, weights)
+        if len(self.names) != 2:
+            raise ValueError(f"K-LoRA fuses exactly two LoRAs [subject, style], got {len(self.names)}: "
+                             f"use 'topk_select' for k LoRAs")
+        if pattern not in ("s", "s*"):
+            raise ValueError(f"K-LoRA's pattern is 's' or 's*', got {pattern!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a whole number >= 1 or None (r_c * r_s), got {top_k!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be a whole number >= 1 or None (t / T from sigma), got {steps!r}")
+        self.top_k, self.pattern, self.steps, self.attention_only = top_k, pattern, steps, attention_only
+        self.alpha = float(alpha)
+        self.beta = float(beta) if beta is not None else (0.5 if pattern == "s" else 0.85 * self.alpha)
+        if pattern == "s*" and self.alpha <= 0:
+            raise ValueError(f"pattern 's*' takes S mod alpha: alpha must be > 0, got {alpha}")
+        self.scores: torch.Tensor | None = None  # (L, 2) S_c, S_s of each bound layer
+        self.selects: torch.Tensor | None = None  # (L,) bool: the layer picks one LoRA (else both act)
+        self.gamma = 1.0
+
+    def bind(self, model):
+        super().bind(model)
+        n_layers = len(self.layer_names)
+        scores, totals = torch.zeros(n_layers, 2), torch.zeros(n_layers, 2)
+        both = torch.zeros(n_layers, dtype=torch.bool)
+        for _, layer in adapter_layers(model):
+            row = self.slots.get(id(layer))
+            if row is None or not all(n in layer.adapters for n in self.names):
+                continue  # a layer with one of the two has nothing to choose: that one acts
+            mags = _update_magnitudes(layer, self.names, self.weights)
+            ranks = [layer.adapters[n].lora_A.shape[-2] for n in self.names]  # lora_A: (E, r, K)
+            k = self.top_k or ranks[0] * ranks[1]
+            for j, m in enumerate(mags):
+                scores[row, j] = m.topk(min(k, m.numel())).values.sum()
+                totals[row, j] = m.sum()
+            both[row] = True
+        attention = torch.tensor([is_attention_layer(n) for n in self.layer_names], dtype=torch.bool)
+        self.selects = both & attention if self.attention_only else both
+        self.scores = scores
+        # gamma over every layer with both, attention or not (as the paper's code does); a zero update has
+        # no ratio
+        keep = both & (totals > 0).all(1)
+        ratios = totals[keep, 0] / totals[keep, 1]
+        if len(ratios):
+            ratios = ratios[ratios < 3 * ratios.mean()]  # the smallest ratio always stays
+            self.gamma = float(ratios.mean())
+        return self
+
+    def progress(self, sigma: torch.Tensor, step: int) -> torch.Tensor:
+        """(B,) t / T of each sample: step / steps, or 1 - sigma without ``steps``."""
+        if self.steps is not None:
+            return torch.full_like(sigma, min(step / self.steps, 1.0), dtype=torch.float32)
+        return (1.0 - sigma.float()).clamp(0.0, 1.0)
+
+    def factor(self, sigma: torch.Tensor, step: int) -> torch.Tensor:
+        """(B,) S(t) (or S*(t)), the multiplier of the style LoRA's score."""
+        s = self.alpha * self.progress(sigma, step) + self.beta
+        return torch.remainder(s, self.alpha) if self.pattern == "s*" else s
+
+    def layer_gates(self, sigma, step):
+        g = super().layer_gates(sigma, step).clone()  # (L, B, 2)
+        scores = self.scores.to(g.device)
+        subject = scores[:, :1] / self.gamma > self.factor(sigma, step)[None, :] * scores[:, 1:]  # (L, B)
+        selects = self.selects.to(g.device)[:, None]  # (L, 1)
+        g[..., 1] = torch.where(selects & subject, 0.0, g[..., 1])
+        g[..., 0] = torch.where(selects & ~subject, 0.0, g[..., 0])
+        return g
+
+
+class TopKSelect(Fusion):
+    """Per-layer top-K magnitude selection, fixed over steps: in each layer only the LoRA whose update has the
+    largest sum of its ``top_k`` largest |dW| entries acts (any k; chosen once, at bind). Not K-LoRA: no
+    subject/style roles, no step factor, every layer."""
+
+    kind = "topk_select"
+
     def __init__(self, names, weights=None, top_k: int = 64):
         super().__init__(names, weights)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a whole number >= 1, got {top_k!r}")
         self.top_k = top_k
         self.choice: torch.Tensor | None = None
 
@@ -198,16 +346,23 @@ class Gated(Fusion):
         return g * torch.tensor(self.weights, device=g.device)
 
 
-def make_fusion(kind: str, names: list[str], weights: list[float] | None = None) -> Fusion:
-    """A training-free fusion by name (``TRAINING_FREE``); a learned one is built by its gate
-    (``x2edit.retrieval.LearnedGate``)."""
-    classes = {"sum": Fusion, "average": Average, "switch": Switch, "composite": Composite, "klora": KLoRA}
+def make_fusion(kind: str, names: list[str], weights: list[float] | None = None, **options) -> Fusion:
+    """A training-free fusion by name (``TRAINING_FREE``), with its options by keyword (``tau`` of
+    ``switch``; ``top_k``, ``alpha``, ``beta``, ``pattern``, ``steps``, ``attention_only`` of ``klora``;
+    ``top_k`` of ``topk_select``); a learned one is built by its gate (``x2edit.retrieval.LearnedGate``)."""
+    classes = {"sum": Fusion, "average": Average, "switch": Switch, "composite": Composite, "klora": KLoRA,
+               "topk_select": TopKSelect}
     if kind == "gated":
         raise ValueError("fusion 'gated' is a learned gate: pass fusion=x2edit.retrieval.LearnedGate() (the gate "
                          "and weight encoder shipped for x2edit-tiny, or your own files)")
     if kind not in classes:
         raise ValueError(f"unknown fusion {kind!r}: expected one of {FUSIONS}")
-    return classes[kind](names, weights)
+    cls = classes[kind]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "names", "weights")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"fusion {kind!r} has no option {unknown}: its options are {allowed or 'none'}")
+    return cls(names, weights, **options)
 
 
 @contextlib.contextmanager

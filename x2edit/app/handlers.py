@@ -25,7 +25,7 @@ from x2edit.registry import EDIT_MODES, MODE_KINDS
 
 BASE_OWN_ADAPTER = "the base's own"  # the adapter choice that keeps the base's shipped editing adapter
 AUTO_TASK = "auto"  # the task choice that routes by the classifier
-FUSION_CHOICES = ("gated", "sum", "average", "switch", "composite", "klora")  # the learned gate, then fuse_loras' names
+FUSION_CHOICES = ("gated", "sum", "average", "switch", "composite", "klora", "topk_select")  # the learned gate, then fuse_loras' names
 SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
 INDEX_HELP = ("No LoRA index was given. Build one from a folder of LoRA files with "
               "`x2edit lora index DIR --out loras.parquet`, then start the app with "

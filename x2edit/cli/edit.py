@@ -28,9 +28,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--adapter", default=None, help="x2edit adapter file (.safetensors) to load")
     parser.add_argument("--lora", action="append", default=[],
                         help="community LoRA file (.safetensors: kohya, XLabs or diffusers keys) to add (repeatable)")
-    parser.add_argument("--fusion", default=None, choices=["gated", "sum", "average", "switch", "composite", "klora"],
+    parser.add_argument("--fusion", default=None, choices=["gated", "sum", "average", "switch", "composite", "klora", "topk_select"],
                         help="how the --lora / --auto-lora LoRAs combine, per layer and step (default: a plain sum; "
-                             "--auto-lora: gated)")
+                             "--auto-lora: gated). klora is K-LoRA: exactly two LoRAs, the subject's first, the style's "
+                             "second; switch changes LoRA every 5 steps; topk_select keeps per layer the LoRA of the "
+                             "largest update")
     parser.add_argument("--auto-lora", default=None, metavar="INDEX",
                         help="retrieve LoRAs for the instruction from this index (x2edit lora index) and fuse them")
     parser.add_argument("--auto-lora-top-k", type=int, default=3, help="LoRAs --auto-lora retrieves")
@@ -98,6 +100,9 @@ def run(args) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.max_area is not None and args.max_area < 1:
         raise ValueError(f"--max-area must be >= 1, got {args.max_area}")
+    if args.fusion == "klora" and (len(args.lora) if args.lora else args.auto_lora_top_k) != 2:
+        raise ValueError("--fusion klora (K-LoRA) fuses exactly two LoRAs, the subject's then the style's: give two "
+                         "--lora files (or --auto-lora-top-k 2); topk_select takes any number")
     index = None
     if args.auto_lora is not None:
         from x2edit.retrieval import LoraIndex
