@@ -32,7 +32,7 @@ from x2edit.adapters import (
 )
 from x2edit.adapters.community import COMMUNITY
 from x2edit.adapters.inject import _set_submodule
-from x2edit.images import MIN_SIDE, as_rgb_image
+from x2edit.images import MAX_PIXELS, MIN_SIDE, as_rgb_image
 from x2edit.schedulers import unshifted_sigma
 from x2edit.tasks import get_task
 
@@ -344,6 +344,9 @@ def _check_sources(image):
         h, w = image.shape[-2:]
         if min(h, w) < MIN_SIDE:
             raise ValueError(f"image is {w}x{h}: both sides must be at least {MIN_SIDE} pixels")
+        if h * w > MAX_PIXELS:  # the same hard cap as a PIL source's (``as_rgb_image``)
+            raise ValueError(f"image is {w}x{h} ({w * h / 1e6:.1f} MP), over the {MAX_PIXELS / 1e6:.1f} MP limit; "
+                             "downscale it first")
         return image, image.shape[0], (h, w)
     if isinstance(image, (list, tuple)):
         image = [as_rgb_image(im, f"image {i}") for i, im in enumerate(image)]

@@ -180,6 +180,11 @@ def test_bad_input_is_refused_in_one_line():
         (lambda: ours.edit(_image(), "make it red", strength=1.5, **KW), "strength"),
         (lambda: ours.edit([_image(), _image()], ["a", "b", "c"], **KW), "3 instructions"),
         (lambda: ours.edit(_image(), "make it red", task="no_such_task", **KW), "no_such_task"),
+        # a source over the hard cap (16.8 MP) is refused, as a PIL image or a tensor; between max_area and the
+        # cap it is edited at max_area with one warning, as Kontext's max_area does (test_pipeline_diptych's
+        # size tests)
+        (lambda: ours.edit(Image.new("RGB", (4097, 4097)), "make it red", **KW), "over the 16.8 MP limit"),
+        (lambda: ours.edit(torch.zeros(1, 3, 4097, 4097), "make it red", **KW), "over the 16.8 MP limit"),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match) as e:
