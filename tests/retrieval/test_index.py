@@ -101,14 +101,18 @@ def test_bad_files_are_recorded_and_skipped_never_raised(folder, tmp_path, tiny_
                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(8, 2)},
               str(folder / "text_only.safetensors"))
     counts = build_index(folder, tmp_path / "i.parquet", tiny_encoder)
-    assert counts["ok"] == 4 and counts["skipped"] == 6
-    reasons = {r["path"]: r["reason"] for r in read_index(tmp_path / "i.parquet")[0] if r["status"] == "skipped"}
+    assert counts["ok"] == 6 and counts["skipped"] == 4  # LoRAs for another base are kept, without the weight signal
+    rows = {r["path"]: r for r in read_index(tmp_path / "i.parquet")[0]}
+    reasons = {p: r["reason"] for p, r in rows.items() if r["status"] == "skipped"}
     assert "cannot read" in reasons["corrupt.safetensors"]
     assert "cannot read" in reasons["notes.bin"]
     assert reasons["model.safetensors"] == "not a LoRA: none of its 1 keys is a LoRA key (e.g. 'weight')"
-    assert "another base" in reasons["flux_size.safetensors"] and "another base" in reasons["deep.safetensors"]
     assert "no transformer LoRA" in reasons["text_only.safetensors"]
     assert all("\n" not in r for r in reasons.values())
+    for other in ("flux_size.safetensors", "deep.safetensors"):
+        row = rows[other]
+        assert row["status"] == "ok" and row["reason"].startswith("no weight signal:") and "another base" in row["reason"]
+        assert row["embedding"] is None and row["text_embedding"] is not None and row["fingerprint"] is not None
 
 
 def test_search_ranks_by_exact_cosine(folder, tmp_path, tiny_encoder):
@@ -119,11 +123,16 @@ def test_search_ranks_by_exact_cosine(folder, tmp_path, tiny_encoder):
     text = TextEncoder()
     hits = search(out, "a sepia tone", k=3, text_encoder=text)
     rows = [r for r in read_index(out)[0] if r["status"] == "ok"]
-    scores = np.asarray([r["embedding"] for r in rows]) @ text(["a sepia tone"])[0].numpy()
+    q = text(["a sepia tone"])[0].numpy()
+    # the hybrid of the two signals at the default w = 0.5 (every file here is of the encoder's base)
+    scores = 0.5 * np.asarray([r["embedding"] for r in rows]) @ q + 0.5 * np.asarray([r["text_embedding"] for r in rows]) @ q
     expected = [rows[i]["path"] for i in np.argsort(-scores)[:3]]
     assert [h["path"] for h in hits] == expected and [h["rank"] for h in hits] == [1, 2, 3]
     np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1][:3], rtol=1e-5)
     assert hits[0]["file"].endswith(hits[0]["path"])
+    assert all(h["signals"] == ["weight", "text"] and set(h["scores"]) == {"weight", "text"} for h in hits)
+    np.testing.assert_allclose(hits[0]["score"], 0.5 * hits[0]["scores"]["weight"] + 0.5 * hits[0]["scores"]["text"],
+                               rtol=1e-5)
 
 
 def test_cli_index_and_search(folder, tmp_path, tiny_encoder, capsys):
@@ -223,9 +232,12 @@ def test_index_files_missing_columns_or_with_ragged_embeddings_are_named(folder,
     write_index(rows, tmp_path / "ragged.parquet", meta)
     with pytest.raises(ValueError, match=r"missing or of different lengths \(\[10, 384\]"):
         LoraIndex(tmp_path / "ragged.parquet")
-    rows[1]["embedding"] = None
+    rows[1]["embedding"] = None  # a usable file without the weight signal (another base): searched by its text
+    write_index(rows, tmp_path / "no_weight.parquet", meta)
+    assert LoraIndex(tmp_path / "no_weight.parquet").signal_counts()["weight"] == len(rows) - 1
+    rows[1]["text_embedding"] = None  # every usable file has the text signal: a missing one is a damaged index
     write_index(rows, tmp_path / "null.parquet", meta)
-    with pytest.raises(ValueError, match="missing or of different lengths"):
+    with pytest.raises(ValueError, match="text signals are missing or of different lengths"):
         LoraIndex(tmp_path / "null.parquet")
 
 
@@ -291,7 +303,9 @@ def _synthetic_index(path, n, dim=16, seed=0, twins=()):
     rows = [{"path": f"l{i:05d}.safetensors", "size": 1, "mtime_ns": 1, "sha256": str(i),
              "status": "skipped" if i % 7 == 3 else "ok", "reason": "", "layout": "diffusers/PEFT", "ranks": "{}",
              "targets": [], "num_modules": 0, "title": f"lora {i}", "trigger_words": [], "metadata": "{}",
-             "embedding": emb[i].tolist()} for i in range(n)]
+             # the text signal equal to the weight one: the search matrix is then the embeddings themselves
+             "embedding": emb[i].tolist(), "text_embedding": emb[i].tolist(), "fingerprint": emb[i, :4].tolist()}
+            for i in range(n)]
     write_index(rows, path, {"x2edit.encoder": "synthetic", "x2edit.text_model": "none", "x2edit.root": "/loras"})
     return emb
 

@@ -187,7 +187,8 @@ def test_auto_lora_skips_unrelated_hits_and_near_twins(tmp_path, image16, tiny_e
     build_index(folder, tmp_path / "i.parquet", tiny_encoder)
     index = LoraIndex(tmp_path / "i.parquet")
     everything = index.search("give the picture a sepia tone", k=4)
-    assert len({h["score"] for h in everything}) < 4  # the copy ties with its original
+    assert len({round(h["scores"]["weight"], 6) for h in everything}) < 4  # the copy's weights tie with its original
+    # (their hybrid scores differ: "F0_copy" is another file name, another text signal)
     distinct = index.search("give the picture a sepia tone", k=4, distinct=True)
     assert len(distinct) == 3 and len({h["title"].replace("_copy", "") for h in distinct}) == 3
 

@@ -35,9 +35,11 @@ from tqdm.auto import tqdm
 from x2edit.retrieval.encoder import load_encoder
 
 LORA_SUFFIXES = (".safetensors", ".bin")  # matched in any case
-DUPLICATE_COSINE = 0.98  # search(distinct=True): LoRAs whose embeddings are this close count as one
+DUPLICATE_COSINE = 0.98  # search(distinct=True): LoRAs whose weight embeddings are this close count as one
+FINGERPRINT_TWIN = 0.999  # ... or, without the weight signal, whose fingerprints are this close
 COLUMNS = ("path", "size", "mtime_ns", "sha256", "status", "reason", "layout", "ranks", "targets", "num_modules",
-           "title", "trigger_words", "metadata", "embedding")
+           "title", "trigger_words", "metadata", "embedding", "text_embedding", "fingerprint")
+INDEX_FORMAT = "2"  # 2: the text and fingerprint signals (x2edit.retrieval.signals); an index of format 1 is rebuilt
 
 
 def _sha256(path: Path) -> str:
@@ -74,7 +76,7 @@ def _skipped(rel: str, reason: str, size: int = 0, mtime_ns: int = 0, sha: str =
     """An index row with nothing read from the file but its stat and hash, skipped for ``reason``."""
     return {"path": rel, "size": size, "mtime_ns": mtime_ns, "sha256": sha, "status": "skipped", "reason": reason,
             "layout": "unknown", "ranks": "{}", "targets": [], "num_modules": 0, "title": Path(rel).stem,
-            "trigger_words": [], "metadata": "{}", "embedding": None}
+            "trigger_words": [], "metadata": "{}", "embedding": None, "text_embedding": None, "fingerprint": None}
 
 
 def _relative(path: Path, root: Path) -> tuple[str, str | None]:
@@ -91,9 +93,12 @@ def _relative(path: Path, root: Path) -> tuple[str, str | None]:
 
 
 def read_row(path: Path, root: Path, encoder, sha: str | None = None) -> dict:
-    """The index row of one file: embedded if it is a LoRA for the encoder's base, else skipped with the reason.
+    """The index row of one file. A LoRA gets its fingerprint, and its weight embedding if it is for the
+    encoder's base (a LoRA for another base is kept, with the reason it has no weight signal); anything else is
+    skipped with the reason. The text embedding is made for many rows at once (``embed_texts``).
     ``sha``: the file's sha256 when the caller has hashed it already (each file is hashed once)."""
     from x2edit.adapters.community import read_community_lora, read_lora_header
+    from x2edit.retrieval.signals import spectrum_fingerprint
 
     rel, bad_name = _relative(path, root)
     try:
@@ -109,9 +114,14 @@ def read_row(path: Path, root: Path, encoder, sha: str | None = None) -> dict:
         row["layout"], row["metadata"] = layout, json.dumps(metadata, sort_keys=True)
         row["title"], row["trigger_words"] = describe_metadata(metadata, path)
         factors = read_community_lora(path)
-        encoder.check(factors)
         row["ranks"] = json.dumps({m: int(A.shape[0]) for m, (A, _, _) in factors.items()})
         row["targets"], row["num_modules"] = sorted(factors), len(factors)
+        row["fingerprint"] = spectrum_fingerprint(factors).tolist()
+        try:
+            encoder.check(factors)
+        except ValueError as e:  # a LoRA for another base: searchable by its text and fingerprint
+            row["reason"] = f"no weight signal: {e}"
+            return row
         import torch
 
         with torch.no_grad():
@@ -119,6 +129,22 @@ def read_row(path: Path, root: Path, encoder, sha: str | None = None) -> dict:
     except Exception as e:  # any unreadable file is recorded and skipped: an index never stops on one file
         row["status"], row["reason"] = "skipped", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return row
+
+
+def embed_texts(rows: list[dict], text_model: str) -> None:
+    """Fill in the text signal of the usable rows (in place): the text model's unit embedding of each file's text
+    (``x2edit.retrieval.signals.file_text``), in one batch."""
+    from x2edit.retrieval.encoder import shared_text_encoder
+    from x2edit.retrieval.signals import file_text
+
+    todo = [r for r in rows if r["status"] == "ok" and r.get("text_embedding") is None]
+    if not todo:
+        return
+    texts = [file_text(r["path"], r["title"], list(r["trigger_words"]), json.loads(r["metadata"])) for r in todo]
+    model = shared_text_encoder(text_model).model  # uncached: 100k distinct file texts need no memo
+    emb = model.encode(texts, normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True)
+    for r, e in zip(todo, emb):
+        r["text_embedding"] = e.astype(np.float32).tolist()
 
 
 def index_chunk(paths: list[str], root: str, encoder_path: str | None, shas: list[str | None] | None = None) -> list[dict]:
@@ -216,7 +242,8 @@ def write_index(rows: list[dict], path: Path, meta: dict[str, str]) -> None:
                         ("status", pa.string()), ("reason", pa.string()), ("layout", pa.string()),
                         ("ranks", pa.string()), ("targets", pa.list_(pa.string())), ("num_modules", pa.int32()),
                         ("title", pa.string()), ("trigger_words", pa.list_(pa.string())), ("metadata", pa.string()),
-                        ("embedding", pa.list_(pa.float32()))],
+                        ("embedding", pa.list_(pa.float32())), ("text_embedding", pa.list_(pa.float32())),
+                        ("fingerprint", pa.list_(pa.float32()))],
                        metadata={k.encode(): v.encode() for k, v in meta.items()})
     table = pa.Table.from_pylist([{c: r[c] for c in COLUMNS} for r in rows], schema=schema)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +254,7 @@ def write_index(rows: list[dict], path: Path, meta: dict[str, str]) -> None:
 
 def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: str | None = None,
                 workers: int = 1, piece_files: int = 256, save_every_s: float = 60.0, engine: str = "local",
-                ray_address: str | None = None) -> dict:
+                ray_address: str | None = None, hybrid_weight: float | None = None) -> dict:
     """Index every LoRA file under ``root`` into ``out`` (Parquet), incrementally (module docstring).
 
     Args:
@@ -237,6 +264,8 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
         workers: processes reading and embedding new files (local processes, or Ray tasks per piece).
         engine: "local" (``workers`` spawned processes) or "ray" (Ray Data; ``ray_address``: a cluster, None: a
             local Ray of ``workers`` CPUs, or the one running already).
+        hybrid_weight: w of a text query's score (``x2edit.retrieval.signals``), recorded in the index; None: the
+            index's earlier record, else ``HYBRID_WEIGHT`` at search.
         piece_files, save_every_s: files are read in pieces of ``piece_files``; after a piece, if
             ``save_every_s`` have passed since the last write, the index is written with the progress so far
             (a stopped run keeps it). A progress bar shows on a terminal.
@@ -247,15 +276,21 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
         raise ValueError(f"unknown engine {engine!r}: expected local or ray")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if hybrid_weight is not None and not 0 <= hybrid_weight <= 1:
+        raise ValueError(f"the hybrid weight must be in [0, 1], got {hybrid_weight}")
     if not root.is_dir():
         raise FileNotFoundError(f"LoRA folder not found: {root}")
     encoder = load_encoder(encoder_path)
     fingerprint = encoder.fingerprint()
     old_rows: list[dict] = []
+    old_meta: dict[str, str] = {}
     if out.is_file():
-        old_rows, meta = read_index(out)
-        if meta.get("x2edit.encoder") != fingerprint:
-            old_rows = []  # embeddings of another encoder: recompute all
+        try:
+            old_rows, old_meta = read_index(out)
+        except ValueError:  # an index of an older format (columns missing): made again from the files
+            old_rows, old_meta = [], {}
+        if old_meta.get("x2edit.encoder") != fingerprint or old_meta.get("x2edit.format") != INDEX_FORMAT:
+            old_rows = []  # embeddings of another encoder, or rows without today's signals: recompute all
     by_path = {r["path"]: r for r in old_rows}
     by_sha = {r["sha256"]: r for r in old_rows if r["status"] == "ok"}
     files = find_files(root)
@@ -283,7 +318,7 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
         if same is not None and not bad_name:  # the same bytes are indexed already (a touched, copied or moved file)
             title, words = describe_metadata(json.loads(same["metadata"]), Path(rel))  # a renamed file's own title
             rows.append({**same, "path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "title": title,
-                         "trigger_words": words})
+                         "trigger_words": words, "text_embedding": None})  # its own name: its text made again
             counts["unchanged" if old is not None and old["sha256"] == sha else "reused"] += 1
             continue
         counts["changed" if old is not None else "new"] += 1
@@ -292,7 +327,9 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
         if old is not None:
             waiting[rel] = old  # kept in intermediate writes until its new row is made
     meta = {"x2edit.encoder": fingerprint, "x2edit.text_model": encoder.config.text_model,
-            "x2edit.root": str(root.resolve()), "x2edit.format": "1"}
+            "x2edit.root": str(root.resolve()), "x2edit.format": INDEX_FORMAT}
+    if hybrid_weight is not None or "x2edit.hybrid_weight" in old_meta:
+        meta["x2edit.hybrid_weight"] = str(hybrid_weight if hybrid_weight is not None else old_meta["x2edit.hybrid_weight"])
     # Files are read in pieces; after a piece, at most every ``save_every_s``, the index is written with what is
     # done so far plus the old rows of files not yet redone: a run stopped part-way keeps its progress, and the
     # next run re-reads only what is left (the rows it wrote match their files' size and mtime).
@@ -317,6 +354,7 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
                     done = [r for part in parts for r in part]
                 else:
                     done = [read_row(Path(p), root, encoder, sha) for p, sha in zip(paths, piece_shas)]
+                embed_texts(done, encoder.config.text_model)
                 rows += done
                 for r in done:
                     waiting.pop(r["path"], None)
@@ -329,6 +367,7 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
             pool.shutdown(cancel_futures=True)
         if ray_map is not None:
             ray_map.close()
+    embed_texts(rows, encoder.config.text_model)  # reused rows under a new name
     rows.sort(key=lambda r: r["path"])
     counts["removed"] = len(set(by_path) - {r["path"] for r in rows})
     counts["files"], counts["skipped"] = len(rows), sum(r["status"] == "skipped" for r in rows)
@@ -353,12 +392,21 @@ class LoraIndex:
             index's text model).
         fusion: how a pipeline call fuses the hits by default: "gated" (``LearnedGate``, the gate shipped
             for x2edit-tiny) or a training-free fusion name.
+        hybrid_weight: w of the text query's score w * weight + (1 - w) * text (``x2edit.retrieval.signals``);
+            None: the index's own (``x2edit lora index --hybrid-weight``), else ``HYBRID_WEIGHT``.
     """
 
-    def __init__(self, path: str | os.PathLike, text_encoder=None, fusion="gated"):
+    def __init__(self, path: str | os.PathLike, text_encoder=None, fusion="gated", hybrid_weight: float | None = None):
         self.path = Path(path)
-        self.meta, self.rows, self.embeddings = _open_for_search(self.path)
+        self.meta, self.rows, self.signals = _open_for_search(self.path, hybrid_weight)
+        self.hybrid_weight = float(self.meta["x2edit.hybrid_weight"])
+        self.embeddings = self.signals["search"]  # (N, D): what a text query is scored against
         self._text_encoder, self._fusion = text_encoder, fusion
+
+    def signal_counts(self) -> dict[str, int]:
+        """How many usable files carry each signal: {"weight": n, "text": n, "fingerprint": n}."""
+        n = self.rows.num_rows
+        return {"weight": int(np.asarray(self.signals["has_weight"]).sum()), "text": n, "fingerprint": n}
 
     @property
     def root(self) -> Path:
@@ -394,8 +442,50 @@ class LoraIndex:
         return self.search_embedding(q, k, distinct)
 
     def search_embedding(self, q: np.ndarray, k: int = 5, distinct: bool = False) -> list[dict]:
-        """``search`` with the query already embedded: ``q`` (D,) a unit vector of the text side."""
+        """``search`` with the query already embedded: ``q`` (D,) a unit vector of the text side. Each hit says
+        which signals scored it and their scores (``signals``, ``scores``)."""
         scores = self.embeddings @ q  # (N,): one pass over the (memory-mapped) matrix
+        return self._hits(scores, k, distinct, lambda j: self._signal_scores(j, q))
+
+    def search_like(self, lora, k: int = 5) -> list[dict]:
+        """The ``k`` LoRAs whose weights are most like ``lora`` (a file, or ``read_community_lora``'s factors) by
+        the base-free fingerprint: copies, re-saves and retrains of it, whatever its base; a hit's ``score`` is
+        the fingerprints' cosine."""
+        from x2edit.adapters.community import read_community_lora
+        from x2edit.retrieval.signals import spectrum_fingerprint
+
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        factors = lora if isinstance(lora, dict) else read_community_lora(lora)
+        f = spectrum_fingerprint(factors)
+        fingerprints = np.asarray(self.signals["fingerprint"])
+        if fingerprints.shape[1] != len(f):
+            raise ValueError(f"{self.path}: its fingerprints are {fingerprints.shape[1]}-d, this version makes "
+                             f"{len(f)}-d ones: rebuild the index")
+        scores = fingerprints @ f
+        return self._hits(scores, k, False, lambda j: ({"fingerprint": float(scores[j])}, ["fingerprint"]))
+
+    def _signal_scores(self, j: int, q: np.ndarray) -> tuple[dict, list[str]]:
+        """({signal: cosine with q}, the signals in the score) of usable row j: weight and text, or text alone."""
+        text = float(np.asarray(self.signals["text"][j]) @ q)
+        if not self.signals["has_weight"][j]:
+            return {"text": text}, ["text"]
+        return {"weight": float(np.asarray(self.signals["weight"][j]) @ q), "text": text}, ["weight", "text"]
+
+    def _twin(self, picked: list[int], j: int) -> bool:
+        """Whether usable row j is a near twin of a picked row: the same weights under another name. By the weight
+        signal where both rows have it (cosine >= ``DUPLICATE_COSINE``), else by the fingerprint (>=
+        ``FINGERPRINT_TWIN``: a copy or a re-save; retrains of one concept differ more)."""
+        has = np.asarray(self.signals["has_weight"])
+        both = [p for p in picked if has[p] and has[j]]
+        if both and _max_cosine(self.signals["weight"][both], self.signals["weight"][j]) >= DUPLICATE_COSINE:
+            return True
+        rest = [p for p in picked if not (has[p] and has[j])]
+        return bool(rest) and _max_cosine(self.signals["fingerprint"][rest],
+                                          self.signals["fingerprint"][j]) >= FINGERPRINT_TWIN
+
+    def _hits(self, scores: np.ndarray, k: int, distinct: bool, explain) -> list[dict]:
+        """The top ``k`` rows by ``scores`` (N,), as hits; ``explain(j)`` gives a row's (scores, signals)."""
         n = len(scores)
         want = min(n, k if not distinct else max(4 * k, k + 16))  # room for near twins to be skipped
         while True:
@@ -405,7 +495,7 @@ class LoraIndex:
             for j in top:
                 if len(picked) == k:
                     break
-                if distinct and picked and float((self.embeddings[picked] @ self.embeddings[j]).max()) >= DUPLICATE_COSINE:
+                if distinct and picked and self._twin(picked, int(j)):
                     continue
                 picked.append(int(j))
             if len(picked) == k or want == n:
@@ -413,72 +503,122 @@ class LoraIndex:
             want = min(n, want * 4)  # many twins near the top: look further down
         rows = self.rows.take(picked).to_pylist()
         root = self.meta.get("x2edit.root", "")
-        return [{"rank": i + 1, "path": r["path"], "file": str(Path(root) / r["path"]) if root else r["path"],
-                 "score": float(scores[j]), "title": r["title"], "trigger_words": list(r["trigger_words"]),
-                 "layout": r["layout"], "ranks": json.loads(r["ranks"])} for i, (j, r) in enumerate(zip(picked, rows))]
+        hits = []
+        for i, (j, r) in enumerate(zip(picked, rows)):
+            by_signal, used = explain(j)
+            hits.append({"rank": i + 1, "path": r["path"], "file": str(Path(root) / r["path"]) if root else r["path"],
+                         "score": float(scores[j]), "signals": used, "scores": by_signal, "title": r["title"],
+                         "trigger_words": list(r["trigger_words"]), "layout": r["layout"],
+                         "ranks": json.loads(r["ranks"])})
+        return hits
 
 
-# The search cache beside an index: its usable rows' embeddings as one float32 matrix, memory-mapped by every
-# search process, and the stat of the Parquet file it was made from (a rebuilt index makes a new one).
+def _max_cosine(rows: np.ndarray, v: np.ndarray) -> float:
+    """max cosine of ``v`` (D,) with ``rows`` (M, D) (search rows mix two unit signals: not unit themselves)."""
+    rows, v = np.asarray(rows, dtype=np.float32), np.asarray(v, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(v)
+    return float(((rows @ v) / np.maximum(norms, 1e-12)).max())
+
+
+# The search caches beside an index, made from its usable rows and memory-mapped by every search process: the
+# search matrix (each row w * weight + (1 - w) * text, or the text alone where the file has no weight signal;
+# one pass per query) and each signal's own matrix (read only at the hits, to show their scores); with the stat
+# of the Parquet file and w they were made from (a rebuilt index, or another w, makes new ones).
 _CACHE_SUFFIX, _CACHE_META = ".search.npy", ".search.json"
+_SIGNAL_COLUMNS = {"weight": "embedding", "text": "text_embedding", "fingerprint": "fingerprint"}
 _HIT_COLUMNS = ["path", "title", "trigger_words", "layout", "ranks"]
 
 
-def _open_for_search(path: Path):
-    """(schema metadata, the usable rows' hit columns as a pyarrow Table, their (N, D) float32 embeddings).
+def _cache_path(path: Path, what: str) -> Path:
+    return path.with_name(path.name + (_CACHE_SUFFIX if what == "search" else f".search-{what}.npy"))
 
-    Only the columns a search needs are read: the status, the five a hit shows, and the embeddings, which
-    come from the cache (``INDEX.search.npy``, memory-mapped) while it matches the index file's size and
-    mtime, and are otherwise read from the Parquet column and cached (best effort: a read-only folder
-    just re-reads them next time).
+
+def _open_for_search(path: Path, hybrid_weight: float | None = None):
+    """(schema metadata, the usable rows' hit columns as a pyarrow Table, {name: matrix}) of an index.
+
+    Matrices: "search" (N, D) float32, "weight" (N, D) (zero rows where a file has no weight signal),
+    "has_weight" (N,) bool, "text" (N, D), "fingerprint" (N, F). Only the columns a search needs are read; the
+    matrices come from the caches (``INDEX.search.npy`` and ``INDEX.search-*.npy``, memory-mapped) while they
+    match the index file's size and mtime and ``hybrid_weight``, and are otherwise made from the Parquet columns
+    and cached (best effort: a read-only folder just makes them again next time).
     """
     import pyarrow.compute as pc
 
+    from x2edit.retrieval.signals import HYBRID_WEIGHT
+
     file, meta = _open_index(path)
+    if hybrid_weight is None:  # the weight the index was tuned with, else the default
+        hybrid_weight = float(meta.get("x2edit.hybrid_weight", HYBRID_WEIGHT))
+    if not 0 <= hybrid_weight <= 1:
+        raise ValueError(f"the hybrid weight must be in [0, 1], got {hybrid_weight}")
     table = file.read(columns=["status", *_HIT_COLUMNS])
     ok = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False)  # (rows,) bool
     rows = table.filter(ok).select(_HIT_COLUMNS)
     if rows.num_rows == 0:
         raise ValueError(f"{path} holds no usable LoRA ({table.num_rows} files, all skipped)")
+    meta = {**meta, "x2edit.hybrid_weight": str(hybrid_weight)}
     stat = path.stat()
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "rows": rows.num_rows}
-    cache, cache_meta = path.with_name(path.name + _CACHE_SUFFIX), path.with_name(path.name + _CACHE_META)
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "rows": rows.num_rows, "hybrid_weight": hybrid_weight}
+    names = ("search", "weight", "has_weight", "text", "fingerprint")
+    cache_meta = path.with_name(path.name + _CACHE_META)
     try:
         if json.loads(cache_meta.read_text()) == stamp:
-            emb = np.load(cache, mmap_mode="r")
-            if emb.shape[0] == rows.num_rows and emb.dtype == np.float32:
-                return meta, rows, emb
+            mats = {n: np.load(_cache_path(path, n), mmap_mode="r") for n in names}
+            if all(m.shape[0] == rows.num_rows for m in mats.values()):
+                return meta, rows, mats
     except (OSError, ValueError):
         pass  # no cache, or a stale or damaged one: made again below
-    emb = _embedding_matrix(file.read(columns=["embedding"]).column("embedding"), ok, path, rows)
+    mats = {}
+    for name, column in _SIGNAL_COLUMNS.items():
+        mats[name] = _embedding_matrix(file.read(columns=[column]).column(column), ok, path, rows,
+                                       f"{name} signals", optional=name == "weight")
+    mats["has_weight"] = np.abs(mats["weight"]).sum(1) > 0
+    if mats["text"].shape[1] != mats["weight"].shape[1] and mats["has_weight"].any():
+        raise ValueError(f"{path}: the weight embeddings ({mats['weight'].shape[1]}-d) and the text embeddings "
+                         f"({mats['text'].shape[1]}-d) are of different text models: rebuild the index")
+    search = mats["text"].copy()
+    w = mats["has_weight"]
+    search[w] = hybrid_weight * mats["weight"][w] + (1 - hybrid_weight) * mats["text"][w]
+    mats["search"] = search
     try:
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npy")  # one per writer: two processes may race
-        np.save(tmp, emb)
-        tmp.replace(cache)
+        for name in names:
+            cache = _cache_path(path, name)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npy")  # one per writer: two processes may race
+            np.save(tmp, mats[name])
+            tmp.replace(cache)
         cache_meta.write_text(json.dumps(stamp))
-        emb = np.load(cache, mmap_mode="r")  # shared with other processes through the page cache
+        mats = {n: np.load(_cache_path(path, n), mmap_mode="r") for n in names}  # shared through the page cache
     except OSError:
         pass
-    return meta, rows, emb
+    return meta, rows, mats
 
 
-def _embedding_matrix(column, ok: np.ndarray, path: Path, rows) -> np.ndarray:
+def _embedding_matrix(column, ok: np.ndarray, path: Path, rows, what: str = "embeddings",
+                      optional: bool = False) -> np.ndarray:
     """(N, D) float32 of the usable rows (``ok``) of a list<float32> column, refusing missing or ragged rows
-    with one line. The values are flattened without a Python object per row (1M rows: one copy of 1.4 GB)."""
+    with one line (``optional``: missing rows are zero rows; present ones must still agree in length). The
+    values are flattened without a Python object per row (1M rows: one copy of 1.4 GB)."""
     import pyarrow.compute as pc
 
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)[ok]
     nulls = column.is_null().to_numpy(zero_copy_only=False)[ok]
     lengths = np.where(nulls, 0, lengths)
-    if lengths.min() == 0 or lengths.min() != lengths.max():
-        bad = int(np.argmax(lengths != lengths.max())) if lengths.min() != 0 else int(np.argmin(lengths))
-        raise ValueError(f"{path}: the usable rows' embeddings are missing or of different lengths "
+    present = lengths[lengths > 0]
+    if optional and len(present) == 0:
+        return np.zeros((len(lengths), 0), dtype=np.float32)
+    if (not optional and lengths.min() == 0) or present.min() != present.max():
+        bad = int(np.argmax(lengths != lengths.max())) if lengths.min() != 0 or optional else int(np.argmin(lengths))
+        raise ValueError(f"{path}: the usable rows' {what} are missing or of different lengths "
                          f"({sorted(set(lengths.tolist()))}; e.g. {rows.column('path')[bad].as_py()!r}): rebuild "
                          "the index with `x2edit lora index`")
-    if not ok.all():  # skipped rows hold null embeddings: only the usable rows' values are kept
-        column = column.filter(ok)
-    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-    return flat.astype(np.float32, copy=False).reshape(len(lengths), int(lengths[0]))
+    keep = ok & ~column.is_null().to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(column.filter(keep)).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    dim = int(present[0])
+    if len(present) == len(lengths):
+        return flat.reshape(len(lengths), dim)
+    out = np.zeros((len(lengths), dim), dtype=np.float32)
+    out[lengths > 0] = flat.reshape(-1, dim)
+    return out
 
 
 def search(index: str | os.PathLike, query: str, k: int = 5, text_encoder=None) -> list[dict]:
