@@ -187,3 +187,21 @@ def test_modules_whose_update_is_zero_leave_the_embedding_unchanged_and_an_all_z
     rows = {r["path"]: r for r in read_index(tmp_path / "i.parquet")[0]}
     assert rows["zero.safetensors"]["status"] == "skipped" and "changes nothing" in rows["zero.safetensors"]["reason"]
     assert rows["real.safetensors"]["status"] == "ok"
+
+
+def test_training_tunes_the_hybrid_weight_on_its_own_training_split(tiny_pool, tiny_encoder, tmp_path):
+    """train_encoder picks the index's w (weight vs text) by R@1 on its training LoRAs and their phrasings, and
+    records it; an index built with the encoder takes it unless told otherwise."""
+    from autolora_helpers import KOHYA_MODULES, random_factors
+
+    from x2edit.retrieval.formats import write_lora
+    from x2edit.retrieval.index import build_index, read_index
+
+    w = WeightEncoder.load(tiny_encoder).config.hybrid_weight
+    assert w is not None and 0 <= w <= 1
+    folder = tmp_path / "loras"
+    write_lora(folder / "a.safetensors", random_factors(KOHYA_MODULES, seed=1), "peft")
+    build_index(folder, tmp_path / "i.parquet", tiny_encoder)
+    assert float(read_index(tmp_path / "i.parquet")[1]["x2edit.hybrid_weight"]) == w
+    build_index(folder, tmp_path / "j.parquet", tiny_encoder, hybrid_weight=0.25)
+    assert read_index(tmp_path / "j.parquet")[1]["x2edit.hybrid_weight"] == "0.25"

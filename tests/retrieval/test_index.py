@@ -124,14 +124,15 @@ def test_search_ranks_by_exact_cosine(folder, tmp_path, tiny_encoder):
     hits = search(out, "a sepia tone", k=3, text_encoder=text)
     rows = [r for r in read_index(out)[0] if r["status"] == "ok"]
     q = text(["a sepia tone"])[0].numpy()
-    # the hybrid of the two signals at the default w = 0.5 (every file here is of the encoder's base)
-    scores = 0.5 * np.asarray([r["embedding"] for r in rows]) @ q + 0.5 * np.asarray([r["text_embedding"] for r in rows]) @ q
+    # the hybrid of the two signals at the index's w (every file here is of the encoder's base)
+    w = float(read_index(out)[1]["x2edit.hybrid_weight"])
+    scores = w * np.asarray([r["embedding"] for r in rows]) @ q + (1 - w) * np.asarray([r["text_embedding"] for r in rows]) @ q
     expected = [rows[i]["path"] for i in np.argsort(-scores)[:3]]
     assert [h["path"] for h in hits] == expected and [h["rank"] for h in hits] == [1, 2, 3]
     np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1][:3], rtol=1e-5)
     assert hits[0]["file"].endswith(hits[0]["path"])
     assert all(h["signals"] == ["weight", "text"] and set(h["scores"]) == {"weight", "text"} for h in hits)
-    np.testing.assert_allclose(hits[0]["score"], 0.5 * hits[0]["scores"]["weight"] + 0.5 * hits[0]["scores"]["text"],
+    np.testing.assert_allclose(hits[0]["score"], w * hits[0]["scores"]["weight"] + (1 - w) * hits[0]["scores"]["text"],
                                rtol=1e-5)
 
 

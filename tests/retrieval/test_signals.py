@@ -73,7 +73,8 @@ def test_loras_of_a_base_without_an_encoder_are_found_by_text_and_by_fingerprint
 
     assert main(["lora", "search", "neon", "--index", str(tmp_path / "i.parquet"), "-k", "1"]) == 0
     out = capsys.readouterr().out
-    assert "4 LoRAs searched by weight and text (w = 0.5)" in out and "1 have the weight signal" in out
+    assert f"4 LoRAs searched by weight and text (w = {index.hybrid_weight:g})" in out
+    assert "1 have the weight signal" in out
     assert "text " in out.splitlines()[1] and "neon_city_nights.safetensors" in out
     assert main(["lora", "search", "--like", str(folder / "watercolor_v2.safetensors"), "--index",
                  str(tmp_path / "i.parquet"), "-k", "1", "--json"]) == 0

@@ -265,7 +265,7 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
         engine: "local" (``workers`` spawned processes) or "ray" (Ray Data; ``ray_address``: a cluster, None: a
             local Ray of ``workers`` CPUs, or the one running already).
         hybrid_weight: w of a text query's score (``x2edit.retrieval.signals``), recorded in the index; None: the
-            index's earlier record, else ``HYBRID_WEIGHT`` at search.
+            index's earlier record, else the encoder's (tuned by ``train_encoder``), else ``HYBRID_WEIGHT``.
         piece_files, save_every_s: files are read in pieces of ``piece_files``; after a piece, if
             ``save_every_s`` have passed since the last write, the index is written with the progress so far
             (a stopped run keeps it). A progress bar shows on a terminal.
@@ -328,8 +328,11 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
             waiting[rel] = old  # kept in intermediate writes until its new row is made
     meta = {"x2edit.encoder": fingerprint, "x2edit.text_model": encoder.config.text_model,
             "x2edit.root": str(root.resolve()), "x2edit.format": INDEX_FORMAT}
-    if hybrid_weight is not None or "x2edit.hybrid_weight" in old_meta:
-        meta["x2edit.hybrid_weight"] = str(hybrid_weight if hybrid_weight is not None else old_meta["x2edit.hybrid_weight"])
+    # w: given, else the one recorded before, else the encoder's own (tuned on its training split)
+    for w in (hybrid_weight, old_meta.get("x2edit.hybrid_weight"), encoder.config.hybrid_weight):
+        if w is not None:
+            meta["x2edit.hybrid_weight"] = str(float(w))
+            break
     # Files are read in pieces; after a piece, at most every ``save_every_s``, the index is written with what is
     # done so far plus the old rows of files not yet redone: a run stopped part-way keeps its progress, and the
     # next run re-reads only what is left (the rows it wrote match their files' size and mtime).

@@ -106,20 +106,23 @@ def metadata_of(row: dict) -> dict:
 
 def tune_hybrid_weight(weight_scores: np.ndarray, text_scores: np.ndarray, relevant: np.ndarray,
                        grid: np.ndarray | None = None) -> tuple[float, dict[float, float]]:
-    """The w of ``w * weight + (1 - w) * text`` that ranks the relevant file first most often (R@1), on a
+    """The w of ``w * weight + (1 - w) * text`` that ranks a relevant file first most often (R@1), on a
     training split: (best w, {w: R@1}); ties go to the w nearest 0.5 (no signal preferred without evidence).
 
     Args:
-        weight_scores, text_scores: (Q, N) cosines of Q training queries with N files, per signal (a file
-            without a weight signal: its text score in both, as the search scores it).
-        relevant: (Q,) the index of each query's relevant file.
+        weight_scores, text_scores: (Q, N) cosines of Q training queries with N files, per signal.
+        relevant: (Q, N) bool, the files relevant to each query (e.g. every LoRA of the query's concept), or
+            (Q,) the one relevant file's index.
         grid: the w tried (default 0, 0.05, ..., 1).
     """
     grid = np.round(np.linspace(0, 1, 21), 2) if grid is None else np.asarray(grid)
     relevant = np.asarray(relevant)
+    if relevant.ndim == 1:
+        relevant = np.eye(weight_scores.shape[1], dtype=bool)[relevant]
+    rows = np.arange(len(relevant))
     table = {}
     for w in grid:
         top = np.argmax(w * weight_scores + (1 - w) * text_scores, axis=1)
-        table[float(w)] = float(np.mean(top == relevant))
+        table[float(w)] = float(np.mean(relevant[rows, top]))
     best = max(table, key=lambda w: (table[w], -abs(w - 0.5)))
     return best, table
