@@ -420,3 +420,132 @@ def test_a_baked_adapter_stays_when_the_others_are_unmerged(task_model):
     unmerge_adapter(task_model, "default")
     for layer, w, d in zip(layers, original, style):
         torch.testing.assert_close(layer.base_layer.weight, (w.float() + d).to(w.dtype), rtol=0, atol=1e-6)
+
+
+# -- DoRA and LoRA biases (community LoRAs), against PEFT's own layer -----------------------------------
+def _peft_pair(use_dora=False, lora_bias=False, K=13, N=11, r=3, alpha=6, seed=0):
+    """(PEFT lora.Linear, x2edit AdapterLinear) on the same float64 base with the same adapter "a" (scale 2)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from x2edit.adapters.layers import DoRA, LoRA
+
+    torch.manual_seed(seed)
+    base = nn.Linear(K, N).double()
+    config = LoraConfig(r=r, lora_alpha=alpha, use_dora=use_dora, lora_bias=lora_bias, init_lora_weights=False)
+    peft = PeftLinear(nn.Linear(K, N).double(), "a", config, r=r, lora_alpha=alpha)
+    peft.base_layer.load_state_dict(base.state_dict())
+    layer = AdapterLinear(nn.Linear(K, N).double())
+    layer.base_layer.load_state_dict(base.state_dict())
+    adapter = DoRA(K, N, r, alpha / r) if use_dora else LoRA(K, N, r, alpha / r, bias=lora_bias)
+    with torch.no_grad():
+        if lora_bias:
+            peft.lora_B["a"].bias.normal_(0, 0.5)
+            adapter.lora_bias.copy_(peft.lora_B["a"].bias)
+        if use_dora:  # a magnitude other than ||W + s B A||, where the DoRA would be a plain LoRA
+            peft.lora_magnitude_vector["a"].weight.mul_(1 + 0.5 * torch.rand(N, dtype=torch.float64))
+            adapter.magnitude.copy_(peft.lora_magnitude_vector["a"].weight)
+        adapter.lora_A.copy_(peft.lora_A["a"].weight[None])
+        adapter.lora_B.copy_(peft.lora_B["a"].weight[None])
+    layer.add_adapter("a", adapter)
+    return peft, layer
+
+
+@pytest.mark.parametrize("kind", ["dora", "lora_bias"])
+def test_dora_and_lora_bias_layers_match_peft(kind):
+    """Forward (at weight 1 and at a set_adapters weight), inside static_merge, merge and unmerge, as PEFT's layer."""
+    from x2edit.adapters import static_merge
+
+    peft, layer = _peft_pair(use_dora=kind == "dora", lora_bias=kind == "lora_bias")
+    x = torch.randn(2, 5, 13, dtype=torch.float64)
+    base = layer.base_layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), peft(x), rtol=0, atol=1e-6)
+        assert (layer(x) - base).abs().max() > 0.1
+        peft.set_scale("a", 0.4)
+        layer.adapter_weights["a"] = 0.4
+        torch.testing.assert_close(layer(x), peft(x), rtol=0, atol=1e-6)
+        with static_merge(nn.Sequential(layer), calls=1):
+            torch.testing.assert_close(layer(x), peft(x), rtol=0, atol=1e-6)
+    before = (layer.base_layer.weight.clone(), layer.base_layer.bias.clone())
+    peft.merge()
+    layer.merge("a")
+    torch.testing.assert_close(layer.base_layer.weight, peft.base_layer.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.base_layer.bias, peft.base_layer.bias, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), peft(x), rtol=0, atol=1e-6)
+    layer.unmerge("a")
+    assert torch.equal(layer.base_layer.weight, before[0]) and torch.equal(layer.base_layer.bias, before[1])
+
+
+def test_dora_rescales_the_loras_before_it_as_peft_does():
+    """PEFT adds each active adapter to the result so far, and a DoRA rescales that result's base part: a plain
+    LoRA before the DoRA is rescaled with the base, one after it is not. x2edit folds them into the weight in
+    that order."""
+    from peft import LoraConfig
+
+    from x2edit.adapters.layers import LoRA
+
+    peft, layer = _peft_pair(use_dora=True)
+    peft.update_layer("p", 2, lora_alpha=2, config=LoraConfig(r=2, lora_alpha=2, init_lora_weights=False))
+    plain = LoRA(13, 11, 2, 1.0).double()
+    with torch.no_grad():
+        plain.lora_A.copy_(peft.lora_A["p"].weight[None])
+        plain.lora_B.copy_(peft.lora_B["p"].weight[None])
+    layer.add_adapter("p", plain)
+    x = torch.randn(4, 13, dtype=torch.float64)
+    with torch.no_grad():
+        for order in (["p", "a"], ["a", "p"]):
+            peft.set_adapter(order)
+            layer.active_adapters = list(order)
+            torch.testing.assert_close(layer(x), peft(x), rtol=0, atol=1e-6)
+
+
+def test_a_lora_bias_gated_per_sample_and_refusals():
+    """An outside per-sample gate multiplies a LoRA's bias with the rest of its update; merging a LoRA bias into
+    a layer without a bias is refused (PEFT refuses it too); a DoRA takes one gate for the whole batch."""
+    from x2edit.adapters import RoutingState
+    from x2edit.adapters.layers import DoRA, LoRA
+
+    torch.manual_seed(0)
+    layer = AdapterLinear(nn.Linear(13, 11, bias=False).double())
+    lora = LoRA(13, 11, 3, 2.0, bias=True).double()
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.3)
+    layer.add_adapter("b", lora)
+    x = torch.randn(2, 5, 13, dtype=torch.float64)
+    g = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    layer.routing = RoutingState(adapter_gates=lambda _: {"b": g})
+    with torch.no_grad():
+        update = 2.0 * (x @ lora.lora_A[0].T @ lora.lora_B[0].T + lora.lora_bias)
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + g[:, None, None] * update)
+    layer.routing = None
+    with pytest.raises(ValueError, match="has a bias .* has none"):
+        layer.merge("b")
+    assert layer.merged == {}
+    dora = DoRA(13, 11, 3, 2.0).double()
+    layer.add_adapter("d", dora)
+    layer.routing = RoutingState(adapter_gates=lambda _: {"d": g})
+    with pytest.raises(ValueError, match="one gate for the whole batch"):
+        layer(x)
+
+
+def test_a_dora_runs_in_fused_qkv_projections():
+    """A DoRA (and a LoRA bias) on q/k/v: the fused projection computes each part's block as the part would."""
+    from x2edit.adapters import fuse_qkv_projections, load_community_lora
+
+    model = tiny_flux_transformer(0)
+    state = {}
+    g = torch.Generator().manual_seed(3)
+    for m in ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.attn.to_k"]:
+        state[f"transformer.{m}.lora_A.weight"] = torch.randn(2, 32, generator=g) * 0.3
+        state[f"transformer.{m}.lora_B.weight"] = torch.randn(32, 2, generator=g) * 0.3
+        state[f"transformer.{m}.lora_magnitude_vector"] = torch.rand(32, generator=g) + 0.5
+    load_community_lora(model, state, "dora")
+    inputs = tiny_flux_inputs()
+    with torch.no_grad():
+        unfused = model(**inputs)[0]
+        assert (unfused - tiny_flux_transformer(0)(**inputs)[0]).abs().max() > 1e-2
+        assert fuse_qkv_projections(model)
+        torch.testing.assert_close(model(**inputs)[0], unfused, rtol=0, atol=1e-5)

@@ -4,7 +4,9 @@ Each key layout (kohya sd-scripts, ComfyUI, XLabs, diffusers/PEFT with and witho
 for the tiny transformer (1 double + 1 single block, inner dim 32) and checked two ways: against the
 layout's own meaning (each module's update = alpha / r * up @ down, from the raw file) and against
 stock's output where stock loads the file. The LoRA methods are checked against stock one by one,
-and against an x2edit MoE-LoRA that they must leave alone.
+and against an x2edit MoE-LoRA that they must leave alone. What stock loads beyond plain pairs loads too
+(PEFT DoRA and lora_bias files, kohya DoRA / fp16 / text-encoder / final_layer files, ComfyUI's lora_A form,
+FLUX.1 Control LoRAs), each checked against stock on the same file.
 """
 
 import numpy as np
@@ -16,7 +18,12 @@ from safetensors.torch import save_file
 
 from x2edit import X2EditPipeline
 from x2edit.adapters import AdapterConfig, adapter_layers, adapter_names, inject_adapters
-from x2edit.testing import randomize_adapters, tiny_kontext_components
+from x2edit.testing import (
+    randomize_adapters,
+    tiny_flux_inputs,
+    tiny_flux_transformer,
+    tiny_kontext_components,
+)
 
 KW = dict(num_inference_steps=2, max_sequence_length=16, output_type="np")
 ATOL = 2e-4
@@ -193,8 +200,8 @@ def test_kohya_and_comfyui_files_apply_their_alpha_and_match_stock(comfyui, tmp_
 def test_kohya_keys_diffusers_converts_without_prefix_are_applied():
     """diffusers' kohya converter writes img_in / final_layer as unprefixed ``x_embedder`` /
     ``proj_out`` keys (stock then drops them: its loader keeps only ``transformer.`` keys). They
-    belong to the transformer: x2edit applies them, with their alpha (a final_layer alpha other than
-    the rank is refused: the converter ignores it, see test_bad_files_are_refused_whole)."""
+    belong to the transformer: x2edit applies them, with their alpha (a final_layer alpha, which the
+    converter drops, too: see test_kohya_final_layer_alpha_is_applied_at_alpha_over_rank)."""
     modules = {**KOHYA, "img_in": (16, 32, 4, 2.0, ["x_embedder"]),
                "final_layer.linear": (32, 16, 4, 4.0, ["proj_out"])}
     state = _kohya_state(modules)
@@ -441,6 +448,237 @@ def test_exported_task_lora_reproduces_the_donor_and_runs_beside_a_moe_lora(tmp_
     assert pipe.get_list_adapters() == {"transformer": ["default"]}
 
 
+# -- beyond plain pairs: what else stock loads ------------------------------------------------------
+# Modules a PEFT-trained test file targets ("proj_out" matches the single block's and the final one).
+PEFT_TARGETS = ["to_q", "to_v", "ff.net.0.proj", "proj_out", "x_embedder"]
+
+
+def _peft_trained_file(directory, with_metadata=True, **config):
+    """(path, state) of a LoRA as PEFT trains it on the tiny transformer and diffusers saves it (keys from
+    get_peft_model_state_dict: lora_A/lora_B, plus lora_magnitude_vector (N,) with use_dora or lora_B.bias
+    (N,) with lora_bias), r = 4, lora_alpha = 8; magnitudes and biases moved off their initial values."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model = tiny_flux_transformer(0)
+    lora_config = LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_TARGETS, init_lora_weights=False, **config)
+    model.add_adapter(lora_config)
+    g = _gen(5)
+    state = {k: (v + 0.3 * torch.randn(v.shape, generator=g) if "magnitude" in k or k.endswith(".bias") else v)
+             for k, v in get_peft_model_state_dict(model).items()}
+    if with_metadata:
+        metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.to_dict().items()}
+        return _save_peft(directory, state, metadata), state
+    save_file({f"transformer.{k}": v.contiguous() for k, v in state.items()}, str(directory / "lora.safetensors"))
+    return directory / "lora.safetensors", state
+
+
+def _lora_methods_match_stock(ours, stock, image, base):
+    """A call's scale, a set_adapters weight, fuse_lora / unfuse_lora and unloading, side by side."""
+    full = _same(ours, stock, image)
+    _differ(full, base)
+    _differ(_same(ours, stock, image, joint_attention_kwargs={"scale": 0.5}), full)
+    for p in (ours, stock):
+        p.set_adapters("style", 0.7)
+    _same(ours, stock, image)
+    for p in (ours, stock):
+        p.fuse_lora(lora_scale=0.5)
+    _same(ours, stock, image)
+    for p in (ours, stock):
+        p.unfuse_lora()
+        p.set_adapters("style", 1.0)
+    np.testing.assert_allclose(_same(ours, stock, image), full, atol=ATOL)
+    for p in (ours, stock):
+        p.unload_lora_weights()
+    np.testing.assert_allclose(_same(ours, stock, image), base, atol=ATOL)
+    return full
+
+
+@pytest.mark.parametrize("with_metadata", [True, False], ids=["metadata", "no_metadata"])
+def test_peft_dora_file_matches_stock(with_metadata, tmp_path, source_image):
+    """PEFT's DoRA (use_dora: lora_magnitude_vector keys): each module's weight becomes
+    m / ||W + s B A||_row * (W + s B A), at every strength, fused or not, as stock."""
+    path, state = _peft_trained_file(tmp_path, with_metadata, use_dora=True)
+    ours, stock = _pipes()
+    base = _edit(stock, source_image)
+    for p in (ours, stock):
+        p.load_lora_weights(path, adapter_name="style")
+    m = "transformer_blocks.0.attn.to_q"
+    W = ours.transformer.get_submodule(m).base_layer.weight
+    scale = 2.0 if with_metadata else 1.0  # lora_alpha / r; without metadata or alphas stock takes alpha = r
+    update = W + scale * state[f"{m}.lora_B.weight"] @ state[f"{m}.lora_A.weight"]
+    magnitude = state[f"{m}.lora_magnitude_vector"]
+    torch.testing.assert_close(W + _delta(ours, m, "style"), magnitude[:, None] * update / update.norm(dim=1, keepdim=True))
+    full = _lora_methods_match_stock(ours, stock, source_image, base)
+    plain, _ = _pipes()  # the magnitudes matter: without them the file is another LoRA
+    plain.load_lora_weights({f"transformer.{k}": v for k, v in state.items() if "magnitude" not in k})
+    _differ(_edit(plain, source_image), full)
+
+
+@pytest.mark.parametrize("with_metadata", [True, False], ids=["metadata", "no_metadata"])
+def test_peft_lora_bias_file_matches_stock(with_metadata, tmp_path, source_image):
+    """PEFT's lora_bias (lora_B.bias keys): the update is s * (B A x + b), the bias scaled with the rest and
+    merged into the layer's bias by fuse_lora, as stock."""
+    path, state = _peft_trained_file(tmp_path, with_metadata, lora_bias=True)
+    ours, stock = _pipes()
+    base = _edit(stock, source_image)
+    for p in (ours, stock):
+        p.load_lora_weights(path, adapter_name="style")
+    m = "transformer_blocks.0.attn.to_q"
+    torch.testing.assert_close(ours.transformer.get_submodule(m).adapters["style"].lora_bias, state[f"{m}.lora_B.bias"])
+    full = _lora_methods_match_stock(ours, stock, source_image, base)
+    plain, _ = _pipes()
+    plain.load_lora_weights({f"transformer.{k}": v for k, v in state.items() if not k.endswith(".bias")})
+    _differ(_edit(plain, source_image), full)
+
+
+def test_kohya_final_layer_alpha_is_applied_at_alpha_over_rank(tmp_path, source_image, caplog):
+    """diffusers' kohya converter drops a final_layer alpha and stock then drops the final_layer keys
+    themselves (unprefixed). x2edit applies them (see above), at alpha / r as sd-scripts does, and warns:
+    its edit is stock's with the final layer given to stock at that strength as a second LoRA."""
+    modules = {**KOHYA, "final_layer.linear": (32, 16, 4, 8.0, ["proj_out"])}
+    state = _kohya_state(modules)
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    ours, stock = _pipes()
+    base = _edit(stock, source_image)
+    with caplog.at_level("WARNING", logger="x2edit.adapters.community"):
+        ours.load_lora_weights(tmp_path / "lora.safetensors", adapter_name="style")
+    assert "applies this final_layer LoRA (proj_out) at alpha / r = 2" in caplog.text
+    _check_kohya_deltas(ours, state, modules)
+    stock.load_lora_weights(tmp_path / "lora.safetensors", adapter_name="style")
+    up, down = state["lora_unet_final_layer_linear.lora_up.weight"], state["lora_unet_final_layer_linear.lora_down.weight"]
+    stock.load_lora_weights({"transformer.proj_out.lora_A.weight": down, "transformer.proj_out.lora_B.weight": 2.0 * up},
+                            adapter_name="final")
+    stock.set_adapters(["style", "final"])
+    _differ(_same(ours, stock, source_image), base)
+
+
+def test_kohya_fp16_file_matches_stock(tmp_path, source_image):
+    """sd-scripts' --save_precision fp16: every tensor, the alphas too (0-d), in float16."""
+    state = {k: v.half() for k, v in _kohya_state(KOHYA).items()}
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    ours, stock = _pipes()
+    base = _edit(stock, source_image)
+    for p in (ours, stock):
+        p.load_lora_weights(tmp_path / "lora.safetensors", adapter_name="style")
+    _differ(_same(ours, stock, source_image), base)
+
+
+def test_kohya_text_encoder_keys_are_skipped_and_the_transformer_part_matches_stock(tmp_path, source_image, caplog):
+    """lora_te1_ keys beside lora_unet_ ones: stock puts them on CLIP, x2edit (transformer only) skips them with
+    a warning; its edit is stock's with the transformer part of the file."""
+    te = {}
+    for i, (name, (k, n)) in enumerate({"lora_te1_text_model_encoder_layers_0_mlp_fc1": (32, 37),
+                                        "lora_te1_text_model_encoder_layers_0_mlp_fc2": (37, 32)}.items()):
+        te.update({f"{name}.lora_down.weight": _rand(2, k, seed=60 + i), f"{name}.lora_up.weight": _rand(n, 2, seed=70 + i),
+                   f"{name}.alpha": torch.tensor(1.0)})
+    unet = _kohya_state(KOHYA)
+    save_file({**unet, **te}, str(tmp_path / "lora.safetensors"))
+    ours, stock = _pipes()
+    base = _edit(stock, source_image)
+    with caplog.at_level("WARNING", logger="x2edit.adapters.community"):
+        ours.load_lora_weights(tmp_path / "lora.safetensors", adapter_name="style")
+    assert "ignoring 4 text-encoder LoRA keys" in caplog.text
+    stock.load_lora_weights(unet, adapter_name="style")
+    _differ(_same(ours, stock, source_image), base)
+
+
+def test_comfyui_lora_A_keys_load_nothing_as_stock(tmp_path, source_image, caplog):
+    """diffusion_model.* keys in lora_A/lora_B form: diffusers converts BFL names only in kohya's
+    lora_down/lora_up form, and its loader drops the unconverted, unprefixed keys; stock loads nothing and
+    edits as the base. So does x2edit, and says so."""
+    state = {}
+    for i, (name, (k, n, r, _, _)) in enumerate(KOHYA.items()):
+        state[f"diffusion_model.{name}.lora_A.weight"] = _rand(r, k, seed=80 + i)
+        state[f"diffusion_model.{name}.lora_B.weight"] = _rand(n, r, seed=90 + i)
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    ours, stock = _pipes()
+    base = _edit(stock, source_image)
+    with caplog.at_level("WARNING", logger="x2edit.adapters.community"):
+        ours.load_lora_weights(tmp_path / "lora.safetensors", adapter_name="style")
+    stock.load_lora_weights(tmp_path / "lora.safetensors", adapter_name="style")
+    assert "as stock diffusers drops every unprefixed key" in caplog.text and "loads nothing" in caplog.text
+    assert ours.get_list_adapters() == stock.get_list_adapters() == {}
+    np.testing.assert_allclose(_same(ours, stock, source_image), base, atol=ATOL)
+
+
+def test_kohya_dora_scale_is_dropped_as_stock(tmp_path, source_image, caplog):
+    """kohya/LyCORIS DoRA magnitudes (dora_scale): stock's lora_state_dict drops them with a warning and loads
+    the rest as a plain LoRA; x2edit does the same and says what that costs."""
+    state = {**_kohya_state(KOHYA), "lora_unet_double_blocks_0_img_attn_proj.dora_scale": torch.rand(1, 32) + 0.5}
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    ours, stock = _pipes()
+    base = _edit(stock, source_image)
+    with caplog.at_level("WARNING", logger="x2edit.adapters.community"):
+        ours.load_lora_weights(tmp_path / "lora.safetensors", adapter_name="style")
+    assert "ignoring 1 kohya DoRA magnitudes (dora_scale)" in caplog.text
+    stock.load_lora_weights(tmp_path / "lora.safetensors", adapter_name="style")
+    _check_kohya_deltas(ours, state, KOHYA)
+    _differ(_same(ours, stock, source_image), base)
+
+
+CONTROL_NORMS = ["transformer_blocks.0.attn.norm_q", "transformer_blocks.0.attn.norm_k",
+                 "transformer_blocks.0.attn.norm_added_q", "transformer_blocks.0.attn.norm_added_k",
+                 "single_transformer_blocks.0.attn.norm_q", "single_transformer_blocks.0.attn.norm_k"]
+
+
+def test_control_lora_loads_its_norms_and_reads_no_control_image(tmp_path, source_image, caplog):
+    """A FLUX.1 Control LoRA (Canny/Depth) as diffusers converts BFL's file: an x_embedder LoRA reading twice
+    the model's input channels (latents | control latents) and full RMSNorm scales beside the LoRA pairs.
+    Stock widens x_embedder (zero columns), doubles in_channels and writes the norms; its Kontext pipeline then
+    fails on every call. x2edit writes the norms too and keeps the model, running exactly as stock's
+    transformer does with all-zero control latents; unloading gives the norms back, as stock."""
+    state = {"transformer.x_embedder.lora_A.weight": _rand(4, 32, seed=1),  # (r, 2 * 16)
+             "transformer.x_embedder.lora_B.weight": _rand(32, 4, seed=2),
+             "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": _rand(4, 32, seed=3),
+             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": _rand(32, 4, seed=4)}
+    state.update({f"transformer.{n}.weight": 1 + _rand(16, seed=10 + i) for i, n in enumerate(CONTROL_NORMS)})
+    save_file(state, str(tmp_path / "control.safetensors"))
+    ours, stock = _pipes()
+    base = _edit(ours, source_image)
+    originals = {n: ours.transformer.get_parameter(f"{n}.weight").clone() for n in CONTROL_NORMS}
+    with caplog.at_level("WARNING", logger="x2edit.adapters.community"):
+        for p in (ours, stock):
+            p.load_lora_weights(tmp_path / "control.safetensors", adapter_name="control")
+    assert "FLUX.1 Control LoRA" in caplog.text
+    for n in CONTROL_NORMS:
+        for p in (ours, stock):
+            torch.testing.assert_close(p.transformer.get_parameter(f"{n}.weight"), state[f"transformer.{n}.weight"])
+    inputs = tiny_flux_inputs(batch=1)
+    with torch.no_grad():
+        stock_out = stock.transformer(**{**inputs, "hidden_states": torch.cat(
+            [inputs["hidden_states"], torch.zeros_like(inputs["hidden_states"])], dim=-1)})[0]
+        torch.testing.assert_close(ours.transformer(**inputs)[0], stock_out, rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError):  # stock's Kontext pipeline makes latents of in_channels / 4 = 8 channels
+        _edit(stock, source_image)
+    _differ(_edit(ours, source_image), base)
+    ours.unload_lora_weights()
+    for n in CONTROL_NORMS:
+        assert torch.equal(ours.transformer.get_parameter(f"{n}.weight"), originals[n])
+    np.testing.assert_allclose(_edit(ours, source_image), base, atol=1e-6)
+
+
+def test_a_narrower_x_embedder_lora_is_zero_padded_as_stock():
+    """A FLUX.1 LoRA's x_embedder (16 inputs) on a model with a wider input (Fill: 48): stock zero-pads lora_A
+    (``_maybe_expand_lora_state_dict``), so the LoRA reads the noisy latents only; x2edit does the same."""
+    from diffusers import FluxFillPipeline
+
+    from x2edit.adapters import load_community_lora
+    from x2edit.testing import tiny_fill_components
+
+    state = {"transformer.x_embedder.lora_A.weight": _rand(4, 16, seed=1),
+             "transformer.x_embedder.lora_B.weight": _rand(32, 4, seed=2)}
+    stock = FluxFillPipeline(**tiny_fill_components(0))
+    stock.load_lora_weights(dict(state), adapter_name="style")
+    ours = tiny_fill_components(0)["transformer"]
+    load_community_lora(ours, dict(state), "style")
+    inputs = tiny_flux_inputs(batch=1)
+    inputs["hidden_states"] = torch.randn(1, 16, 48, generator=_gen(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs)[0], stock.transformer(**inputs)[0], rtol=0, atol=1e-5)
+        assert (ours(**inputs)[0] - tiny_fill_components(0)["transformer"](**inputs)[0]).abs().max() > 1e-2
+
+
 # -- refusals ---------------------------------------------------------------------------------------
 def _peft_pair(module="transformer.transformer_blocks.0.attn.to_q", k=32, n=32, r=2, value=0.0):
     return {f"{module}.lora_A.weight": torch.full((r, k), value), f"{module}.lora_B.weight": torch.zeros(n, r)}
@@ -452,6 +690,7 @@ def test_bad_files_are_refused_whole(tmp_path):
         ours.load_lora_weights(tmp_path / "absent.safetensors")
     kohya = _kohya_state(KOHYA)
     te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    q = "transformer.transformer_blocks.0.attn.to_q"
     cases = {
         "other_base": (_peft_pair(k=64), "do not fit"),
         "no_module": (_peft_pair("transformer.transformer_blocks.7.attn.to_q"), "does not have"),
@@ -464,18 +703,21 @@ def test_bad_files_are_refused_whole(tmp_path):
         "kohya_and_xlabs": ({**kohya, **_xlabs_state()}, "mixes key layouts"),
         "kohya_without_up": ({k: v for k, v in kohya.items() if "img_attn_proj.lora_up" not in k},
                              "converter could not read"),
-        "kohya_final_layer_alpha": (_kohya_state({"final_layer.linear": (32, 16, 4, 8.0, [])}),
-                                    "ignores the alpha of final_layer"),
-        "comfyui_lora_A": ({"diffusion_model.double_blocks.0.img_attn.proj.lora_A.weight": torch.zeros(2, 32),
-                            "diffusion_model.double_blocks.0.img_attn.proj.lora_B.weight": torch.zeros(32, 2)},
-                           "only in kohya's lora_down/lora_up form"),
-        # diffusers drops kohya's DoRA magnitudes with a warning and would load the rest as a plain LoRA.
-        "kohya_dora": ({**kohya, "lora_unet_double_blocks_0_img_attn_proj.dora_scale": torch.ones(1, 32)}, "DoRA"),
         "metadata_and_alphas": ({**_peft_pair(), "transformer.transformer_blocks.0.attn.to_q.alpha": torch.tensor(2.)},
                                 "both PEFT metadata and .alpha"),
+        # PEFT's LoraConfig refuses use_dora with lora_bias; stock refuses the file.
+        "dora_and_bias": ({**_peft_pair(), f"{q}.lora_magnitude_vector": torch.ones(32), f"{q}.lora_B.bias": torch.ones(32)},
+                          "PEFT refuses"),
+        # Metadata without use_dora: stock builds plain layers and then fails loading the magnitudes.
+        "magnitudes_without_use_dora": ({**_peft_pair(), f"{q}.lora_magnitude_vector": torch.ones(32)},
+                                        "does not set use_dora"),
+        "nan_magnitude": ({**_peft_pair(), f"{q}.lora_magnitude_vector": torch.full((32,), float("nan"))}, "non-finite"),
+        "bad_magnitude": ({**_peft_pair(), f"{q}.lora_magnitude_vector": torch.ones(31)}, "does not match B"),
+        "control_norm_of_another_model": ({**_peft_pair(), "transformer.transformer_blocks.0.attn.norm_q.weight":
+                                           torch.ones(128)}, "has shape"),
     }
     for name, (state, message) in cases.items():
-        if name == "metadata_and_alphas":
+        if name in ("metadata_and_alphas", "magnitudes_without_use_dora"):
             path = _save_peft(tmp_path / name, {k.removeprefix("transformer."): v for k, v in state.items()},
                               {"r": 2, "lora_alpha": 2})
         else:

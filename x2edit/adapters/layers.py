@@ -15,6 +15,9 @@ set for the duration of one call by ``routing_context`` (see ``x2edit.adapters.i
 ``adapter_gates``: per-sample gates for named adapters supplied from outside (the multi-LoRA fusion
 of ``x2edit.retrieval.fusion``), folded into the gates of the one kernel call.
 
+A ``DoRA`` (PEFT's weight-decomposed LoRA) is not low-rank: it is folded into the call's weight (once per
+``static_merge`` block); a LoRA's bias (PEFT's ``lora_bias``) joins the call's bias.
+
 Static adapters (a plain LoRA, a task-routed MoE-LoRA while every sample has the same task) can be
 folded into a transient copy of the base weight for the length of a ``static_merge`` block, when the
 cost rule of ``x2edit.kernels.merge_is_cheaper`` says that beats adding their low-rank term at every call;
@@ -83,14 +86,19 @@ class LoRA(nn.Module):
         in_features, out_features: the wrapped linear's K and N.
         rank: r.
         scaling: alpha / r.
+        bias: give B a bias b (N,) (PEFT's ``lora_bias=True``): the update is then
+            ``scale * ((x A^T) B^T + b)``, b scaled with the rest as PEFT's ``lora_B(lora_A(x)) * scaling``.
+            The layer adds it to its bias (see ``AdapterLinear``); ``delta_weight`` leaves it out.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, config: AdapterConfig | None = None):
+    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, config: AdapterConfig | None = None,
+                 bias: bool = False):
         super().__init__()
         self.config = config or AdapterConfig(kind="lora", rank=rank, alpha=scaling * rank)
         self.scaling = scaling
         self.lora_A = nn.Parameter(torch.empty(1, rank, in_features))  # (1, r, K)
         self.lora_B = nn.Parameter(torch.empty(1, out_features, rank))  # (1, N, r)
+        self.register_parameter("lora_bias", nn.Parameter(torch.zeros(out_features)) if bias else None)  # (N,)
         _init_lora_pair(self.lora_A.data, self.lora_B.data)
 
     def factors(self, x: torch.Tensor, state: RoutingState | None):
@@ -103,6 +111,47 @@ class LoRA(nn.Module):
     def delta_weight(self, task_id: int | None = None) -> torch.Tensor:
         """(N, K) weight update this adapter adds (float32)."""
         return self.scaling * (self.lora_B[0].float() @ self.lora_A[0].float())
+
+
+class DoRA(LoRA):
+    """PEFT's DoRA (``use_dora``): a LoRA whose updated weight is scaled, row by row, to a learned
+    magnitude m (N,):
+
+        W' = m / ||W + s B A||_row * (W + s B A)          (the row norm a constant: detached)
+
+    with W the layer's base weight; PEFT computes the same as base(x) + (m/n - 1) x W^T + (m/n) s (x A^T) B^T.
+    The multiplier of ``set_adapters`` and a call's scale multiply s inside the norm too (PEFT scales its
+    ``scaling``); at multiplier 0 the layer skips it (PEFT would still apply m / ||W||). Not a low-rank
+    term: the layer folds it into the call's weight (once per ``static_merge`` block), with the LoRAs
+    before it in the active order, whose outputs it rescales as PEFT's forward does; ``merge`` writes W'.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, config: AdapterConfig | None = None):
+        super().__init__(in_features, out_features, rank, scaling, config)
+        self.magnitude = nn.Parameter(torch.ones(out_features))  # m, (N,)
+        object.__setattr__(self, "_layer", None)  # the AdapterLinear holding it: kept out of the module registry
+
+    def factors(self, x: torch.Tensor, state: RoutingState | None):
+        raise RuntimeError("a DoRA is not a low-rank term: its layer folds it into the weight")
+
+    def merge_into(self, weight: torch.Tensor, base: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+        """(N, K) float32: ``weight`` (float32, the weight so far) with this DoRA applied at ``multiplier``
+        times its scale; the row norm is taken on ``base`` (the layer's base weight, (N, K)) plus s B A."""
+        ba = (self.scaling * multiplier) * (self.lora_B[0].float() @ self.lora_A[0].float())  # (N, K)
+        norm = torch.linalg.norm(base.to(ba.device).float() + ba, dim=1).detach()  # (N,)
+        return (self.magnitude.float() / norm)[:, None] * (weight + ba)
+
+    def delta_weight(self, task_id: int | None = None) -> torch.Tensor:
+        """(N, K) float32 W' - W on the layer's unmerged base weight (not linear in the multiplier)."""
+        if self._layer is None:
+            raise ValueError("a DoRA's update depends on its layer's base weight: add it to an AdapterLinear first")
+        base = self._layer.unmerged_weight().float()
+        return self.merge_into(base, base) - base
+
+
+def _beyond_low_rank(adapter: nn.Module) -> bool:
+    """A DoRA or a LoRA with a bias: more than a low-rank term, run by ``AdapterLinear``'s general path."""
+    return isinstance(adapter, DoRA) or getattr(adapter, "lora_bias", None) is not None
 
 
 class MoELoRA(nn.Module):
@@ -230,15 +279,17 @@ class StaticMerge:
         self.calls = calls
         self._weights: dict[int, tuple[tuple, torch.Tensor | None]] = {}  # id(layer) -> (key, merged or None)
 
-    def weight(self, layer: nn.Module, key: tuple, x: torch.Tensor, R: int, build) -> torch.Tensor | None:
-        """The merged weight for ``key`` (built by ``build()`` once), or None where merging costs more."""
+    def weight(self, layer: nn.Module, key: tuple, x: torch.Tensor, R: int, build,
+               always: bool = False) -> torch.Tensor | None:
+        """The merged weight for ``key`` (built by ``build()`` once), or None where merging costs more.
+        ``always``: merge whatever the cost (a DoRA is folded into the weight at each call otherwise)."""
         hit = self._weights.get(id(layer))
         if hit is not None and hit[0] == key:
             return hit[1]
         w = layer.base_layer.weight
         M = x.numel() // x.shape[-1]
-        cheaper = kernels.merge_is_cheaper(M, w.shape[1], w.shape[0], R, w.element_size(), calls=self.calls,
-                                           cost=kernels.cost_model(w.device))  # fmt: skip
+        cheaper = always or kernels.merge_is_cheaper(M, w.shape[1], w.shape[0], R, w.element_size(), calls=self.calls,
+                                                     cost=kernels.cost_model(w.device))  # fmt: skip
         merged = build() if cheaper else None
         self._weights[id(layer)] = (key, merged)
         return merged
@@ -246,10 +297,14 @@ class StaticMerge:
 
 def _merged(base: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
     """base + deltas (float32) rounded once to the base's dtype, checked finite."""
-    merged = base.float() + deltas
+    return _rounded(base.float() + deltas, base.dtype)
+
+
+def _rounded(merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A merged float32 weight rounded once to ``dtype``, checked finite."""
     if not torch.isfinite(merged).all():
         raise ValueError("merging the static adapters gives non-finite weights; an adapter is corrupt")
-    return merged.to(base.dtype)
+    return merged.to(dtype)
 
 
 def _times_sample_gate(gates: torch.Tensor | None, g: torch.Tensor, x: torch.Tensor, experts: int) -> torch.Tensor:
@@ -274,7 +329,8 @@ class AdapterLinear(nn.Module):
 
     Attributes:
         base_layer: the wrapped linear (frozen).
-        adapters: name -> ``LoRA`` | ``MoELoRA``.
+        adapters: name -> ``LoRA`` | ``DoRA`` | ``MoELoRA``. A DoRA or a LoRA with a bias takes a general
+            path (``_forward_general``); plain low-rank adapters keep the one fused kernel call.
         adapter_weights: name -> multiplier set by ``set_adapters`` (default 1.0).
         active_adapters: names used in forward, in order.
         merged: name -> task id it was merged for (None for plain LoRA); merged adapters are skipped.
@@ -294,6 +350,7 @@ class AdapterLinear(nn.Module):
         self.routing: RoutingState | None = None
         self.static: StaticMerge | None = None  # set by x2edit.adapters.static_merge
         self._pre_merge: torch.Tensor | None = None  # the base weight before the first merge (CPU)
+        self._pre_merge_bias: torch.Tensor | None = None  # and its bias (CPU), for LoRA biases merged into it
 
     in_features = property(lambda self: self.base_layer.in_features)
     out_features = property(lambda self: self.base_layer.out_features)
@@ -311,6 +368,8 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"an adapter named {name!r} is already loaded here; pick another adapter_name")
         w = self.base_layer.weight
         self.adapters[name] = adapter.to(device=w.device, dtype=dtype or (w.dtype if w.is_floating_point() else None))
+        if isinstance(adapter, DoRA):  # its update needs this layer's base weight
+            object.__setattr__(adapter, "_layer", self)
         self.adapter_weights[name] = 1.0
         self.active_adapters.append(name)
 
@@ -320,8 +379,13 @@ class AdapterLinear(nn.Module):
         if name in self.merged and not keep_merged:
             raise ValueError(f"adapter {name!r} is merged into the base weights: unmerge it first")
         if name in self.merged:  # baked in: the weight to restore on unmerging the others now holds it
-            baked = self._weight_with({name: self.merged.pop(name)})
+            task = self.merged.pop(name)
+            baked, baked_bias = self._weight_with({name: task}), self._bias_with({name: task})
             self._pre_merge = baked.to("cpu", self._pre_merge.dtype) if self.merged else None
+            if self._pre_merge_bias is not None and baked_bias is not None and self.merged:
+                self._pre_merge_bias = baked_bias.to("cpu", self._pre_merge_bias.dtype)
+            elif not self.merged:
+                self._pre_merge_bias = None
         del self.adapters[name]
         self.adapter_weights.pop(name)
         if name in self.active_adapters:
@@ -371,6 +435,8 @@ class AdapterLinear(nn.Module):
         names = self._live()
         if not names:
             return self.base_layer(x)
+        if any(_beyond_low_rank(self.adapters[n]) for n in names):
+            return self._forward_general(x, names)
         weight = self.base_layer.weight
         if self.static is not None:
             static, names = self._split_static(names)
@@ -390,6 +456,102 @@ class AdapterLinear(nn.Module):
         A, B, gates, scale = _stack_terms(self._terms(x, names), x)
         return kernels.lora_linear(x, weight, self.base_layer.bias, A, B, gates, scale, sparse_gate_grad=sparse)
 
+    # -- DoRAs and LoRA biases -------------------------------------------------------------------
+    def _forward_general(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``forward`` with a DoRA or a LoRA bias among the live adapters ``names`` (the plain path above
+        stays as it is for everything else).
+
+        Weight: inside ``static_merge`` the static adapters are merged for the block as usual (always, with a
+        DoRA among them); outside, a DoRA is folded into this call's weight together with the plain LoRAs
+        around it, in the active order (``_compose``). Bias: each LoRA bias joins the base bias at its scale
+        and weight (per sample when gated from outside). Routed or gated adapters then run on that weight
+        and bias in one kernel call.
+        """
+        weight, external = self.base_layer.weight, self._external_gates()
+        bias, extra = self._call_bias(x, names, external)
+        rest = names
+        if self.static is not None:
+            static, rest = self._split_static(names)
+            if static:
+                R = sum(self.adapters[n].lora_A.shape[0] * self.adapters[n].lora_A.shape[1] for n, _ in static)
+                dora = any(isinstance(self.adapters[n], DoRA) for n, _ in static)
+                merged = self.static.weight(self, self.static_key(static), x, R, lambda: self._static_weight(static),
+                                            always=dora)  # fmt: skip
+                if merged is None:
+                    rest = names
+                else:
+                    weight = merged
+        if any(isinstance(self.adapters[n], DoRA) for n in rest):
+            fold, rest = self._split_fold(rest, external)
+            weight = _rounded(self._compose(weight.float(), self.base_layer.weight, fold), weight.dtype)
+        if rest:
+            sparse = all(self.adapters[n].sparse_gates for n in rest)
+            A, B, gates, scale = _stack_terms(self._terms(x, rest), x)
+            out = kernels.lora_linear(x, weight, bias, A, B, gates, scale, sparse_gate_grad=sparse)
+        else:
+            out = F.linear(x, weight, bias)
+        return out if extra is None else out + extra
+
+    def _call_bias(self, x: torch.Tensor, names: list[str], external: dict) -> tuple:
+        """(bias (N,) for this call: the base bias plus scale * weight * b of each LoRA bias in ``names``,
+        (B, 1, ..., N) per-sample term of the LoRA biases gated from outside, or None)."""
+        bias, extra = self.base_layer.bias, None
+        summed = None if bias is None else bias.float()
+        for n in names:
+            b = getattr(self.adapters[n], "lora_bias", None)
+            if b is None:
+                continue
+            term = (self.adapters[n].scaling * self.adapter_weights[n]) * b.float()  # (N,)
+            if n in external:
+                g = external[n].float().reshape(-1, *([1] * (x.dim() - 1)))  # (B, 1, ..., 1)
+                extra = g * term if extra is None else extra + g * term
+            else:
+                summed = term if summed is None else summed + term
+        bias = None if summed is None else summed.to(x.dtype)
+        return bias, None if extra is None else extra.to(x.dtype)
+
+    def _split_fold(self, names: list[str], external: dict) -> tuple[list[tuple], list[str]]:
+        """([(name, None, multiplier)] folded into this call's weight, [names] left to the kernel): the LoRAs
+        and DoRAs, in order, but not a plain LoRA gated from outside (per sample: it stays low-rank)."""
+        fold, rest = [], []
+        for n in names:
+            adapter = self.adapters[n]
+            if not isinstance(adapter, LoRA) or (n in external and not isinstance(adapter, DoRA)):
+                rest.append(n)
+                continue
+            multiplier = self.adapter_weights[n]
+            if n in external:  # one weight for the call: one gate for all samples
+                g = external[n].flatten()
+                if not bool((g == g[0]).all()):
+                    raise ValueError(f"DoRA {n!r} is gated differently per sample, and a DoRA, not being a low-rank "
+                                     "update, takes one gate for the whole batch")
+                multiplier = multiplier * float(g[0])
+            fold.append((n, None, multiplier))
+        return fold, rest
+
+    def _compose(self, weight: torch.Tensor, base: torch.Tensor, items: list[tuple]) -> torch.Tensor:
+        """(N, K) float32 ``weight`` with the adapters of ``items`` [(name, task id, multiplier)] applied in
+        order: a plain update is added, a DoRA rescales the rows of the weight so far (its norm on ``base``)."""
+        for n, task, multiplier in items:
+            adapter = self.adapters[n]
+            if isinstance(adapter, DoRA):
+                weight = adapter.merge_into(weight, base, multiplier)
+            else:
+                weight = weight + adapter.delta_weight(task).to(weight.device) * multiplier
+        return weight
+
+    def _static_weight(self, static: list[tuple[str, int | None]]) -> torch.Tensor:
+        """The merged weight of ``static`` [(name, task id)] for a ``static_merge`` block."""
+        w = self.base_layer.weight
+        if not any(isinstance(self.adapters[n], DoRA) for n, _ in static):
+            return _merged(w, self.static_delta(static))
+        return _rounded(self._compose(w.float(), w, [(n, t, self.adapter_weights[n]) for n, t in static]), w.dtype)
+
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base weight before any merge, on the base weight's device."""
+        w = self.base_layer.weight
+        return w if self._pre_merge is None else self._pre_merge.to(w.device)
+
     # -- merging into the base weight ------------------------------------------------------
     # The weight before the first merge is kept (on the CPU) until the last unmerge, and every merged
     # weight is computed from it in float32 and rounded once: unmerging restores it bit for bit,
@@ -398,29 +560,53 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def _weight_with(self, merged: dict[str, int | None]) -> torch.Tensor:
         """The pre-merge base weight plus the updates of ``merged`` (float32), checked finite."""
-        original = self._pre_merge if self._pre_merge is not None else self.base_layer.weight
-        w = original.to(self.base_layer.weight.device).float()
-        for n, task in merged.items():
-            w = w + self.adapters[n].delta_weight(task).to(w.device) * self.adapter_weights[n]
+        original = self.unmerged_weight()
+        w = self._compose(original.float(), original, [(n, t, self.adapter_weights[n]) for n, t in merged.items()])
         if not torch.isfinite(w).all():
             raise ValueError(f"merging adapters {list(merged)} gives non-finite weights; an adapter is corrupt")
         return w
 
     @torch.no_grad()
+    def _bias_with(self, merged: dict[str, int | None]) -> torch.Tensor | None:
+        """The pre-merge base bias plus scale * weight * b of the LoRA biases in ``merged`` (float32, as PEFT
+        merges ``lora_B``'s bias), checked finite; None when none of them has a bias."""
+        biased = [n for n in merged if getattr(self.adapters[n], "lora_bias", None) is not None]
+        if not biased:
+            return None
+        b = self.base_layer.bias
+        if b is None:
+            raise ValueError(f"LoRA {biased[0]!r} has a bias (lora_bias) and its layer has none to merge it into "
+                             "(PEFT refuses this merge too): keep it unfused")
+        original = b if self._pre_merge_bias is None else self._pre_merge_bias.to(b.device)
+        out = original.float()
+        for n in biased:
+            out = out + (self.adapters[n].scaling * self.adapter_weights[n]) * self.adapters[n].lora_bias.float()
+        if not torch.isfinite(out).all():
+            raise ValueError(f"merging adapters {biased} gives a non-finite bias; an adapter is corrupt")
+        return out
+
+    @torch.no_grad()
     def merged_weight(self, name: str, task_id: int | None = None) -> torch.Tensor:
-        """The base weight with adapter ``name``'s update added (float32), checked finite; writes nothing."""
+        """The base weight with adapter ``name``'s update added (float32), checked finite (its bias too, for a
+        LoRA with one); writes nothing."""
         if name in self.merged:
             raise ValueError(f"adapter {name!r} is already merged")
+        self._bias_with({**self.merged, name: task_id})
         return self._weight_with({**self.merged, name: task_id})
 
     @torch.no_grad()
     def merge(self, name: str, task_id: int | None = None) -> None:
-        """Add adapter ``name``'s update (for ``task_id``) into the base weight, checked finite."""
+        """Add adapter ``name``'s update (for ``task_id``) into the base weight (a LoRA bias into its bias),
+        checked finite."""
         merged = self.merged_weight(name, task_id)
-        w = self.base_layer.weight
+        bias = self._bias_with({**self.merged, name: task_id}) if _beyond_low_rank(self.adapters[name]) else None
+        w, b = self.base_layer.weight, self.base_layer.bias
         if self._pre_merge is None:
             self._pre_merge = w.detach().to("cpu", copy=True)
+            self._pre_merge_bias = None if b is None else b.detach().to("cpu", copy=True)
         w.copy_(merged.to(w.dtype))
+        if bias is not None:
+            b.copy_(bias.to(b.dtype))
         self.merged[name] = task_id
 
     @torch.no_grad()
@@ -429,12 +615,17 @@ class AdapterLinear(nn.Module):
         if name not in self.merged:
             raise ValueError(f"adapter {name!r} is not merged")
         rest = {n: t for n, t in self.merged.items() if n != name}
-        w = self.base_layer.weight
+        w, b = self.base_layer.weight, self.base_layer.bias
         if rest:
             w.copy_(self._weight_with(rest).to(w.dtype))
+            if getattr(self.adapters[name], "lora_bias", None) is not None:  # its bias comes out too
+                bias = self._bias_with(rest)
+                b.copy_((self._pre_merge_bias.to(b.device) if bias is None else bias).to(b.dtype))
         else:
             w.copy_(self._pre_merge.to(w.device))
-            self._pre_merge = None
+            if self._pre_merge_bias is not None:
+                b.copy_(self._pre_merge_bias.to(b.device))
+            self._pre_merge = self._pre_merge_bias = None
         self.merged = rest
 
     def extra_repr(self) -> str:
@@ -494,6 +685,10 @@ class FusedAdapterLinear(nn.Module):
         names = [p._live() if isinstance(p, AdapterLinear) else [] for p in parts]
         if not any(names):
             return self.base_layer(x)
+        if any(_beyond_low_rank(p.adapters[n]) for p, ns in zip(parts, names) for n in ns):
+            # A DoRA or a LoRA bias in a part: each part computes its own block (its base weight is that block
+            # of the fused one, as checked at fusion), three matmuls instead of one.
+            return torch.cat([p(x) for p in parts], dim=-1)
         weight = self.base_layer.weight
         if self.static is not None:
             split = [p._split_static(n) if n else ([], []) for p, n in zip(parts, names)]
