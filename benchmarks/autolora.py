@@ -55,11 +55,12 @@ def _metrics(ranks: np.ndarray) -> dict:
     return {"R@1": float(np.mean(ranks <= 1)), "R@5": float(np.mean(ranks <= 5)), "MRR": float(np.mean(1 / ranks))}
 
 
-def _chance(relevant: np.ndarray) -> dict:
-    """Expected metrics of a uniformly random ranking (exact)."""
-    n = relevant.shape[1]
+def _chance(relevant: np.ndarray, candidates: np.ndarray | None = None) -> dict:
+    """Expected metrics of a uniformly random ranking of each query's candidates (exact; default: all N)."""
+    sizes = candidates.sum(1) if candidates is not None else np.full(len(relevant), relevant.shape[1])
     out = {"R@1": [], "R@5": [], "MRR": []}
-    for r in relevant.sum(1):
+    for r, n in zip(relevant.sum(1), sizes):
+        n = int(n)
         out["R@1"].append(r / n)
         out["R@5"].append(1 - math.comb(n - r, min(5, n)) / math.comb(n, min(5, n)))
         # E[1 / rank of the first of r relevant among n] = sum_k P(first = k) / k
@@ -113,53 +114,77 @@ def pca_ridge(train: list[dict], train_text: np.ndarray, test: list[dict], dims:
     return pred / np.linalg.norm(pred, axis=1, keepdims=True).clip(1e-12)
 
 
+def _bootstrap(ranks: np.ndarray, reps: int = 2000, seed: int = 0) -> list[float]:
+    """95% interval of R@1 over queries resampled with replacement."""
+    g = np.random.default_rng(seed)
+    hits = (ranks <= 1).astype(float)
+    means = hits[g.integers(0, len(hits), size=(reps, len(hits)))].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
 def retrieval_benchmark(pool: Path, manifest: dict, encoder_path: str | None, index_path: Path, quick: bool) -> dict:
+    """Retrieval over the whole pool as a user's folder holds it: every kept LoRA is a candidate, the encoder's
+    training LoRAs included, except, for each query, its own concept's training LoRAs (they would answer it
+    trivially). Relevant: the concept's LoRAs the encoder never saw (held-out instances, trained on scenes of
+    their own; unseen concepts' instances; near-duplicates). Every seen concept with a kept held-out LoRA is
+    queried with all its training phrasings; R@1 has a bootstrap interval. Signals: the weight encoder, the
+    text the file carries (its name and header, as real folders name files: ``PoolConfig.naming``), their
+    hybrid at the index's w, and the dW PCA + ridge baseline."""
     from x2edit.retrieval.encoder import TextEncoder, read_factors
-    from x2edit.retrieval.index import build_index, read_index
+    from x2edit.retrieval.index import LoraIndex, build_index, read_index
 
     t0 = time.perf_counter()
     counts = build_index(pool / "loras", index_path, encoder_path)
+    w = LoraIndex(index_path).hybrid_weight
     rows = {r["path"]: r for r in read_index(index_path)[0]}
     by_file = {e["file"]: e for e in manifest["loras"]}
-    searched = [(f"loras/{p}", r) for p, r in rows.items() if r["status"] == "ok"
-                and by_file.get(f"loras/{p}", {}).get("role") != "train"]
+    searched = [(f"loras/{p}", r) for p, r in rows.items() if r["status"] == "ok" and f"loras/{p}" in by_file]
     entries = [by_file[f] for f, _ in searched]
     emb = np.asarray([r["embedding"] for _, r in searched], dtype=np.float32)  # (N, D)
+    file_text = np.asarray([r["text_embedding"] for _, r in searched], dtype=np.float32)  # (N, D)
     text = TextEncoder()
     unseen = set(manifest["config"]["unseen_concepts"])
-    concepts_in_pool = sorted({c for e in entries for c in e["concepts"]})
-    seen = [c for c in concepts_in_pool if c not in unseen]
+    never_seen = [e["role"] != "train" for e in entries]
+    concepts = sorted({c for e, ns in zip(entries, never_seen) if ns and e["role"] != "noise" for c in e["concepts"]})
+    seen = [c for c in concepts if c not in unseen]
+    all_seen = sorted(set(manifest["config"]["concepts"]) - unseen)
     queries = {
-        "held-out instances": [(c, p) for c in seen for p in get_concept(c).phrases()[:2]],
-        "unseen concepts": [(c, p) for c in concepts_in_pool if c in unseen for p in get_concept(c).phrases()[:2]],
+        "held-out instances": [(c, p) for c in seen for p in get_concept(c).phrases()],
+        "unseen concepts": [(c, p) for c in concepts if c in unseen for p in get_concept(c).phrases()],
         "unseen phrasing": [(c, p) for c in seen for p in get_concept(c).phrases(held_out=True)],
     }
     if quick:
         queries = {k: v[:6] for k, v in queries.items()}
 
-    # baselines' scores over the same rows
-    names_text = [" ".join([Path(f).stem.replace("_", " "), r["title"], *r["trigger_words"]]) for f, r in searched]
-    name_emb = text(names_text).numpy()
     train = [e for e in manifest["loras"] if e["role"] == "train" and e["passed"]]
     train_text = text([get_concept(e["concepts"][0]).description for e in train]).numpy()
     pca = pca_ridge([read_factors(pool / e["file"]) for e in train], train_text,
                     [read_factors(pool / f) for f, _ in searched], dims=32)
 
-    results = {"pool_size": len(searched), "index": counts, "train_loras": len(train),
+    results = {"pool_size": len(searched), "index": counts, "train_loras": len(train), "hybrid_weight": w,
+               "seen_concepts_queried": len(seen), "seen_concepts": len(all_seen),
+               "seen_concepts_without_a_kept_heldout_lora": sorted(set(all_seen) - set(seen)),
                "roles": {role: sum(e["role"] == role for e in entries) for role in
-                         ("heldout_instance", "unseen_concept", "near_duplicate", "noise")}, "splits": {}}
+                         ("train", "heldout_instance", "unseen_concept", "near_duplicate", "noise")},
+               "naming": {k: sum(e.get("naming") == k for e in entries) for k in
+                          ("true", "paraphrased", "creator", "misleading", "opaque")}, "splits": {}}
     for split, qs in queries.items():
         if not qs:
             continue
         q = text([p for _, p in qs]).numpy()  # (Q, D)
-        relevant = np.asarray([[c in e["concepts"] for e in entries] for c, _ in qs])
+        relevant = np.asarray([[c in e["concepts"] and ns for e, ns in zip(entries, never_seen)] for c, _ in qs])
+        own_train = np.asarray([[c in e["concepts"] and e["role"] == "train" for e in entries] for c, _ in qs])
         keep = relevant.any(1)
-        q, relevant, qs = q[keep], relevant[keep], [x for x, k in zip(qs, keep) if k]
+        q, relevant, own_train, qs = q[keep], relevant[keep], own_train[keep], [x for x, k in zip(qs, keep) if k]
         split_res = {"queries": len(qs), "concepts": len({c for c, _ in qs}),
-                     "relevant_per_query": float(relevant.sum(1).mean()), "chance": _chance(relevant)}
-        for method, scores in (("weight encoder", q @ emb.T), ("filename/metadata", q @ name_emb.T),
-                               ("dW PCA + ridge", q @ pca.T)):
-            split_res[method] = _metrics(_ranks(scores, relevant))
+                     "candidates_per_query": float((~own_train).sum(1).mean()),
+                     "relevant_per_query": float(relevant.sum(1).mean()), "chance": _chance(relevant, ~own_train)}
+        weight, file_score = q @ emb.T, q @ file_text.T
+        for method, scores in (("weight encoder", weight), ("file text", file_score),
+                               (f"hybrid (w = {w:g})", w * weight + (1 - w) * file_score), ("dW PCA + ridge", q @ pca.T)):
+            scores = np.where(own_train, -np.inf, scores)  # the query concept's training LoRAs are not candidates
+            ranks = _ranks(scores, relevant)
+            split_res[method] = {**_metrics(ranks), "R@1 95%": _bootstrap(ranks)}
         results["splits"][split] = split_res
     results["wall_s"] = time.perf_counter() - t0
     return results
@@ -310,14 +335,21 @@ def summarize(rows: list[dict], methods: list[str], step_counts: list[int]) -> d
 
 def markdown(result: dict) -> str:
     r = result["retrieval"]
+    hybrid = f"hybrid (w = {r['hybrid_weight']:g})"
     lines = [f"### Retrieval (pool of {r['pool_size']} LoRAs: " + ", ".join(f"{v} {k}" for k, v in r["roles"].items())
-             + f"; encoder trained on {r['train_loras']} other LoRAs)", "",
-             "| split | queries | relevant / query | method | R@1 | R@5 | MRR |", "|---|---:|---:|---|---:|---:|---:|"]
+             + "; named " + ", ".join(f"{v} {k}" for k, v in r["naming"].items())
+             + f"; {r['seen_concepts_queried']} of {r['seen_concepts']} seen concepts queried)", "",
+             "| split | queries | candidates / query | relevant / query | method | R@1 (95% interval) | R@5 | MRR |",
+             "|---|---:|---:|---:|---|---:|---:|---:|"]
     for split, s in r["splits"].items():
-        for method in ("weight encoder", "dW PCA + ridge", "filename/metadata", "chance"):
+        for method in ("weight encoder", "file text", hybrid, "dW PCA + ridge", "chance"):
             m = s[method]
-            lines.append(f"| {split} | {s['queries']} | {s['relevant_per_query']:.1f} | {method} | {m['R@1']:.2f} | "
-                         f"{m['R@5']:.2f} | {m['MRR']:.2f} |")
+            ci = f" ({m['R@1 95%'][0]:.2f}-{m['R@1 95%'][1]:.2f})" if "R@1 95%" in m else ""
+            lines.append(f"| {split} | {s['queries']} | {s['candidates_per_query']:.0f} | {s['relevant_per_query']:.1f} | "
+                         f"{method} | {m['R@1']:.2f}{ci} | {m['R@5']:.2f} | {m['MRR']:.2f} |")
+    if r["seen_concepts_without_a_kept_heldout_lora"]:
+        lines += ["", "Seen concepts not queried (no kept held-out LoRA): "
+                  + ", ".join(r["seen_concepts_without_a_kept_heldout_lora"]) + "."]
     c = result["composition"]
     lines += ["", f"### Composition ({', '.join(c['combos'])}; {c['scenes_per_combo']} held-out scenes each)", "",
               "| LoRAs, steps | method | gain (dB) | attribute acc. | all correct | err in | err out | gated wins |",

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import torch
 
-from benchmarks.autolora import _chance, _metrics, _ranks, main, pca_ridge
+from benchmarks.autolora import _bootstrap, _chance, _metrics, _ranks, main, pca_ridge
 
 
 def test_ranks_and_chance_are_exact():
@@ -22,6 +22,11 @@ def test_ranks_and_chance_are_exact():
     assert abs(c["MRR"] - np.mean([1 / f for f in firsts])) < 1e-12
     assert abs(c["R@1"] - np.mean([f <= 1 for f in firsts])) < 1e-12
     assert abs(c["R@5"] - np.mean([f <= 5 for f in firsts])) < 1e-12
+    # a query whose candidates are 4 of the 6 (2 left out): chance over those 4
+    c4 = _chance(rel, np.array([[True, True, True, True, False, False]]))
+    assert abs(c4["R@1"] - 2 / 4) < 1e-12
+    lo, hi = _bootstrap(np.array([1] * 30 + [2] * 70))
+    assert lo < 0.3 < hi and hi - lo < 0.25
 
 
 def test_pca_ridge_baseline_learns_a_planted_map():
@@ -47,11 +52,18 @@ def test_quick_benchmark_on_the_tiny_pool(tiny_pool, tiny_encoder, tiny_gate, tm
                  str(tiny_gate), "--quick"]) == 0
     result = json.loads((tmp_path / "autolora.json").read_text())
     r = result["retrieval"]
-    assert r["pool_size"] == sum(1 for e in manifest["loras"] if e["file"].startswith("loras/") and e["role"] != "train")
+    # every kept LoRA is a candidate (the encoder's training ones too), every naming kind counted
+    assert r["pool_size"] == sum(1 for e in manifest["loras"] if e["file"].startswith("loras/"))
+    assert r["roles"]["train"] > 0 and sum(r["naming"].values()) == r["pool_size"]
+    hybrid = f"hybrid (w = {r['hybrid_weight']:g})"
     for split in ("held-out instances", "unseen concepts", "unseen phrasing"):
         s = r["splits"][split]
-        for method in ("weight encoder", "dW PCA + ridge", "filename/metadata", "chance"):
+        for method in ("weight encoder", "file text", hybrid, "dW PCA + ridge", "chance"):
             assert 0 <= s[method]["R@1"] <= s[method]["R@5"] <= 1 and 0 < s[method]["MRR"] <= 1
+        lo, hi = s["weight encoder"]["R@1 95%"]
+        assert lo <= s["weight encoder"]["R@1"] <= hi
+        if split != "unseen concepts":  # a seen concept's training LoRAs are left out of its queries' candidates
+            assert s["candidates_per_query"] < r["pool_size"]
     c = result["composition"]
     table = c["summary"]["k=2, steps=1"]
     assert set(table) >= {"sum", "average", "switch", "composite", "klora", "gated", "joint"}

@@ -404,6 +404,10 @@ class LoraIndex:
         self.meta, self.rows, self.signals = _open_for_search(self.path, hybrid_weight)
         self.hybrid_weight = float(self.meta["x2edit.hybrid_weight"])
         self.embeddings = self.signals["search"]  # (N, D): what a text query is scored against
+        # A hit's own signal rows are read from the cache files with pread where they exist: touching a row of a
+        # mapping would map its page and its neighbours (fault-around) into the process, ~100 MB per 1,000 hits.
+        self._rows = {name: _RowReader(m.filename) if isinstance(m, np.memmap) else m
+                      for name, m in self.signals.items() if name in ("weight", "text", "fingerprint")}
         self._text_encoder, self._fusion = text_encoder, fusion
 
     def signal_counts(self) -> dict[str, int]:
@@ -470,10 +474,10 @@ class LoraIndex:
 
     def _signal_scores(self, j: int, q: np.ndarray) -> tuple[dict, list[str]]:
         """({signal: cosine with q}, the signals in the score) of usable row j: weight and text, or text alone."""
-        text = float(np.asarray(self.signals["text"][j]) @ q)
+        text = float(np.asarray(self._rows["text"][j]) @ q)
         if not self.signals["has_weight"][j]:
             return {"text": text}, ["text"]
-        return {"weight": float(np.asarray(self.signals["weight"][j]) @ q), "text": text}, ["weight", "text"]
+        return {"weight": float(np.asarray(self._rows["weight"][j]) @ q), "text": text}, ["weight", "text"]
 
     def _twin(self, picked: list[int], j: int) -> bool:
         """Whether usable row j is a near twin of a picked row: the same weights under another name. By the weight
@@ -481,11 +485,11 @@ class LoraIndex:
         ``FINGERPRINT_TWIN``: a copy or a re-save; retrains of one concept differ more)."""
         has = np.asarray(self.signals["has_weight"])
         both = [p for p in picked if has[p] and has[j]]
-        if both and _max_cosine(self.signals["weight"][both], self.signals["weight"][j]) >= DUPLICATE_COSINE:
+        if both and _max_cosine(self._rows["weight"][both], self._rows["weight"][j]) >= DUPLICATE_COSINE:
             return True
         rest = [p for p in picked if not (has[p] and has[j])]
-        return bool(rest) and _max_cosine(self.signals["fingerprint"][rest],
-                                          self.signals["fingerprint"][j]) >= FINGERPRINT_TWIN
+        return bool(rest) and _max_cosine(self._rows["fingerprint"][rest],
+                                          self._rows["fingerprint"][j]) >= FINGERPRINT_TWIN
 
     def _hits(self, scores: np.ndarray, k: int, distinct: bool, explain) -> list[dict]:
         """The top ``k`` rows by ``scores`` (N,), as hits; ``explain(j)`` gives a row's (scores, signals)."""
@@ -514,6 +518,33 @@ class LoraIndex:
                          "trigger_words": list(r["trigger_words"]), "layout": r["layout"],
                          "ranks": json.loads(r["ranks"])})
         return hits
+
+
+class _RowReader:
+    """Rows of an (N, D) .npy file read with ``os.pread`` (``reader[j]``: (D,), ``reader[[i, j]]``: (2, D))."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            self.offset = f.tell()
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{path}: not a C-ordered matrix")
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        self.row_bytes = shape[1] * self.dtype.itemsize
+
+    def _row(self, fd: int, j: int) -> np.ndarray:
+        return np.frombuffer(os.pread(fd, self.row_bytes, self.offset + int(j) * self.row_bytes), self.dtype)
+
+    def __getitem__(self, j):
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if isinstance(j, (list, tuple, np.ndarray)):
+                return np.stack([self._row(fd, i) for i in j]) if len(j) else np.zeros((0, self.shape[1]), self.dtype)
+            return self._row(fd, j)
+        finally:
+            os.close(fd)
 
 
 def _max_cosine(rows: np.ndarray, v: np.ndarray) -> float:

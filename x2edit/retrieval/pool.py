@@ -80,8 +80,10 @@ class PoolConfig:
         eval_pairs, eval_steps: held-out scenes (eval split) and step counts of the gain measured.
         bar_db: a LoRA is kept if its one-step gain on its own exact targets reaches this.
         near_duplicates, noise_loras: distractors written beside the kept LoRAs.
-        described_fraction: share of files whose name and header say their concept (the others
-            have opaque names, as many shared LoRAs do).
+        naming: {kind: share} of how files are named, as real folders name them (``NAMINGS``): "true" (the
+            concept's canonical words in the file name, title and trigger words), "paraphrased" (other words
+            for it), "creator" (a creator's handle and version, e.g. ``mystyle_look_v3_final``: nothing about
+            the concept), "misleading" (another concept's words) and "opaque" (``lora_<hex>``).
         checkpoint_every: steps between resumable checkpoints.
         threads: torch threads (0: torch's default).
         seed: everything random derives from it.
@@ -117,7 +119,8 @@ class PoolConfig:
     bar_db: float = 1.0
     near_duplicates: int = 12
     noise_loras: int = 12
-    described_fraction: float = 0.5
+    naming: dict = field(default_factory=lambda: {"true": 0.15, "paraphrased": 0.15, "creator": 0.3,
+                                                  "misleading": 0.1, "opaque": 0.3})
     checkpoint_every: int = 50
     threads: int = 0
     seed: int = 0
@@ -144,6 +147,9 @@ class PoolConfig:
                                  "weight >= 1")
         if not 0 < self.sigma_start <= 1:
             raise ValueError(f"sigma_start must be in (0, 1], got {self.sigma_start}")
+        bad = {k: v for k, v in self.naming.items() if k not in NAMINGS or not isinstance(v, (int, float)) or v < 0}
+        if bad or not self.naming or sum(self.naming.values()) <= 0:
+            raise ValueError(f"naming: {{kind: share}} over {list(NAMINGS)} with positive shares, got {self.naming!r}")
 
 
 def _check_instance(inst: dict, key: str) -> None:
@@ -172,7 +178,7 @@ class LoraSpec:
     format: str
     alpha_ratio: float
     seed: int
-    described: bool
+    naming: str
 
     @property
     def key(self) -> str:
@@ -191,11 +197,11 @@ def plan_pool(config: PoolConfig) -> list[LoraSpec]:
                 role = "heldout_instance" if ii == ci % len(config.instances) else "train"
             specs.append(LoraSpec(f"c{ci:02d}i{ii}", [concept], role, inst["rank"], inst["targets"], inst["format"],
                                   float(inst.get("alpha_ratio", 1.0)), int(rng.integers(2**31)),
-                                  bool(rng.random() < config.described_fraction)))
+                                  draw_naming(config.naming, rng)))
     j = config.joint_instance
     for k, combo in enumerate(config.joint):
         specs.append(LoraSpec(f"joint{k:02d}", [get_concept(c).name for c in combo], "joint", j["rank"], j["targets"],
-                              j["format"], float(j.get("alpha_ratio", 1.0)), int(rng.integers(2**31)), True))
+                              j["format"], float(j.get("alpha_ratio", 1.0)), int(rng.integers(2**31)), "true"))
     return specs
 
 
@@ -236,12 +242,15 @@ class PoolTrainer:
         self.prompts = sorted({p for c in all_concepts() for p in c.phrases()})
 
     def bank(self, spec: LoraSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """(source, target) tokens (N, T, C) of the training scenes of a spec's concepts."""
-        if spec.key not in self._banks:
-            pairs = [self.world.pair(spec.concepts, seed=i, split="train") for i in range(self.config.bank_size)]
-            self._banks[spec.key] = (self.flow.tokens([p.source for p in pairs]),
-                                     self.flow.tokens([p.target for p in pairs]))
-        return self._banks[spec.key]
+        """(source, target) tokens (N, T, C) of the training scenes of a spec's concepts. A held-out instance
+        trains on scenes of its own (train-split seeds from ``HELDOUT_SCENES`` on), not its concept's training
+        instances' scenes: retrieving it cannot lean on shared data."""
+        start = HELDOUT_SCENES if spec.role == "heldout_instance" else 0
+        key = (spec.key, start)
+        if key not in self._banks:
+            pairs = [self.world.pair(spec.concepts, seed=start + i, split="train") for i in range(self.config.bank_size)]
+            self._banks[key] = (self.flow.tokens([p.source for p in pairs]), self.flow.tokens([p.target for p in pairs]))
+        return self._banks[key]
 
     def _lr_factor(self, step: int, steps: int) -> float:
         decay = int(steps * self.config.decay_fraction)
@@ -367,20 +376,59 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def lora_header(concepts: list[str], fmt: str, rank: int, alpha: float, described: bool, uid: str) -> dict[str, str]:
-    """Header metadata as trainers write it: kohya's ``ss_*`` fields, or ``modelspec.*`` for diffusers files.
-    ``described``: name the concept (title, trigger words); otherwise an opaque title."""
-    words = [get_concept(c).description for c in concepts]
-    title = " + ".join(words) if described else f"lora {uid}"
+NAMINGS = ("true", "paraphrased", "creator", "misleading", "opaque")
+HELDOUT_SCENES = 100_000  # first train-split scene seed of held-out instances (their concept's others: 0, 1, ...)
+_CREATORS = ("mystyle", "kx", "artbyjo", "lorafarm", "zenith", "pixelmage", "dreamer", "nova", "v1sion", "ckpt")
+_CREATOR_WORDS = ("look", "vibe", "mix", "magic", "aesthetic", "flux", "dream", "core", "test", "pro")
+_PARAPHRASE = {"background": "{w} backdrop", "objects": "{w} objects", "material": "{w} texture",
+               "tint": "{w} color wash", "tone": "{w}", "style": "{w}"}  # tone and style words are phrases
+
+
+def draw_naming(shares: dict[str, float], rng: np.random.Generator) -> str:
+    kinds = [k for k in NAMINGS if shares.get(k, 0) > 0]
+    p = np.array([shares[k] for k in kinds], dtype=float)
+    return kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
+
+
+def lora_words(concepts: list[str], naming: str, uid: str) -> list[str] | None:
+    """The words a file of ``naming`` says about itself: the canonical descriptions ("true"), other words for
+    the concepts ("paraphrased": a synonym that is neither the canonical one nor the held-out one the
+    unseen-phrasing queries use, in another construction), another concept's description ("misleading"), or
+    None (creator and opaque names say nothing). A pure function of its arguments."""
+    from x2edit.data_pipeline.shapeworld.concepts import _words, all_concepts
+
+    rng = np.random.default_rng(int(uid, 16))
+    if naming == "true":
+        return [get_concept(c).description for c in concepts]
+    if naming == "paraphrased":
+        out = []
+        for c in concepts:
+            concept = get_concept(c)
+            words = _words(concept.family, concept.value)
+            middle = list(words[1:-1]) or [concept.value]
+            out.append(_PARAPHRASE[concept.family].format(w=middle[int(rng.integers(len(middle)))]))
+        return out
+    if naming == "misleading":
+        others = [k for k in all_concepts() if k.name not in concepts]
+        return [others[int(rng.integers(len(others)))].description for _ in concepts]
+    return None
+
+
+def lora_header(concepts: list[str], fmt: str, rank: int, alpha: float, naming: str, uid: str) -> dict[str, str]:
+    """Header metadata as trainers write it: kohya's ``ss_*`` fields, or ``modelspec.*`` for diffusers files,
+    with the title and trigger words of its ``naming`` kind (``lora_words``; a creator's or opaque name
+    otherwise)."""
+    words = lora_words(concepts, naming, uid)
+    title = " + ".join(words) if words else _file_name(concepts, naming, uid).removesuffix(".safetensors")
     if fmt in ("kohya", "comfyui"):
         header = {"ss_network_module": "networks.lora_flux", "ss_network_dim": str(rank),
                   "ss_network_alpha": f"{alpha:g}", "ss_base_model_version": "flux1",
                   "ss_output_name": _slug(title)}
-        if described:
+        if words:
             header["ss_tag_frequency"] = json.dumps({"img": {w: 20 for w in words}})
         return header
     header = {"modelspec.title": title, "modelspec.architecture": "flux-1-dev/lora"}
-    if described:
+    if words:
         header["modelspec.trigger_phrase"] = ", ".join(words)
     return header
 
@@ -393,9 +441,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _file_name(concepts: list[str], described: bool, uid: str) -> str:
-    if described:
-        return f"{_slug(' '.join(get_concept(c).description for c in concepts))}_{uid}.safetensors"
+def _file_name(concepts: list[str], naming: str, uid: str) -> str:
+    words = lora_words(concepts, naming, uid)
+    if words:
+        return f"{_slug(' '.join(words))}_{uid}.safetensors"
+    if naming == "creator":  # e.g. mystyle_vibe_v3_final: a handle, a word, a version, nothing of the concept
+        rng = np.random.default_rng([int(uid, 16), 7])
+        suffix = ("", "_final", "_fp16", "-e10", "_v2fix")[int(rng.integers(5))]
+        return (f"{_CREATORS[int(rng.integers(len(_CREATORS)))]}_{_CREATOR_WORDS[int(rng.integers(len(_CREATOR_WORDS)))]}"
+                f"_v{int(rng.integers(1, 9))}{suffix}_{uid[:4]}.safetensors")
     return f"lora_{uid}.safetensors"
 
 
@@ -441,9 +495,9 @@ def make_pool(config: PoolConfig, out: str | Path, resume: bool = True) -> dict:
         passed = spec.role == "joint" or one >= config.bar_db
         folder = "joint" if spec.role == "joint" else ("loras" if passed else "rejected")
         uid = f"{int(rng.integers(16**8)):08x}"
-        path = out / folder / _file_name(spec.concepts, spec.described, uid)
+        path = out / folder / _file_name(spec.concepts, spec.naming, uid)
         write_lora(path, trainer.factors(spec.name), spec.format,
-                   lora_header(spec.concepts, spec.format, spec.rank, spec.rank * spec.alpha_ratio, spec.described, uid),
+                   lora_header(spec.concepts, spec.format, spec.rank, spec.rank * spec.alpha_ratio, spec.naming, uid),
                    kohya_alpha_ratio=spec.alpha_ratio)
         entries.append({**dataclasses.asdict(spec), "file": str(path.relative_to(out)),
                         "gain_db": {str(k): gains[k][spec.name] for k in config.eval_steps},
@@ -459,13 +513,13 @@ def make_pool(config: PoolConfig, out: str | Path, resume: bool = True) -> dict:
                    and (f in ("peft", "diffusers") or kohya_able(factors))]
         fmt = formats[k % len(formats)]
         uid = f"{int(rng.integers(16**8)):08x}"
-        described = bool(rng.random() < config.described_fraction)
+        naming = draw_naming(config.naming, rng)
         rank = max(A.shape[0] for A, _, _ in factors.values())
-        path = write_lora(out / "loras" / _file_name(src["concepts"], described, uid), factors, fmt,
-                          lora_header(src["concepts"], fmt, rank, rank, described, uid))
+        path = write_lora(out / "loras" / _file_name(src["concepts"], naming, uid), factors, fmt,
+                          lora_header(src["concepts"], fmt, rank, rank, naming, uid))
         name = f"dup{k:02d}"
         load_community_lora(trainer.pipe.transformer, path, name)
-        spec = LoraSpec(name, src["concepts"], "near_duplicate", rank, src["targets"], fmt, 1.0, 0, described)
+        spec = LoraSpec(name, src["concepts"], "near_duplicate", rank, src["targets"], fmt, 1.0, 0, naming)
         dups.append((spec, path, src["name"]))
     dup_gains = {k: trainer.gains([d[0] for d in dups], k) for k in config.eval_steps} if dups else {}
     for spec, path, of in dups:
@@ -488,11 +542,11 @@ def make_pool(config: PoolConfig, out: str | Path, resume: bool = True) -> dict:
         fmt = ("peft", "kohya", "diffusers")[k % 3] if targets != "x2edit" else "peft"
         claimed = [config.concepts[int(rng.integers(len(config.concepts)))]]
         uid = f"{int(rng.integers(16**8)):08x}"
-        path = write_lora(out / "loras" / _file_name(claimed, True, uid), noise_lora(shapes, rank, b_std, rng), fmt,
-                          lora_header(claimed, fmt, rank, rank, True, uid))
+        path = write_lora(out / "loras" / _file_name(claimed, "true", uid), noise_lora(shapes, rank, b_std, rng), fmt,
+                          lora_header(claimed, fmt, rank, rank, "true", uid))
         entries.append({"name": f"noise{k:02d}", "concepts": [], "claimed": claimed, "role": "noise", "rank": rank,
                         "targets": targets, "format": fmt, "file": str(path.relative_to(out)), "passed": False,
-                        "described": True, "sha256": sha256_file(path)})
+                        "naming": "true", "sha256": sha256_file(path)})
 
     trained = [e for e in entries if e["role"] in ("train", "heldout_instance", "unseen_concept")]
     manifest = {
