@@ -167,7 +167,7 @@ def retrieval_benchmark(pool: Path, manifest: dict, encoder_path: str | None, in
                "roles": {role: sum(e["role"] == role for e in entries) for role in
                          ("train", "heldout_instance", "unseen_concept", "near_duplicate", "noise")},
                "naming": {k: sum(e.get("naming") == k for e in entries) for k in
-                          ("true", "paraphrased", "creator", "misleading", "opaque")}, "splits": {}}
+                          ("accurate", "paraphrased", "creator", "misleading", "opaque")}, "splits": {}}
     for split, qs in queries.items():
         if not qs:
             continue

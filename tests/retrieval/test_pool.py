@@ -121,7 +121,7 @@ def test_the_pool_resumes_without_unpickling_objects(tiny_base_dir, tmp_path):
 
 
 def test_files_are_named_as_real_folders_name_them():
-    """Issue 23 item 5: true, paraphrased, creator, misleading and opaque names; only "true" uses the canonical
+    """Issue 23 item 5: accurate, paraphrased, creator, misleading and opaque names; only "accurate" uses the canonical
     words, no name uses the held-out synonym of the unseen-phrasing queries, creator and opaque ones say nothing."""
     from x2edit.data_pipeline.shapeworld.concepts import _words, get_concept
     from x2edit.retrieval.pool import NAMINGS, _file_name, draw_naming, lora_header, lora_words
@@ -130,7 +130,7 @@ def test_files_are_named_as_real_folders_name_them():
     canonical, held_out = concept.description, _words(concept.family, concept.value)[-1]
     for uid in ("0a1b2c3d", "ffee0011", "12345678"):
         names = {n: _file_name(["tone:sepia"], n, uid) for n in NAMINGS}
-        assert canonical in names["true"].replace("_", " ")
+        assert canonical in names["accurate"].replace("_", " ")
         for n in ("paraphrased", "creator", "misleading", "opaque"):
             assert canonical not in names[n].replace("_", " ") or n == "paraphrased" and canonical in held_out
         for n, name in names.items():
@@ -139,5 +139,5 @@ def test_files_are_named_as_real_folders_name_them():
         assert "sepia" not in names["creator"] and "sepia" not in names["misleading"]
         assert lora_header(["tone:sepia"], "peft", 4, 4, "creator", uid)["modelspec.title"] == names["creator"][:-12]
     rng = np.random.default_rng(0)
-    drawn = [draw_naming({"true": 1, "opaque": 3}, rng) for _ in range(400)]
-    assert set(drawn) == {"true", "opaque"} and 0.65 < drawn.count("opaque") / 400 < 0.85
+    drawn = [draw_naming({"accurate": 1, "opaque": 3}, rng) for _ in range(400)]
+    assert set(drawn) == {"accurate", "opaque"} and 0.65 < drawn.count("opaque") / 400 < 0.85

@@ -80,7 +80,7 @@ class PoolConfig:
         eval_pairs, eval_steps: held-out scenes (eval split) and step counts of the gain measured.
         bar_db: a LoRA is kept if its one-step gain on its own exact targets reaches this.
         near_duplicates, noise_loras: distractors written beside the kept LoRAs.
-        naming: {kind: share} of how files are named, as real folders name them (``NAMINGS``): "true" (the
+        naming: {kind: share} of how files are named, as real folders name them (``NAMINGS``): "accurate" (the
             concept's canonical words in the file name, title and trigger words), "paraphrased" (other words
             for it), "creator" (a creator's handle and version, e.g. ``mystyle_look_v3_final``: nothing about
             the concept), "misleading" (another concept's words) and "opaque" (``lora_<hex>``).
@@ -119,7 +119,7 @@ class PoolConfig:
     bar_db: float = 1.0
     near_duplicates: int = 12
     noise_loras: int = 12
-    naming: dict = field(default_factory=lambda: {"true": 0.15, "paraphrased": 0.15, "creator": 0.3,
+    naming: dict = field(default_factory=lambda: {"accurate": 0.15, "paraphrased": 0.15, "creator": 0.3,
                                                   "misleading": 0.1, "opaque": 0.3})
     checkpoint_every: int = 50
     threads: int = 0
@@ -201,7 +201,7 @@ def plan_pool(config: PoolConfig) -> list[LoraSpec]:
     j = config.joint_instance
     for k, combo in enumerate(config.joint):
         specs.append(LoraSpec(f"joint{k:02d}", [get_concept(c).name for c in combo], "joint", j["rank"], j["targets"],
-                              j["format"], float(j.get("alpha_ratio", 1.0)), int(rng.integers(2**31)), "true"))
+                              j["format"], float(j.get("alpha_ratio", 1.0)), int(rng.integers(2**31)), "accurate"))
     return specs
 
 
@@ -376,7 +376,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-NAMINGS = ("true", "paraphrased", "creator", "misleading", "opaque")
+NAMINGS = ("accurate", "paraphrased", "creator", "misleading", "opaque")
 HELDOUT_SCENES = 100_000  # first train-split scene seed of held-out instances (their concept's others: 0, 1, ...)
 _CREATORS = ("mystyle", "kx", "artbyjo", "lorafarm", "zenith", "pixelmage", "dreamer", "nova", "v1sion", "ckpt")
 _CREATOR_WORDS = ("look", "vibe", "mix", "magic", "aesthetic", "flux", "dream", "core", "test", "pro")
@@ -391,14 +391,14 @@ def draw_naming(shares: dict[str, float], rng: np.random.Generator) -> str:
 
 
 def lora_words(concepts: list[str], naming: str, uid: str) -> list[str] | None:
-    """The words a file of ``naming`` says about itself: the canonical descriptions ("true"), other words for
+    """The words a file of ``naming`` says about itself: the canonical descriptions ("accurate"), other words for
     the concepts ("paraphrased": a synonym that is neither the canonical one nor the held-out one the
     unseen-phrasing queries use, in another construction), another concept's description ("misleading"), or
     None (creator and opaque names say nothing). A pure function of its arguments."""
     from x2edit.data_pipeline.shapeworld.concepts import _words, all_concepts
 
     rng = np.random.default_rng(int(uid, 16))
-    if naming == "true":
+    if naming == "accurate":
         return [get_concept(c).description for c in concepts]
     if naming == "paraphrased":
         out = []
@@ -542,11 +542,11 @@ def make_pool(config: PoolConfig, out: str | Path, resume: bool = True) -> dict:
         fmt = ("peft", "kohya", "diffusers")[k % 3] if targets != "x2edit" else "peft"
         claimed = [config.concepts[int(rng.integers(len(config.concepts)))]]
         uid = f"{int(rng.integers(16**8)):08x}"
-        path = write_lora(out / "loras" / _file_name(claimed, "true", uid), noise_lora(shapes, rank, b_std, rng), fmt,
-                          lora_header(claimed, fmt, rank, rank, "true", uid))
+        path = write_lora(out / "loras" / _file_name(claimed, "accurate", uid), noise_lora(shapes, rank, b_std, rng), fmt,
+                          lora_header(claimed, fmt, rank, rank, "accurate", uid))
         entries.append({"name": f"noise{k:02d}", "concepts": [], "claimed": claimed, "role": "noise", "rank": rank,
                         "targets": targets, "format": fmt, "file": str(path.relative_to(out)), "passed": False,
-                        "naming": "true", "sha256": sha256_file(path)})
+                        "naming": "accurate", "sha256": sha256_file(path)})
 
     trained = [e for e in entries if e["role"] in ("train", "heldout_instance", "unseen_concept")]
     manifest = {
