@@ -389,11 +389,9 @@ def _tune_on_train_split(encoder: WeightEncoder, text: TextEncoder, loras: list,
     import numpy as np
 
     from x2edit.adapters.community import read_lora_header
-    from x2edit.retrieval.signals import file_text, tune_hybrid_weight
+    from x2edit.retrieval.signals import describe_metadata, file_text, tune_hybrid_weight
 
     def text_of(path: Path) -> str:
-        from x2edit.retrieval.index import describe_metadata
-
         metadata = read_lora_header(path)[1]
         title, words = describe_metadata(metadata, path)
         return file_text(path.name, title, words, metadata)

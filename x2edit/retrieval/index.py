@@ -33,6 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from x2edit.retrieval.encoder import load_encoder
+from x2edit.retrieval.signals import describe_metadata
 
 LORA_SUFFIXES = (".safetensors", ".bin")  # matched in any case
 DUPLICATE_COSINE = 0.98  # search(distinct=True): LoRAs whose weight embeddings are this close count as one
@@ -50,26 +51,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def describe_metadata(metadata: dict[str, str], path: Path) -> tuple[str, list[str]]:
-    """(title, trigger words) from a header: modelspec.title / ss_output_name / the file stem;
-    modelspec.trigger_phrase, trigger words fields, kohya's most frequent tags."""
-    title = metadata.get("modelspec.title") or metadata.get("ss_output_name") or path.stem
-    words: list[str] = []
-    for key in ("modelspec.trigger_phrase", "trigger_phrase", "trigger_words", "trigger_word", "ss_trigger_words"):
-        if metadata.get(key):
-            words += [w.strip() for w in str(metadata[key]).split(",") if w.strip()]
-    if metadata.get("ss_tag_frequency"):
-        try:
-            counts: dict[str, int] = {}
-            for tags in json.loads(metadata["ss_tag_frequency"]).values():
-                for tag, n in tags.items():
-                    counts[tag.strip()] = counts.get(tag.strip(), 0) + int(n)
-            words += [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:5]]
-        except (ValueError, AttributeError, TypeError):
-            pass  # a malformed optional field: the title still describes the file
-    return title, list(dict.fromkeys(words))
 
 
 def _skipped(rel: str, reason: str, size: int = 0, mtime_ns: int = 0, sha: str = "") -> dict:

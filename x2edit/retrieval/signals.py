@@ -34,6 +34,26 @@ NORM_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 HYBRID_WEIGHT = 0.5  # w where no tuned value is recorded: the two signals count alike
 
 
+def describe_metadata(metadata: dict[str, str], path: Path) -> tuple[str, list[str]]:
+    """(title, trigger words) from a header: modelspec.title / ss_output_name / the file stem;
+    modelspec.trigger_phrase, trigger words fields, kohya's most frequent tags."""
+    title = metadata.get("modelspec.title") or metadata.get("ss_output_name") or path.stem
+    words: list[str] = []
+    for key in ("modelspec.trigger_phrase", "trigger_phrase", "trigger_words", "trigger_word", "ss_trigger_words"):
+        if metadata.get(key):
+            words += [w.strip() for w in str(metadata[key]).split(",") if w.strip()]
+    if metadata.get("ss_tag_frequency"):
+        try:
+            counts: dict[str, int] = {}
+            for tags in json.loads(metadata["ss_tag_frequency"]).values():
+                for tag, n in tags.items():
+                    counts[tag.strip()] = counts.get(tag.strip(), 0) + int(n)
+            words += [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:5]]
+        except (ValueError, AttributeError, TypeError):
+            pass  # a malformed optional field: the title still describes the file
+    return title, list(dict.fromkeys(words))
+
+
 def _words(name: str) -> str:
     """A file stem as words: ``mystyle_v3-final`` -> "mystyle v3 final"; camelCase split."""
     name = re.sub(r"([a-z])([A-Z])", r"\1 \2", name)
