@@ -178,9 +178,13 @@ CAPTION = "[EDIT] make the background blue [LEFT] a red circle on white [RIGHT] 
 
 
 @pytest.mark.parametrize("base, steps", [("x2edit-tiny-fill", 1), ("x2edit-tiny-t2i", 10)])
-def test_the_incontext_mode_makes_the_right_panel_under_the_set_caption(editor, example, base, steps):
+def test_the_incontext_mode_makes_the_right_panel_under_the_set_caption(editor, example, base, steps, monkeypatch):
     """incontext: by Fill on the Fill base, SDEdit-style on the text-to-image base with its IC-LoRA; the record
     keeps the mode and the caption (the history reloads them)."""
+    import x2edit.incontext
+
+    captions, edit_as_set = [], x2edit.incontext.edit_as_set
+    monkeypatch.setattr(x2edit.incontext, "edit_as_set", lambda p, i, c, **k: captions.append(c) or edit_as_set(p, i, c, **k))
     assert editor.base_choices("incontext") == ["x2edit-tiny-fill", "x2edit-tiny-t2i", "flux.1-fill-dev"]
     assert "x2edit-tiny-t2i" not in editor.base_choices("edit") + editor.base_choices("diptych")
     ticks = []
@@ -190,15 +194,16 @@ def test_the_incontext_mode_makes_the_right_panel_under_the_set_caption(editor, 
     assert Image.open(record.result).size == (64, 64)
     assert np.abs(pixels(record.result) - pixels(example)).max() > 0
     assert f"step {steps}/{steps}" in ticks  # the app's progress callback ran inside the set's loop
+    assert captions == [CAPTION]  # made as a set under its caption, not by the editing layouts
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"mode": "incontext", "base": "x2edit-tiny-fill"}, "needs the set's joint caption"),
     ({"mode": "incontext", "base": "x2edit-tiny-fill", "caption": "a blue square, then a red one"}, "task tag"),
     ({"base": "x2edit-tiny-t2i", "caption": "[EDIT] x [RIGHT] b"}, "\\[LEFT\\] is missing"),
-    ({"mode": "incontext", "base": "x2edit-tiny", "caption": CAPTION}, "does not run the incontext mode"),
-    ({"mode": "edit", "base": "x2edit-tiny-t2i"}, "does not run the edit mode"),
-    ({"mode": "collage"}, "unknown editing mode"),
+    ({"mode": "incontext", "base": "x2edit-tiny", "caption": CAPTION}, "x2edit-tiny is an editing base: use mode edit, or a base for mode incontext"),
+    ({"mode": "edit", "base": "x2edit-tiny-t2i"}, "x2edit-tiny-t2i is a text-to-image base: use mode incontext, or a base for mode edit"),
+    ({"mode": "collage"}, "unknown mode 'collage'"),
 ])
 def test_bad_mode_settings_are_refused_before_any_edit(editor, example, kwargs, message):
     before = output_files(editor)

@@ -161,11 +161,14 @@ def test_edit_reads_a_photo_at_the_embedded_models_working_size_and_returns_it_a
 def test_edit_incontext_makes_the_right_panel_of_a_set_offline(tmp_path, capsys, monkeypatch, base):
     """x2edit edit --mode incontext on the embedded bases: the right panel of [source | ?] under the caption, by
     Fill (x2edit-tiny-fill, one step) or SDEdit-style (x2edit-tiny-t2i with its IC-LoRA, its own 10 steps)."""
+    import x2edit.incontext
     from x2edit.pipeline import X2EditPipeline
 
     steps, call = [], X2EditPipeline.__call__
     monkeypatch.setattr(X2EditPipeline, "__call__",
                         lambda self, *a, **k: steps.append(k.get("num_inference_steps")) or call(self, *a, **k))
+    captions, edit_as_set = [], x2edit.incontext.edit_as_set
+    monkeypatch.setattr(x2edit.incontext, "edit_as_set", lambda p, i, c, **k: captions.append(c) or edit_as_set(p, i, c, **k))
     src = tmp_path / "src.png"
     Image.new("RGB", (96, 64), (200, 40, 40)).save(src)
     out = tmp_path / "out.png"
@@ -175,6 +178,7 @@ def test_edit_incontext_makes_the_right_panel_of_a_set_offline(tmp_path, capsys,
     made = np.asarray(Image.open(out))
     assert "incontext" in capsys.readouterr().out and made.shape[0] * made.shape[1] <= 64 * 64
     assert steps == ([10] if base else [])  # the text-to-image bundle's own step count; Fill is no X2EditPipeline
+    assert captions == ["[EDIT] make the background blue [LEFT] a red scene [RIGHT] a red scene on blue"]
     assert (made != (200, 40, 40)).any()  # the right panel was made, not the given one copied back
 
 

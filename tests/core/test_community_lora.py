@@ -55,6 +55,15 @@ def _same(ours, stock, image, **kwargs):
     return a
 
 
+def _loaded(path, image):
+    """(ours, stock) with the file loaded as "style" in both, and stock's edit of ``image`` before it."""
+    ours, stock = _pipes()
+    base = _edit(stock, image)
+    for p in (ours, stock):
+        p.load_lora_weights(path, adapter_name="style")
+    return ours, stock, base
+
+
 def _differ(a, b):
     assert np.abs(a - b).max() > 1e-2
 
@@ -111,10 +120,7 @@ def test_peft_metadata_sets_each_modules_strength_as_stock(metadata, ranks, scal
     reads it, it sets every module's scale."""
     state = _peft_state(ranks)
     path = _save_peft(tmp_path, state, {**metadata, "target_modules": list(PEFT_MODULES)})
-    ours, stock = _pipes()
-    base = _edit(stock, source_image)
-    for p in (ours, stock):
-        p.load_lora_weights(path, adapter_name="style")
+    ours, stock, base = _loaded(path, source_image)
     for m in PEFT_MODULES:
         expected = scale.get(m, 2.0) * state[f"{m}.lora_B.weight"] @ state[f"{m}.lora_A.weight"]
         torch.testing.assert_close(_delta(ours, m, "style"), expected)
@@ -189,10 +195,7 @@ def _check_kohya_deltas(pipe, state: dict, modules: dict, comfyui: bool = False,
 def test_kohya_and_comfyui_files_apply_their_alpha_and_match_stock(comfyui, tmp_path, source_image):
     state = _kohya_state(KOHYA, comfyui)
     save_file(state, str(tmp_path / "lora.safetensors"))
-    ours, stock = _pipes()
-    base = _edit(stock, source_image)
-    for p in (ours, stock):
-        p.load_lora_weights(tmp_path / "lora.safetensors", adapter_name="style")
+    ours, stock, base = _loaded(tmp_path / "lora.safetensors", source_image)
     _check_kohya_deltas(ours, state, KOHYA, comfyui)
     _differ(_same(ours, stock, source_image), base)
 
@@ -225,10 +228,7 @@ def _xlabs_state() -> dict:
 def test_xlabs_file_matches_stock(tmp_path, source_image):
     state = _xlabs_state()
     save_file(state, str(tmp_path / "lora.safetensors"))
-    ours, stock = _pipes()
-    base = _edit(stock, source_image)
-    for p in (ours, stock):
-        p.load_lora_weights(tmp_path / "lora.safetensors", adapter_name="style")
+    ours, stock, base = _loaded(tmp_path / "lora.safetensors", source_image)
     targets = {"double_blocks.0.processor.qkv_lora1": ["transformer_blocks.0.attn.to_q",
                                                        "transformer_blocks.0.attn.to_k",
                                                        "transformer_blocks.0.attn.to_v"],
@@ -318,10 +318,7 @@ def test_scale_weights_and_names_match_stock(lora_file, tmp_path, source_image):
 
 
 def test_fuse_unfuse_and_unload_match_stock(lora_file, source_image):
-    ours, stock = _pipes()
-    base = _edit(stock, source_image)
-    for p in (ours, stock):
-        p.load_lora_weights(lora_file, adapter_name="style")
+    ours, stock, base = _loaded(lora_file, source_image)
     full = _edit(stock, source_image)
     half = _edit(stock, source_image, joint_attention_kwargs={"scale": 0.5})
     for p in (ours, stock):
@@ -352,10 +349,8 @@ def test_fuse_unfuse_and_unload_match_stock(lora_file, source_image):
 
 
 def test_disable_enable_and_unload_match_stock(lora_file, source_image):
-    ours, stock = _pipes()
-    base = _edit(stock, source_image)
+    ours, stock, base = _loaded(lora_file, source_image)
     for p in (ours, stock):
-        p.load_lora_weights(lora_file, adapter_name="style")
         p.set_adapters("style", 0.6)
     weighted = _same(ours, stock, source_image)
     _differ(weighted, base)
@@ -499,10 +494,7 @@ def test_peft_dora_file_matches_stock(with_metadata, tmp_path, source_image):
     """PEFT's DoRA (use_dora: lora_magnitude_vector keys): each module's weight becomes
     m / ||W + s B A||_row * (W + s B A), at every strength, fused or not, as stock."""
     path, state = _peft_trained_file(tmp_path, with_metadata, use_dora=True)
-    ours, stock = _pipes()
-    base = _edit(stock, source_image)
-    for p in (ours, stock):
-        p.load_lora_weights(path, adapter_name="style")
+    ours, stock, base = _loaded(path, source_image)
     m = "transformer_blocks.0.attn.to_q"
     W = ours.transformer.get_submodule(m).base_layer.weight
     scale = 2.0 if with_metadata else 1.0  # lora_alpha / r; without metadata or alphas stock takes alpha = r
@@ -520,10 +512,7 @@ def test_peft_lora_bias_file_matches_stock(with_metadata, tmp_path, source_image
     """PEFT's lora_bias (lora_B.bias keys): the update is s * (B A x + b), the bias scaled with the rest and
     merged into the layer's bias by fuse_lora, as stock."""
     path, state = _peft_trained_file(tmp_path, with_metadata, lora_bias=True)
-    ours, stock = _pipes()
-    base = _edit(stock, source_image)
-    for p in (ours, stock):
-        p.load_lora_weights(path, adapter_name="style")
+    ours, stock, base = _loaded(path, source_image)
     m = "transformer_blocks.0.attn.to_q"
     torch.testing.assert_close(ours.transformer.get_submodule(m).adapters["style"].lora_bias, state[f"{m}.lora_B.bias"])
     full = _lora_methods_match_stock(ours, stock, source_image, base)
@@ -557,10 +546,7 @@ def test_kohya_fp16_file_matches_stock(tmp_path, source_image):
     """sd-scripts' --save_precision fp16: every tensor, the alphas too (0-d), in float16."""
     state = {k: v.half() for k, v in _kohya_state(KOHYA).items()}
     save_file(state, str(tmp_path / "lora.safetensors"))
-    ours, stock = _pipes()
-    base = _edit(stock, source_image)
-    for p in (ours, stock):
-        p.load_lora_weights(tmp_path / "lora.safetensors", adapter_name="style")
+    ours, stock, base = _loaded(tmp_path / "lora.safetensors", source_image)
     _differ(_same(ours, stock, source_image), base)
 
 

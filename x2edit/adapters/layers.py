@@ -598,8 +598,11 @@ class AdapterLinear(nn.Module):
     def merge(self, name: str, task_id: int | None = None) -> None:
         """Add adapter ``name``'s update (for ``task_id``) into the base weight (a LoRA bias into its bias),
         checked finite."""
-        merged = self.merged_weight(name, task_id)
-        bias = self._bias_with({**self.merged, name: task_id}) if _beyond_low_rank(self.adapters[name]) else None
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is already merged")
+        after = {**self.merged, name: task_id}
+        bias = self._bias_with(after)  # None unless a LoRA bias is among them; checked before anything is written
+        merged = self._weight_with(after)
         w, b = self.base_layer.weight, self.base_layer.bias
         if self._pre_merge is None:
             self._pre_merge = w.detach().to("cpu", copy=True)

@@ -365,15 +365,12 @@ class Editor:
     def _check_mode(self, base, mode, caption, loras) -> tuple[str, str | None]:
         """(the editing mode, the set's caption): the mode checked against the base, the caption against the mode."""
         from x2edit.incontext import check_caption
-        from x2edit.registry import DEFAULT_BASES
+        from x2edit.registry import check_mode
 
-        kind = self.mode_of(base or self.default_base)
+        base = base or self.default_base
+        kind = self.mode_of(base)
         mode = mode or ("incontext" if kind == "t2i" else kind)
-        if mode not in EDIT_MODES:
-            raise ValueError(f"unknown editing mode {mode!r}: choose one of {', '.join(EDIT_MODES)}")
-        if kind not in MODE_KINDS[mode]:
-            raise ValueError(f"the base {base or self.default_base} does not run the {mode} mode: pick a base of that "
-                             f"mode (e.g. {DEFAULT_BASES[mode]})")
+        check_mode(base, mode)  # the registry's rule: which kinds of base the mode runs on
         if mode != "incontext":
             return mode, None
         if not isinstance(caption, str) or not caption.strip():

@@ -114,16 +114,6 @@ def spectrum_fingerprint(factors: dict[str, tuple[torch.Tensor, torch.Tensor, fl
     return (vec / n if n > 0 else vec).astype(np.float32)
 
 
-def signals_of(row: dict) -> list[str]:
-    """The signals an index row carries, in order: "weight", "text", "fingerprint"."""
-    return [name for name, column in (("weight", "embedding"), ("text", "text_embedding"),
-                                      ("fingerprint", "fingerprint")) if row.get(column) is not None]
-
-
-def metadata_of(row: dict) -> dict:
-    return json.loads(row.get("metadata") or "{}")
-
-
 def tune_hybrid_weight(weight_scores: np.ndarray, text_scores: np.ndarray, relevant: np.ndarray,
                        grid: np.ndarray | None = None) -> tuple[float, dict[float, float]]:
     """The w of ``w * weight + (1 - w) * text`` that ranks a relevant file first most often (R@1), on a
