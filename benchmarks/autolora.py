@@ -128,14 +128,15 @@ def retrieval_benchmark(pool: Path, manifest: dict, encoder_path: str | None, in
     trivially). Relevant: the concept's LoRAs the encoder never saw (held-out instances, trained on scenes of
     their own; unseen concepts' instances; near-duplicates). Every seen concept with a kept held-out LoRA is
     queried with all its training phrasings; R@1 has a bootstrap interval. Signals: the weight encoder, the
-    text the file carries (its name and header, as real folders name files: ``PoolConfig.naming``), their
-    hybrid at the index's w, and the dW PCA + ridge baseline."""
+    text the file carries (its name and header, as real folders name files: ``PoolConfig.naming``), the index's
+    routing between the two (``Routing.pick`` per query, on the query's candidates), and the dW PCA + ridge
+    baseline."""
     from x2edit.retrieval.encoder import TextEncoder, read_factors
     from x2edit.retrieval.index import LoraIndex, build_index, read_index
 
     t0 = time.perf_counter()
     counts = build_index(pool / "loras", index_path, encoder_path)
-    w = LoraIndex(index_path).hybrid_weight
+    routing = LoraIndex(index_path).routing
     rows = {r["path"]: r for r in read_index(index_path)[0]}
     by_file = {e["file"]: e for e in manifest["loras"]}
     searched = [(f"loras/{p}", r) for p, r in rows.items() if r["status"] == "ok" and f"loras/{p}" in by_file]
@@ -161,7 +162,8 @@ def retrieval_benchmark(pool: Path, manifest: dict, encoder_path: str | None, in
     pca = pca_ridge([read_factors(pool / e["file"]) for e in train], train_text,
                     [read_factors(pool / f) for f, _ in searched], dims=32)
 
-    results = {"pool_size": len(searched), "index": counts, "train_loras": len(train), "hybrid_weight": w,
+    results = {"pool_size": len(searched), "index": counts, "train_loras": len(train),
+               "routing": {"text_match": routing.text_match, "known": routing.known},
                "seen_concepts_queried": len(seen), "seen_concepts": len(all_seen),
                "seen_concepts_without_a_kept_heldout_lora": sorted(set(all_seen) - set(seen)),
                "roles": {role: sum(e["role"] == role for e in entries) for role in
@@ -180,8 +182,12 @@ def retrieval_benchmark(pool: Path, manifest: dict, encoder_path: str | None, in
                      "candidates_per_query": float((~own_train).sum(1).mean()),
                      "relevant_per_query": float(relevant.sum(1).mean()), "chance": _chance(relevant, ~own_train)}
         weight, file_score = q @ emb.T, q @ file_text.T
-        for method, scores in (("weight encoder", weight), ("file text", file_score),
-                               (f"hybrid (w = {w:g})", w * weight + (1 - w) * file_score), ("dW PCA + ridge", q @ pca.T)):
+        candidates = [t[~own] for t, own in zip(file_score, own_train)]  # each query's text cosines, (N_i,)
+        routes = [routing.pick(qi, lambda c=c: c) for qi, c in zip(q, candidates)]
+        routed = np.where(np.array(routes)[:, None] == "text", file_score, weight)
+        split_res["routed to text"] = float(np.mean([r == "text" for r in routes]))
+        for method, scores in (("weight encoder", weight), ("file text", file_score), ("routed", routed),
+                               ("dW PCA + ridge", q @ pca.T)):
             scores = np.where(own_train, -np.inf, scores)  # the query concept's training LoRAs are not candidates
             ranks = _ranks(scores, relevant)
             split_res[method] = {**_metrics(ranks), "R@1 95%": _bootstrap(ranks)}
@@ -335,18 +341,21 @@ def summarize(rows: list[dict], methods: list[str], step_counts: list[int]) -> d
 
 def markdown(result: dict) -> str:
     r = result["retrieval"]
-    hybrid = f"hybrid (w = {r['hybrid_weight']:g})"
     lines = [f"### Retrieval (pool of {r['pool_size']} LoRAs: " + ", ".join(f"{v} {k}" for k, v in r["roles"].items())
              + "; named " + ", ".join(f"{v} {k}" for k, v in r["naming"].items())
              + f"; {r['seen_concepts_queried']} of {r['seen_concepts']} seen concepts queried)", "",
              "| split | queries | candidates / query | relevant / query | method | R@1 (95% interval) | R@5 | MRR |",
              "|---|---:|---:|---:|---|---:|---:|---:|"]
     for split, s in r["splits"].items():
-        for method in ("weight encoder", "file text", hybrid, "dW PCA + ridge", "chance"):
+        for method in ("weight encoder", "file text", "routed", "dW PCA + ridge", "chance"):
             m = s[method]
             ci = f" ({m['R@1 95%'][0]:.2f}-{m['R@1 95%'][1]:.2f})" if "R@1 95%" in m else ""
+            name = f"**routed** ({s['routed to text']:.0%} to text)" if method == "routed" else method
             lines.append(f"| {split} | {s['queries']} | {s['candidates_per_query']:.0f} | {s['relevant_per_query']:.1f} | "
-                         f"{method} | {m['R@1']:.2f}{ci} | {m['R@5']:.2f} | {m['MRR']:.2f} |")
+                         f"{name} | {m['R@1']:.2f}{ci} | {m['R@5']:.2f} | {m['MRR']:.2f} |")
+    rt = r["routing"]
+    lines += ["", f"Routing thresholds, calibrated on the encoder's training phrasings: text match >= "
+              f"{rt['text_match']:.3f}, known query >= {rt['known']:.3f}."]
     if r["seen_concepts_without_a_kept_heldout_lora"]:
         lines += ["", "Seen concepts not queried (no kept held-out LoRA): "
                   + ", ".join(r["seen_concepts_without_a_kept_heldout_lora"]) + "."]
@@ -382,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate", default=None, help="fusion gate (default: the shipped one)")
     parser.add_argument("--quick", action="store_true", help="a few queries, one combination per size, 2 scenes")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--only", choices=["retrieval", "composition"], default=None,
+                        help="run one part; the other is kept from OUT/autolora.json (recorded under 'kept')")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -391,10 +402,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(pool)
     t0 = time.perf_counter()
-    result = {"pool": str(pool), "quick": args.quick,
-              "pool_summary": manifest["summary"], "bar_db": manifest["bar_db"],
-              "retrieval": retrieval_benchmark(pool, manifest, args.encoder, out / "index.parquet", args.quick),
-              "composition": composition_benchmark(pool, manifest, args.encoder, args.gate, args.quick)}
+    result = {"pool": str(pool), "quick": args.quick, "pool_summary": manifest["summary"], "bar_db": manifest["bar_db"]}
+    if args.only:
+        previous = out / "autolora.json"
+        if not previous.is_file():
+            raise SystemExit(f"--only {args.only} keeps the other part from {previous}, which does not exist")
+        kept = "composition" if args.only == "retrieval" else "retrieval"
+        old = json.loads(previous.read_text())
+        result[kept], result["kept"] = old[kept], {kept: old.get("kept", {}).get(kept, old.get("wall_s"))}
+    if args.only != "composition":
+        result["retrieval"] = retrieval_benchmark(pool, manifest, args.encoder, out / "index.parquet", args.quick)
+    if args.only != "retrieval":
+        result["composition"] = composition_benchmark(pool, manifest, args.encoder, args.gate, args.quick)
     result["wall_s"] = time.perf_counter() - t0
     (out / "autolora.json").write_text(json.dumps(result, indent=1))
     (out / "autolora.md").write_text(markdown(result))

@@ -55,11 +55,11 @@ def test_quick_benchmark_on_the_tiny_pool(tiny_pool, tiny_encoder, tiny_gate, tm
     # every kept LoRA is a candidate (the encoder's training ones too), every naming kind counted
     assert r["pool_size"] == sum(1 for e in manifest["loras"] if e["file"].startswith("loras/"))
     assert r["roles"]["train"] > 0 and sum(r["naming"].values()) == r["pool_size"]
-    hybrid = f"hybrid (w = {r['hybrid_weight']:g})"
     for split in ("held-out instances", "unseen concepts", "unseen phrasing"):
         s = r["splits"][split]
-        for method in ("weight encoder", "file text", hybrid, "dW PCA + ridge", "chance"):
+        for method in ("weight encoder", "file text", "routed", "dW PCA + ridge", "chance"):
             assert 0 <= s[method]["R@1"] <= s[method]["R@5"] <= 1 and 0 < s[method]["MRR"] <= 1
+        assert 0 <= s["routed to text"] <= 1
         lo, hi = s["weight encoder"]["R@1 95%"]
         assert lo <= s["weight encoder"]["R@1"] <= hi
         if split != "unseen concepts":  # a seen concept's training LoRAs are left out of its queries' candidates

@@ -189,19 +189,26 @@ def test_modules_whose_update_is_zero_leave_the_embedding_unchanged_and_an_all_z
     assert rows["real.safetensors"]["status"] == "ok"
 
 
-def test_training_tunes_the_hybrid_weight_on_its_own_training_split(tiny_pool, tiny_encoder, tmp_path):
-    """train_encoder picks the index's w (weight vs text) by R@1 on its training LoRAs and their phrasings, and
-    records it; an index built with the encoder takes it unless told otherwise."""
-    from autolora_helpers import KOHYA_MODULES, random_factors
+def test_training_calibrates_the_routing_on_its_phrasings_and_the_index_carries_it(tiny_pool, tiny_encoder, tmp_path):
+    """train_encoder records its training phrasings and the routing thresholds calibrated on them alone; an index
+    built with the encoder carries them embedded, and a training phrasing is routed to the weight signal."""
+    from x2edit.data_pipeline.shapeworld.concepts import get_concept
+    from x2edit.retrieval.encoder import TextEncoder
+    from x2edit.retrieval.index import LoraIndex, build_index
+    from x2edit.retrieval.signals import calibrate_routing
 
-    from x2edit.retrieval.formats import write_lora
-    from x2edit.retrieval.index import build_index, read_index
-
-    w = WeightEncoder.load(tiny_encoder).config.hybrid_weight
-    assert w is not None and 0 <= w <= 1
+    routing = WeightEncoder.load(tiny_encoder).config.routing
+    pool, manifest = tiny_pool
+    concepts = sorted({e["concepts"][0] for e in manifest["loras"] if e["role"] == "train" and e["passed"]})
+    assert routing["phrases"] == [p for c in concepts for p in get_concept(c).phrases()]
+    assert "background:blue" not in concepts  # the unseen concept's phrasings are not the encoder's
+    text = TextEncoder()
+    expected = calibrate_routing(text(routing["phrases"]).numpy(), [c for c in concepts for _ in get_concept(c).phrases()])
+    assert (routing["text_match"], routing["known"]) == pytest.approx(expected)
     folder = tmp_path / "loras"
-    write_lora(folder / "a.safetensors", random_factors(KOHYA_MODULES, seed=1), "peft")
+    write_lora(folder / "a.safetensors", random_factors(KOHYA_MODULES, seed=1), "peft", {"modelspec.title": "night"})
     build_index(folder, tmp_path / "i.parquet", tiny_encoder)
-    assert float(read_index(tmp_path / "i.parquet")[1]["x2edit.hybrid_weight"]) == w
-    build_index(folder, tmp_path / "j.parquet", tiny_encoder, hybrid_weight=0.25)
-    assert read_index(tmp_path / "j.parquet")[1]["x2edit.hybrid_weight"] == "0.25"
+    index = LoraIndex(tmp_path / "i.parquet", text_encoder=text)
+    assert index.routing.vocabulary.shape == (len(routing["phrases"]), 384)
+    assert index.routing.known == pytest.approx(routing["known"])
+    assert index.search(routing["phrases"][0], k=1)[0]["route"] == "weight"

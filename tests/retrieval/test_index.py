@@ -121,19 +121,22 @@ def test_search_ranks_by_exact_cosine(folder, tmp_path, tiny_encoder):
     out = tmp_path / "i.parquet"
     build_index(folder, out, tiny_encoder)
     text = TextEncoder()
-    hits = search(out, "a sepia tone", k=3, text_encoder=text)
     rows = [r for r in read_index(out)[0] if r["status"] == "ok"]
     q = text(["a sepia tone"])[0].numpy()
-    # the hybrid of the two signals at the index's w (every file here is of the encoder's base)
-    w = float(read_index(out)[1]["x2edit.hybrid_weight"])
-    scores = w * np.asarray([r["embedding"] for r in rows]) @ q + (1 - w) * np.asarray([r["text_embedding"] for r in rows]) @ q
-    expected = [rows[i]["path"] for i in np.argsort(-scores)[:3]]
-    assert [h["path"] for h in hits] == expected and [h["rank"] for h in hits] == [1, 2, 3]
-    np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1][:3], rtol=1e-5)
+    for signal, column in (("weight", "embedding"), ("text", "text_embedding")):  # every file has both signals
+        hits = search(out, "a sepia tone", k=3, text_encoder=text, signal=signal)
+        scores = np.asarray([r[column] for r in rows]) @ q
+        expected = [rows[i]["path"] for i in np.argsort(-scores)[:3]]
+        assert [h["path"] for h in hits] == expected and [h["rank"] for h in hits] == [1, 2, 3]
+        np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1][:3], rtol=1e-5)
+        assert all(h["route"] == signal and h["signals"] == [signal] and set(h["scores"]) == {"weight", "text"}
+                   for h in hits)
+        np.testing.assert_allclose(hits[0]["score"], hits[0]["scores"][signal], rtol=1e-5)
     assert hits[0]["file"].endswith(hits[0]["path"])
-    assert all(h["signals"] == ["weight", "text"] and set(h["scores"]) == {"weight", "text"} for h in hits)
-    np.testing.assert_allclose(hits[0]["score"], w * hits[0]["scores"]["weight"] + (1 - w) * hits[0]["scores"]["text"],
-                               rtol=1e-5)
+    auto = search(out, "a sepia tone", k=3, text_encoder=text)  # routed: one of the two rankings
+    assert auto == search(out, "a sepia tone", k=3, text_encoder=text, signal=auto[0]["route"])
+    with pytest.raises(ValueError, match="unknown signal 'mixed'"):
+        search(out, "a sepia tone", text_encoder=text, signal="mixed")
 
 
 def test_cli_index_and_search(folder, tmp_path, tiny_encoder, capsys):
@@ -304,7 +307,7 @@ def _synthetic_index(path, n, dim=16, seed=0, twins=()):
     rows = [{"path": f"l{i:05d}.safetensors", "size": 1, "mtime_ns": 1, "sha256": str(i),
              "status": "skipped" if i % 7 == 3 else "ok", "reason": "", "layout": "diffusers/PEFT", "ranks": "{}",
              "targets": [], "num_modules": 0, "title": f"lora {i}", "trigger_words": [], "metadata": "{}",
-             # the text signal equal to the weight one: the search matrix is then the embeddings themselves
+             # the text signal equal to the weight one: either route ranks by the embeddings themselves
              "embedding": emb[i].tolist(), "text_embedding": emb[i].tolist(), "fingerprint": emb[i, :4].tolist()}
             for i in range(n)]
     write_index(rows, path, {"x2edit.encoder": "synthetic", "x2edit.text_model": "none", "x2edit.root": "/loras"})
@@ -323,8 +326,8 @@ def test_search_matches_brute_force_and_the_embedding_cache_is_reused_and_renewe
     expected = [f"l{ok[j]:05d}.safetensors" for j in np.argsort(-scores, kind="stable")[:10]]
 
     first = LoraIndex(out)
-    assert isinstance(first.embeddings, np.memmap)  # the cache was written and is mapped, not copied
-    assert (tmp_path / "i.parquet.search.npy").is_file()
+    assert isinstance(first.signals["weight"], np.memmap)  # the cache was written and is mapped, not copied
+    assert (tmp_path / "i.parquet.search-weight.npy").is_file()
     hits = first.search_embedding(q, k=10)
     assert [h["path"] for h in hits] == expected
     np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1][:10], rtol=1e-5)
@@ -333,14 +336,14 @@ def test_search_matches_brute_force_and_the_embedding_cache_is_reused_and_renewe
     assert [h["path"] for h in distinct][:1] == ["l00000.safetensors"]
     assert not {"l00005.safetensors", "l00009.safetensors"} & {h["path"] for h in distinct} and len(distinct) == 10
 
-    cached = np.load(tmp_path / "i.parquet.search.npy", mmap_mode="r")
+    cached = np.load(tmp_path / "i.parquet.search-weight.npy", mmap_mode="r")
     again = LoraIndex(out)  # the cache matches the index file: read from it
-    np.testing.assert_array_equal(np.asarray(again.embeddings), np.asarray(cached))
+    np.testing.assert_array_equal(np.asarray(again.signals["weight"]), np.asarray(cached))
     _synthetic_index(out, 300, seed=1)  # the index rebuilt: the stale cache is not used
     renewed = LoraIndex(out)
-    assert renewed.embeddings.shape[0] == len([i for i in range(300) if i % 7 != 3])
+    assert renewed.signals["weight"].shape[0] == len([i for i in range(300) if i % 7 != 3])
     emb1 = _synthetic_index(tmp_path / "check.parquet", 300, seed=1)
-    np.testing.assert_array_equal(np.asarray(renewed.embeddings), emb1[[i for i in range(300) if i % 7 != 3]])
+    np.testing.assert_array_equal(np.asarray(renewed.signals["weight"]), emb1[[i for i in range(300) if i % 7 != 3]])
 
 
 def test_search_works_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
@@ -355,7 +358,8 @@ def test_search_works_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "save", refuse)
     index = LoraIndex(out)
-    assert not (tmp_path / "i.parquet.search.npy").exists() and not isinstance(index.embeddings, np.memmap)
+    assert not (tmp_path / "i.parquet.search-weight.npy").exists()
+    assert not isinstance(index.signals["weight"], np.memmap)
     assert index.search_embedding(emb[11], k=1)[0]["path"] == "l00011.safetensors"
 
 

