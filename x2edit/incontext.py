@@ -126,7 +126,7 @@ def inpaint_set(pipe, panels: list, caption: str, method: str = "sdedit", genera
             near = [min(given, key=lambda g: abs(g - i)) for i in range(n)]  # copies of the nearest given panel
             begin = torch.from_numpy(tile([canvas[:, j * w:(j + 1) * w] for j in near])).permute(2, 0, 1)[None] / 255
             call_kwargs = {**call_kwargs, "latents": pipe._pack_pixels(begin.float() * 2 - 1), "num_inference_steps": 1,
-                           "sigmas": pipe._one_step_sigmas(start, h, n * w)}
+                           "sigmas": pipe._source_start_sigmas(start, h, n * w)}
         out = pipe(prompt=caption, image=pixels, mask_image=mask, height=h, width=n * w, generator=generator,
                    output_type="np", **call_kwargs).images[0]
     elif method == "sdedit":

@@ -280,15 +280,17 @@ class X2EditPipelineMixin:
         with self._lora_fusion_call(prompts, auto), routing, reading, self._community_lora_scale(joint_attention_kwargs):
             yield
 
-    def _one_step_sigmas(self, start: float, height: int, width: int) -> list[float]:
-        """The sigmas to pass stock's loop so its one step starts at noise level ``start`` for a height x width
-        sample: stock shifts the sigmas it is given (dynamically, by the token count, on FLUX's scheduler)."""
+    def _source_start_sigmas(self, start: float, height: int, width: int, steps: int = 1) -> list[float]:
+        """The sigmas to pass stock's loop so that its ``steps`` Euler steps run from noise level ``start`` to 0
+        at start, start (steps - 1) / steps, ..., start / steps (the scheduler appends 0) for a height x width
+        sample: stock shifts the sigmas it is given (dynamically, by the token count, on FLUX's scheduler), so
+        each is passed unshifted."""
         mu, cfg = None, self.scheduler.config
         if cfg.get("use_dynamic_shifting"):  # the shift the stock pipeline will apply at this size
             tokens = (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
             mu = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                                  cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        return [unshifted_sigma(self.scheduler, start, mu)]
+        return [unshifted_sigma(self.scheduler, start * (steps - i) / steps, mu) for i in range(steps)]
 
     def _task_routing(self, prompts: list[str] | None, task, n_prompts: int, num_images_per_prompt: int):
         """The context routing the MoE-LoRA by each instruction's task for a call (task ids in the batch's

@@ -252,7 +252,7 @@ class X2EditDiptychPipeline(X2EditPipelineMixin, X2EditLoraMixin, FluxFillPipeli
                 raise ValueError(f"this pipeline edits in one step from the source (source_start={start}); leave "
                                  "strength and num_inference_steps unset")
             num_inference_steps, strength = 1, 1.0
-            sigmas = self._one_step_sigmas(start, h, 2 * w)
+            sigmas = self._source_start_sigmas(start, h, 2 * w)
         elif strength is not None and not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength!r}")
 

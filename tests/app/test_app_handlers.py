@@ -30,9 +30,11 @@ def test_edit_saves_a_lossless_result_routed_by_the_classifier(editor, example):
     assert record.task_choice == "auto" and record.task == next(iter(editor.classify(record.instruction)))
     assert record.scores[record.task] == max(record.scores.values()) and 0 < sum(record.scores.values()) <= 1
     assert record.settings["steps"] == 1 and record.settings["seed"] == 0  # x2edit-tiny: one step from the source
-    assert editor.steps_setting() == (1, True)  # and no other step count: the page locks the slider
+    assert editor.steps_setting() == (1, True)  # one by default, from the source
     again = editor.edit(example, "please paint the plus sign bubblegum-pink")
     assert np.array_equal(pixels(again.result), pixels(record.result))
+    more = editor.edit(example, "please paint the plus sign bubblegum-pink", steps=3)  # more steps on request
+    assert more.settings["steps"] == 3 and not np.array_equal(pixels(more.result), pixels(record.result))
 
 
 def test_task_override_routes_the_edit_to_that_task(editor, example):

@@ -98,7 +98,7 @@ def _active(model: nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
-def residual_reading(model: nn.Module, names: list[str] | None = None) -> Iterator[None]:
+def residual_reading(model: nn.Module, names: list[str] | None = None, start: float | None = None) -> Iterator[None]:
     """Make ``model``'s forward return the velocity implied by the residual reading of ``names``.
 
     For sampling with a stock flow-matching pipeline: inside the block each call of the transformer
@@ -106,6 +106,11 @@ def residual_reading(model: nn.Module, names: list[str] | None = None) -> Iterat
     too, see the module docstring) and returns ``(v,)`` / ``.sample = v`` at the target tokens,
     v = (x_t - x0_hat) / sigma; the pipeline crops and steps it as usual.
     names: default: every active residual adapter.
+    start: for an edit from the source at noise level s (``AdapterConfig.source_start``): the velocity of
+        the straight path from the source to the residual estimate plus the direct adapters' change,
+        v = (source - (source + R)) / s + (F_direct - F_none). One step from s is the same edit as above;
+        n steps integrate the direct adapters' change as the LoRA flow does (``x2edit.retrieval.flow``),
+        where v = (x_t - x0_hat) / sigma would re-anchor each step at the source and keep about 1/n of it.
     """
     names = residual_adapters(model) if names is None else names
     if not names:
@@ -125,11 +130,14 @@ def residual_reading(model: nn.Module, names: list[str] | None = None) -> Iterat
             if direct:
                 with adapters_disabled(model, direct):
                     bare = first(forward(*args, **kwargs))  # F_none
-        s = sigma.to(base.dtype).view(-1, 1, 1)
         x0 = residual_sample(first(out), base, reference)
-        if direct:
-            x0 = x0 - s * (base - bare)  # the direct adapters' change of the base's x0 estimate
-        v = velocity_from_sample(hidden[:, :n], x0, s)
+        if start is not None:  # from the source: the straight path to x0, plus the direct adapters' velocity
+            v = (reference - x0) / start + ((base - bare) if direct else 0)
+        else:
+            s = sigma.to(base.dtype).view(-1, 1, 1)
+            if direct:
+                x0 = x0 - s * (base - bare)  # the direct adapters' change of the base's x0 estimate
+            v = velocity_from_sample(hidden[:, :n], x0, s)
         if isinstance(out, tuple):
             return (v,)
         out.sample = v

@@ -220,8 +220,9 @@ class Editor:
         return self._pipe
 
     def steps_setting(self, base: str | None = None, adapter: str | None = None) -> tuple[int, bool]:
-        """(the step count the model edits with when none is given, whether it is the only one): an
-        adapter that edits in one step from the source (x2edit-tiny's) takes exactly one."""
+        """(the step count the model edits with when none is given, whether it edits from the source): an
+        adapter that edits from the source (x2edit-tiny's) takes one by default, and more steps on request
+        (they help community LoRAs, not its own adapter: ``X2EditPipeline.__call__``)."""
         with self._lock:
             pipe = self.pipeline(base, adapter)
             one_step = pipe.source_start() is not None

@@ -34,7 +34,7 @@ from x2edit.app.handlers import (
 from x2edit.tasks import TASK_NAMES
 
 LORA_HEADERS = ["use", "weight", "title", "score", "file"]
-ONE_STEP_INFO = "this model's adapter edits in one step from the source"
+ONE_STEP_INFO = "this model edits in one step from the source; more steps help added LoRAs, not its own edit"
 EDIT_CONCURRENCY = "model"  # edit and batch share it: one model, one edit at a time
 THEME_FONTS = {"font": ["ui-sans-serif", "system-ui", "sans-serif"], "font_mono": ["ui-monospace", "monospace"]}
 # Small images (Shape World is 64x64) are shown enlarged and sharp.
@@ -113,7 +113,7 @@ def gallery_items(history: list[dict]) -> list[tuple[str, str]]:
 def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
     """The page for ``editor``; ``examples`` are (image, instruction) pairs shown under the input."""
     fusion_default = default_fusion()
-    steps_default, steps_fixed = editor.steps_setting()
+    steps_default, from_source = editor.steps_setting()
 
     def edit(image, instruction, task, steps, guidance, seed, random_seed, base, adapter, loras, fusion, history,
              mode=None, caption=None, progress=gr.Progress()):
@@ -163,8 +163,8 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
         return gr.update(choices=names, value=value), gr.update(visible=mode == "incontext")
 
     def model_changed(base, adapter):
-        value, fixed = editor.steps_setting(base, adapter)
-        return gr.update(value=value, interactive=not fixed, info=ONE_STEP_INFO if fixed else None)
+        value, from_source = editor.steps_setting(base, adapter)
+        return gr.update(value=value, info=ONE_STEP_INFO if from_source else None)
 
     with gr.Blocks(title="x2edit", analytics_enabled=False) as demo:
         history = gr.State([])
@@ -190,8 +190,8 @@ def build_ui(editor: Editor, examples: list[list[str]]) -> gr.Blocks:
                     task_label = gr.Label(label="Task the instruction is routed to", num_top_classes=3,
                                           elem_id="task-label")
                     with gr.Accordion("Advanced", open=False):
-                        steps = gr.Slider(1, 50, value=steps_default, step=1, label="Steps", interactive=not steps_fixed,
-                                          info=ONE_STEP_INFO if steps_fixed else None, elem_id="steps")
+                        steps = gr.Slider(1, 50, value=steps_default, step=1, label="Steps",
+                                          info=ONE_STEP_INFO if from_source else None, elem_id="steps")
                         guidance = gr.Slider(0.0, 10.0, value=editor.config.guidance, step=0.1, label="Guidance")
                         with gr.Row():
                             seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="seed")

@@ -40,7 +40,8 @@ def add_arguments(parser) -> None:
                         help="the score a retrieved LoRA needs to be fused (default 0.15; see AUTO_LORA_MIN_SCORE)")
     parser.add_argument("--task", default=None, help="task name (default: classified from the instruction)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="denoising steps (default: the model's own: 28 for FLUX; x2edit-tiny edits in one step from the source)")
+                        help="denoising steps (default: the model's own: 28 for FLUX; x2edit-tiny edits in one step from "
+                             "the source, and more steps help community LoRAs there)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="distilled guidance scale (default: 2.5; diptych: the model's own, 50 for FLUX.1 Fill)")
     parser.add_argument("--seed", type=int, default=0)

@@ -67,8 +67,8 @@ def run(args) -> int:
     (out / "metrics.json").write_text(json.dumps({**table, "classifier_accuracy": accuracy,
                                                   "routing": "labels" if args.task_labels else "classifier",
                                                   "mode": args.mode or pipe.editing_mode,
-                                                  "steps": 1 if pipe.source_start() is not None
-                                                  else args.steps or pipe.default_num_inference_steps},
+                                                  "steps": args.steps or (1 if pipe.source_start() is not None
+                                                                          else pipe.default_num_inference_steps)},
                                                  indent=2))
     print(format_table(table))
     print(f"\ntask classifier accuracy on these instructions: {100 * accuracy:.1f}%")
