@@ -12,7 +12,9 @@ held-out synonym in held-out templates). R@1, R@5 and MRR of the weight encoder 
 baselines: random (exact chance), filename/metadata text match (MiniLM on the file name, title and
 trigger words) and flattened-dW PCA + ridge regression to the text space (trained on the same LoRAs).
 
-Composition. For each combination of concepts the pool has a jointly trained LoRA for, the held-out
+Composition. For each combination of concepts the pool has a jointly trained LoRA for, and as many
+more compatible combinations of 2 and 3 concepts (``--combos``, drawn with a fixed seed among the
+concepts with a kept held-out instance; no joint LoRA for these), the held-out
 instance of each concept (never seen by the encoder or the gate), on held-out scenes, with the
 combined instruction, by each fusion (``x2edit.retrieval.fusion``) and by the joint LoRA (upper bound), in
 1 step (the pipeline's edit) and in 4 and 8 steps of the LoRA flow (``x2edit.retrieval.flow``): edit gain
@@ -205,8 +207,27 @@ def _pick(manifest: dict, concept: str) -> dict | None:
     return max(cands, key=lambda e: e["gain_db"]["1"]) if cands else None
 
 
+def _combos(manifest: dict, extra: int) -> list[list[str]]:
+    """The joint LoRAs' combinations, then ``extra`` more compatible ones of 2 and 3 concepts (half each, drawn
+    with a fixed seed) among the concepts of composable families with a kept held-out instance."""
+    from x2edit.retrieval.fusion import COMPOSABLE, compatible
+
+    combos = [list(e["concepts"]) for e in manifest["loras"] if e["role"] == "joint"]
+    concepts = sorted({c for e in manifest["loras"] for c in e["concepts"]
+                       if e["role"] == "heldout_instance" and e["passed"] and c.split(":")[0] in COMPOSABLE})
+    rng, seen = np.random.default_rng(23), {tuple(sorted(c)) for c in combos}
+    for k in [2] * (extra - extra // 2) + [3] * (extra // 2):
+        for _ in range(1000):
+            combo = sorted(rng.choice(concepts, size=k, replace=False).tolist()) if len(concepts) >= k else []
+            if combo and compatible(combo) and tuple(combo) not in seen:
+                seen.add(tuple(combo))
+                combos.append(combo)
+                break
+    return combos
+
+
 def composition_benchmark(pool: Path, manifest: dict, encoder_path: str | None, gate_path: str | None,
-                          quick: bool) -> dict:
+                          quick: bool, extra_combos: int = 0) -> dict:
     from x2edit.adapters import adapter_layers, adapter_names, load_community_lora, remove_adapter
     from x2edit.adapters.fusion import Gated, lora_factors, make_fusion
     from x2edit.registry import load_pipeline
@@ -224,7 +245,7 @@ def composition_benchmark(pool: Path, manifest: dict, encoder_path: str | None, 
     text = TextEncoder(encoder.config.text_model)
     n_scenes, step_counts = (2, [1, 4]) if quick else (8, [1, 4, 8])
     joints = {tuple(e["concepts"]): e for e in manifest["loras"] if e["role"] == "joint"}
-    combos = [list(c) for c in joints]
+    combos = _combos(manifest, 0 if quick else extra_combos)
     if quick:
         combos = [next(c for c in combos if len(c) == k) for k in (2, 3) if any(len(c) == k for c in combos)]
     loaded: dict[str, str] = {}
@@ -246,7 +267,7 @@ def composition_benchmark(pool: Path, manifest: dict, encoder_path: str | None, 
             skipped.append({"combo": combo, "reason": "a concept has no kept held-out instance"})
             continue
         names = [load(p) for p in picks]
-        joint = load(joints[tuple(combo)])
+        joint = load(joints[tuple(combo)]) if tuple(combo) in joints else None
         with torch.no_grad():
             emb = torch.stack([encoder([lora_factors(pipe.transformer, n)])[0] for n in names])
         pairs = [world.pair(combo, seed=i, split="eval") for i in range(n_scenes)]
@@ -257,6 +278,8 @@ def composition_benchmark(pool: Path, manifest: dict, encoder_path: str | None, 
             for method in methods:
                 if method == "klora" and len(names) != 2:
                     continue  # K-LoRA fuses exactly two LoRAs [subject, style]
+                if method == "joint" and joint is None:
+                    continue  # a drawn combination: no jointly trained LoRA
                 if method == "joint":
                     use, fusion = [joint], make_fusion("sum", [joint])
                 elif method == "gated":
@@ -360,9 +383,10 @@ def markdown(result: dict) -> str:
         lines += ["", "Seen concepts not queried (no kept held-out LoRA): "
                   + ", ".join(r["seen_concepts_without_a_kept_heldout_lora"]) + "."]
     c = result["composition"]
-    lines += ["", f"### Composition ({', '.join(c['combos'])}; {c['scenes_per_combo']} held-out scenes each)", "",
-              "| LoRAs, steps | method | gain (dB) | attribute acc. | all correct | err in | err out | gated wins |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", f"### Composition ({len(c['combos'])} combinations: {', '.join(c['combos'])}; "
+              f"{c['scenes_per_combo']} held-out scenes each; the joint LoRA only where the pool trained one)", "",
+              "| LoRAs, steps | method | scenes | gain (dB) | attribute acc. | all correct | err in | err out | gated wins |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key, table in c["summary"].items():
         for m, v in table.items():
             if m.startswith("_"):
@@ -370,9 +394,9 @@ def markdown(result: dict) -> str:
             win = f"{v['gated_win_rate']:.2f}" if "gated_win_rate" in v else "-"
             eo = "-" if v["err_out"] is None else f"{v['err_out']:.3f}"
             name = f"**{m}**" if m == "gated" else m + (" (upper bound)" if m == "joint" else "")
-            lines.append(f"| {key} | {name} | {v['gain_db']:+.2f} | {v['attribute_acc']:.2f} | {v['all_correct']:.2f} | "
+            lines.append(f"| {key} | {name} | {v['n']} | {v['gain_db']:+.2f} | {v['attribute_acc']:.2f} | {v['all_correct']:.2f} | "
                          f"{v['err_in']:.3f} | {eo} | {win} |")
-        lines.append(f"| {key} | gated - best baseline ({table['_best_baseline']}), all correct | | | "
+        lines.append(f"| {key} | gated - best baseline ({table['_best_baseline']}), all correct | | | | "
                      f"{table['_gated_margin_all_correct']:+.2f} | | | |")
     g = c["gate_cost"]
     if g["gate_ms_per_step"] is not None:
@@ -391,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate", default=None, help="fusion gate (default: the shipped one)")
     parser.add_argument("--quick", action="store_true", help="a few queries, one combination per size, 2 scenes")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--combos", type=int, default=24,
+                        help="compatible combinations drawn beside the joint LoRAs' (half of 2 concepts, half of 3)")
     parser.add_argument("--only", choices=["retrieval", "composition"], default=None,
                         help="run one part; the other is kept from OUT/autolora.json (recorded under 'kept')")
     args = parser.parse_args(argv)
@@ -413,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only != "composition":
         result["retrieval"] = retrieval_benchmark(pool, manifest, args.encoder, out / "index.parquet", args.quick)
     if args.only != "retrieval":
-        result["composition"] = composition_benchmark(pool, manifest, args.encoder, args.gate, args.quick)
+        result["composition"] = composition_benchmark(pool, manifest, args.encoder, args.gate, args.quick, args.combos)
     result["wall_s"] = time.perf_counter() - t0
     (out / "autolora.json").write_text(json.dumps(result, indent=1))
     (out / "autolora.md").write_text(markdown(result))

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import torch
 
-from benchmarks.autolora import _bootstrap, _chance, _metrics, _ranks, main, pca_ridge
+from benchmarks.autolora import _bootstrap, _chance, _combos, _metrics, _ranks, main, pca_ridge
+from x2edit.retrieval.fusion import compatible
 
 
 def test_ranks_and_chance_are_exact():
@@ -44,6 +45,22 @@ def test_pca_ridge_baseline_learns_a_planted_map():
     test = [lora(c) for c in (0, 1, 2)]
     pred = pca_ridge(train, text[[0, 1, 2] * 3], test, dims=4)
     assert (pred @ text.T).argmax(1).tolist() == [0, 1, 2]
+
+
+def test_drawn_combinations_are_compatible_new_and_reproducible():
+    """Beside the joint LoRAs' combinations, drawn ones of 2 and 3 concepts with a kept held-out instance each."""
+    heldout = ["background:red", "background:blue", "objects:yellow", "objects:pink", "tone:sepia", "tone:night",
+               "tint:green", "style:posterized"]
+    manifest = {"loras": [{"role": "heldout_instance", "passed": True, "concepts": [c]} for c in heldout]
+                + [{"role": "heldout_instance", "passed": False, "concepts": ["style:cartoon"]},  # not kept
+                   {"role": "joint", "passed": True, "concepts": ["background:red", "tone:sepia"]}]}
+    combos = _combos(manifest, 8)
+    assert combos[0] == ["background:red", "tone:sepia"] and len(combos) == 9
+    drawn = combos[1:]
+    assert [len(c) for c in drawn] == [2] * 4 + [3] * 4
+    assert all(compatible(c) and set(c) <= set(heldout) for c in drawn)
+    assert len({tuple(sorted(c)) for c in combos}) == 9  # none twice, the joint one included
+    assert _combos(manifest, 8) == combos and _combos(manifest, 0) == combos[:1]
 
 
 def test_quick_benchmark_on_the_tiny_pool(tiny_pool, tiny_encoder, tiny_gate, tmp_path):
