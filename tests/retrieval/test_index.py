@@ -325,8 +325,11 @@ def test_search_matches_brute_force_and_the_embedding_cache_is_reused_and_renewe
     scores = emb[ok] @ q
     expected = [f"l{ok[j]:05d}.safetensors" for j in np.argsort(-scores, kind="stable")[:10]]
 
+    stale = tmp_path / "i.parquet.search.npy"  # the previous version's mixed matrix: removed with the new caches
+    np.save(stale, np.zeros((2, 2), np.float32))
     first = LoraIndex(out)
     assert isinstance(first.signals["weight"], np.memmap)  # the cache was written and is mapped, not copied
+    assert not stale.exists()
     assert (tmp_path / "i.parquet.search-weight.npy").is_file()
     hits = first.search_embedding(q, k=10)
     assert [h["path"] for h in hits] == expected

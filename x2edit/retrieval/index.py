@@ -619,6 +619,8 @@ def _open_for_search(path: Path):
             np.save(tmp, mats[name])
             tmp.replace(cache)
         cache_meta.write_text(json.dumps(stamp))
+        # the mixed search matrix of the version before the routing (N x D floats: 1.5 GB at 1M rows) is unused now
+        path.with_name(path.name + ".search.npy").unlink(missing_ok=True)
         mats = {n: np.load(_cache_path(path, n), mmap_mode="r") for n in names}  # shared through the page cache
     except OSError:
         pass
