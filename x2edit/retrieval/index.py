@@ -384,6 +384,7 @@ class LoraIndex:
         self.path = Path(path)
         self.meta, self.rows, self.signals = _open_for_search(self.path)
         self.routing = Routing.from_meta(self.meta.get("x2edit.routing"))
+        self._any_weight = bool(np.asarray(self.signals["has_weight"]).any())  # else every query goes to the text
         # A hit's own signal rows are read from the cache files with pread where they exist: touching a row of a
         # mapping would map its page and its neighbours (fault-around) into the process, ~100 MB per 1,000 hits.
         self._rows = {name: _RowReader(m.filename) if isinstance(m, np.memmap) else m
@@ -447,7 +448,7 @@ class LoraIndex:
         if signal not in SIGNALS:
             raise ValueError(f"unknown signal {signal!r}: expected one of {', '.join(SIGNALS)}")
         text = None
-        if signal == "auto" and not self.signals["has_weight"].any():
+        if signal == "auto" and not self._any_weight:
             signal = "text"
         elif signal == "auto":
             def text_scores() -> np.ndarray:
