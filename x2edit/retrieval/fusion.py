@@ -175,7 +175,8 @@ class GateTrainConfig:
     Args:
         steps, scenes_per_step, lr: the optimisation.
         sizes: how many LoRAs a combination has (drawn uniformly).
-        onestep_fraction: share of samples at the one-step point; the others on the straight path.
+        onestep_fraction: share of samples at the one-step point (sigma = s); the others on the straight path
+            at sigma uniform in (0, s], the whole range an n-step edit from the source visits.
         hidden, use_instruction: the gate's size and inputs.
         seed, threads: as elsewhere.
     """
@@ -252,8 +253,9 @@ def train_gate(pool_dir: str | Path, encoder_path: str | Path | None, out: str |
         pairs = [world.pair(combo, seed=int(rng.integers(2**31)), split="train") for _ in range(config.scenes_per_step)]
         prompts = [instruction([get_concept(c) for c in combo], rng) for _ in pairs]
         src, tgt = flow.tokens([p.source for p in pairs]), flow.tokens([p.target for p in pairs])
+        # the one-step point, else anywhere on the flow's range (0, s]: what n-step edits visit
         sigma = torch.as_tensor(np.where(rng.random(len(pairs)) < config.onestep_fraction, s,
-                                         rng.uniform(0.05 * s, s, len(pairs))), dtype=torch.float32)
+                                         s * (1 - rng.random(len(pairs)))), dtype=torch.float32)
         fusion = Gated(names, gate, torch.stack([emb[n] for n in names]),
                        text_encoder=text if config.use_instruction else None).bind(pipe.transformer)
         fusion.set_prompts(prompts)
