@@ -212,3 +212,27 @@ def test_training_calibrates_the_routing_on_its_phrasings_and_the_index_carries_
     assert index.routing.vocabulary.shape == (len(routing["phrases"]), 384)
     assert index.routing.known == pytest.approx(routing["known"])
     assert index.search(routing["phrases"][0], k=1)[0]["route"] == "weight"
+
+
+def test_validation_holds_out_an_instance_per_concept_and_scores_it_against_all_the_others(tiny_pool, tmp_path):
+    """validation=True: the last kept instance of each concept with at least 2 is not fitted, and R@1 of the
+    concept's phrasings finding it (among every kept train LoRA less the concept's fitted ones) is reported."""
+    import numpy as np
+
+    from x2edit.data_pipeline.shapeworld.concepts import get_concept
+    from x2edit.retrieval.encoder import EncoderTrainConfig, train_encoder
+
+    pool, manifest = tiny_pool
+    kept = [e for e in manifest["loras"] if e["role"] == "train" and e["passed"]]
+    counts = {c: sum(e["concepts"][0] == c for e in kept) for c in {e["concepts"][0] for e in kept}}
+    held_concepts = sorted(c for c, n in counts.items() if n >= 2)
+    assert held_concepts
+    config = dict(steps=4, dim=32, layers=1, heads=2, batch=16, threads=1)
+    summary = train_encoder(pool, tmp_path / "e.safetensors", EncoderTrainConfig(**config, validation=True, align=0.5))
+    v = summary["validation"]
+    assert summary["train_loras"] == len(kept) - len(held_concepts)
+    assert v["concepts"] == len(held_concepts) and 0 <= v["R@1"] <= 1
+    assert v["queries"] == sum(len(get_concept(c).phrases()) for c in held_concepts)
+    assert np.isfinite([p["loss"] for p in summary["curve"]]).all()
+    plain = train_encoder(pool, tmp_path / "f.safetensors", EncoderTrainConfig(**config))
+    assert "validation" not in plain and plain["train_loras"] == len(kept)

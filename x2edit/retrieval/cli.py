@@ -74,6 +74,9 @@ def run(args) -> int:
 
         summary = train_encoder(args.pool, args.out, load(EncoderTrainConfig, args.config, args.overrides))
         print(f"wrote {args.out} ({summary['train_loras']} LoRAs, {summary['steps']} steps, {summary['train_s']:.0f} s)")
+        if "validation" in summary:
+            v = summary["validation"]
+            print(f"validation R@1 {v['R@1']:.2f} ({v['queries']} queries over {v['concepts']} held-out instances)")
     elif args.lora_command == "train-gate":
         from x2edit.retrieval.fusion import GateTrainConfig, train_gate
 

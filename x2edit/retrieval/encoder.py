@@ -342,6 +342,12 @@ class EncoderTrainConfig:
         normalize: ``EncoderConfig.normalize``.
         probe_init: "activations" (the base's own inputs to each module type, on ``probe_scenes``
             training scenes: ``WeightEncoder.init_probes``) or "random".
+        validation: hold out one kept instance of each concept with at least 2 (the last in the manifest), fit on
+            the rest, and report how often the concept's training phrasings find it first among all the kept
+            train LoRAs less the concept's fitted ones (``summary["validation"]``, R@1): a check of a
+            configuration on the training pool alone, as the benchmark's held-out split is on other LoRAs.
+        align: weight of a term pulling each LoRA's embedding to its concept's mean phrasing (1 - cosine), beside
+            the contrastive loss: a smoother map of the text space, for concepts the encoder never saw.
         seed, threads: as elsewhere.
     """
 
@@ -357,6 +363,8 @@ class EncoderTrainConfig:
     probe_init: str = "activations"
     probe_scenes: int = 8
     normalize: str = "global"
+    align: float = 0.0
+    validation: bool = False
     seed: int = 0
     threads: int = 0
 
@@ -382,6 +390,24 @@ def _pool_activations(manifest: dict, scenes: int) -> tuple[list, dict[str, torc
     sigma = torch.full((scenes,), flow.s)
     size = (cfg["resolution"], cfg["resolution"])
     return modules, base_activations(pipe.transformer, lambda: flow._forward(src, src, sigma, text, size))
+
+
+@torch.no_grad()
+def _validation_r1(encoder: WeightEncoder, text: TextEncoder, kept: list[dict], factors: list, held: set[int],
+                   phrases: dict[str, list[str]]) -> dict:
+    """R@1 of each held-out LoRA's concept's phrasings over all ``kept`` LoRAs (``factors``, in order) less the
+    concept's fitted ones; the relevant: the concept's held-out LoRA."""
+    import numpy as np
+
+    emb = encoder(factors).numpy()  # (N, D)
+    concept = np.array([e["concepts"][0] for e in kept])
+    is_held = np.isin(np.arange(len(kept)), sorted(held))
+    hits = []
+    for c in sorted({concept[i] for i in held}):
+        scores = text(phrases[c]).numpy() @ emb.T  # (P, N)
+        scores[:, (concept == c) & ~is_held] = -np.inf  # the concept's fitted LoRAs would answer trivially
+        hits += [bool(is_held[j] and concept[j] == c) for j in scores.argmax(1)]
+    return {"R@1": float(np.mean(hits)), "queries": len(hits), "concepts": len({concept[i] for i in held})}
 
 
 @torch.no_grad()
@@ -414,7 +440,16 @@ def train_encoder(pool_dir: str | Path, out: str | Path, config: EncoderTrainCon
         torch.set_num_threads(config.threads)
     pool_dir, t0 = Path(pool_dir), time.perf_counter()
     manifest = load_manifest(pool_dir)
-    entries = [e for e in manifest["loras"] if e["role"] == "train" and e["passed"]]
+    kept = [e for e in manifest["loras"] if e["role"] == "train" and e["passed"]]
+    held = set()
+    if config.validation:  # the last kept instance of each concept with at least 2
+        by_concept: dict[str, list[int]] = {}
+        for i, e in enumerate(kept):
+            by_concept.setdefault(e["concepts"][0], []).append(i)
+        held = {ids[-1] for ids in by_concept.values() if len(ids) >= 2}
+        if not held:
+            raise ValueError(f"{pool_dir}: no concept has 2 kept train LoRAs to hold one out for validation")
+    entries = [e for i, e in enumerate(kept) if i not in held]
     if len(entries) < 2:
         raise ValueError(f"{pool_dir} has {len(entries)} kept train LoRAs; the encoder needs at least 2")
     if config.probe_init not in ("activations", "random"):
@@ -427,11 +462,14 @@ def train_encoder(pool_dir: str | Path, out: str | Path, config: EncoderTrainCon
     if config.probe_init == "activations":
         encoder.init_probes(acts)
     text = TextEncoder(encoder.config.text_model)
-    loras = [read_factors(pool_dir / e["file"]) for e in entries]
-    for f in loras:
+    all_loras = [read_factors(pool_dir / e["file"]) for e in kept]  # the held-out ones only for validation
+    for f in all_loras:
         encoder.check(f)
+    loras = [f for i, f in enumerate(all_loras) if i not in held]
     concepts = sorted({e["concepts"][0] for e in entries})
     phrases = {c: get_concept(c).phrases() for c in concepts}
+    with torch.no_grad():  # each concept's mean phrasing, the target of the align term
+        centre = {c: F.normalize(text(phrases[c]).mean(0), dim=-1) for c in concepts}
     opt = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     g = torch.Generator().manual_seed(config.seed)
     curve, losses = [], []
@@ -444,6 +482,9 @@ def train_encoder(pool_dir: str | Path, out: str | Path, config: EncoderTrainCon
         concept_of = torch.tensor([batch_concepts.index(entries[i]["concepts"][0]) for i in idx])
         emb = encoder([loras[i] for i in idx], drop=config.module_drop, generator=g)
         loss = contrastive(emb, text(words), concept_of, encoder.log_temperature.exp().clamp(min=0.01))
+        if config.align:
+            target = torch.stack([centre[entries[i]["concepts"][0]] for i in idx])  # (N, D) unit
+            loss = loss + config.align * (1 - (emb * target).sum(-1)).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -458,6 +499,10 @@ def train_encoder(pool_dir: str | Path, out: str | Path, config: EncoderTrainCon
     summary = {"steps": config.steps, "train_s": time.perf_counter() - t0, "train_loras": len(entries),
                "train_concepts": concepts, "curve": curve,
                "routing": {k: routing[k] for k in ("text_match", "known")}}
+    if held:
+        summary["validation"] = _validation_r1(encoder, text, kept, all_loras, held, phrases)
+        log.info("validation R@1 %.2f (%d queries, %d held-out LoRAs)", summary["validation"]["R@1"],
+                 summary["validation"]["queries"], len(held))
     encoder.save(out, metadata={"pool": str(pool_dir), "config": dataclasses.asdict(config), **{
         k: summary[k] for k in ("steps", "train_s", "train_loras")}})
     return summary
