@@ -14,8 +14,10 @@ soft).
 
 The stock Euler scheduler then integrates the velocity this implies, (x_t - x0_hat) / sigma, so the
 pipeline loop is that of any flow model and its last step lands on x0_hat (training floors sigma at
-SIGMA_FLOOR in the loss weight, sampling does not). Cost: one more transformer call, without
-gradients, per step. A residual adapter cannot be merged into the base or exported as a plain
+SIGMA_FLOOR in the loss weight, sampling does not). An edit from the source at noise level s (one-step
+adapters, ``AdapterConfig.source_start``) is read instead as the straight path from the source to x0_hat
+plus the direct adapters' velocity (``residual_reading(start=s)``): the same edit in one step, and n steps
+that keep what direct adapters add. Cost: one more transformer call, without gradients, per step. A residual adapter cannot be merged into the base or exported as a plain
 diffusers LoRA: without the base's own output beside it, a stock pipeline would read it directly.
 
 Adapters with the direct reading active beside it (community LoRAs loaded with
