@@ -107,6 +107,8 @@ def test_gated_fusion_in_the_pipeline(tmp_path, image16, tiny_encoder, tiny_gate
         pipe.fuse_loras(["L0"], fusion=LearnedGate(tmp_path / "other.safetensors", encoder=tiny_encoder))
     with pytest.raises(ValueError, match="LearnedGate"):  # the core does not build the learned gate by name
         pipe.fuse_loras(["L0"], fusion="gated")
+    with pytest.raises(ValueError, match="trained on the embeddings of weight encoder"):  # the shipped encoder
+        LearnedGate(tiny_gate)
 
 
 def test_auto_lora_retrieves_loads_fuses_and_removes(tmp_path, image16, tiny_encoder, tiny_gate):

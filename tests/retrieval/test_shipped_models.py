@@ -33,6 +33,7 @@ def test_the_shipped_gate_fuses_two_loras_on_x2edit_tiny(tmp_path):
     pipe = load_pipeline("x2edit-tiny")
     gate = GateNet.load(default_gate_path())
     assert gate.config.modules, "the shipped gate names its layers"
+    assert gate.metadata["encoder"] == WeightEncoder.load(default_encoder_path()).fingerprint()  # shipped as a pair
     for i in range(2):
         pipe.load_lora_weights(str(_tiny_lora(pipe, tmp_path / f"{i}.safetensors", i)), adapter_name=f"l{i}")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))

@@ -135,6 +135,12 @@ class LearnedGate:
 
         self.gate = GateNet.load(gate or default_gate_path())
         self.encoder = load_encoder(encoder)
+        # The gate reads the LoRAs' embeddings: another encoder's would be inputs it never saw.
+        trained_with = self.gate.metadata.get("encoder")
+        if trained_with and trained_with != self.encoder.fingerprint():
+            raise ValueError(f"the gate was trained on the embeddings of weight encoder {trained_with}, not of this "
+                             f"one ({self.encoder.fingerprint()}): pass encoder= the one it was trained with, or "
+                             "retrain it (x2edit lora train-gate --encoder FILE)")
 
     def __call__(self, transformer: nn.Module, names: list[str], weights: list[float] | None = None) -> Gated:
         factors = [lora_factors(transformer, n) for n in names]
