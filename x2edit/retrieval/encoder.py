@@ -345,7 +345,8 @@ class EncoderTrainConfig:
         validation: hold out one kept instance of each concept with at least 2 (the last in the manifest), fit on
             the rest, and report how often the concept's training phrasings find it first among all the kept
             train LoRAs less the concept's fitted ones (``summary["validation"]``, R@1): a check of a
-            configuration on the training pool alone, as the benchmark's held-out split is on other LoRAs.
+            configuration on the training pool alone. It flatters memorisation (a concept's training instances
+            share their scenes): it catches broken settings, it does not rank good ones (docs/autolora.md).
         align: weight of a term pulling each LoRA's embedding to its concept's mean phrasing (1 - cosine), beside
             the contrastive loss: a smoother map of the text space, for concepts the encoder never saw.
         seed, threads: as elsewhere.
