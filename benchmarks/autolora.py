@@ -276,10 +276,8 @@ def composition_benchmark(pool: Path, manifest: dict, encoder_path: str | None, 
         caches = [{} for _ in pairs]
         for steps in step_counts:
             for method in methods:
-                if method == "klora" and len(names) != 2:
-                    continue  # K-LoRA fuses exactly two LoRAs [subject, style]
-                if method == "joint" and joint is None:
-                    continue  # a drawn combination: no jointly trained LoRA
+                if (method == "klora" and len(names) != 2) or (method == "joint" and joint is None):
+                    continue  # K-LoRA fuses exactly two LoRAs [subject, style]; a drawn combination has no joint LoRA
                 if method == "joint":
                     use, fusion = [joint], make_fusion("sum", [joint])
                 elif method == "gated":
@@ -418,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--combos", type=int, default=24,
                         help="compatible combinations drawn beside the joint LoRAs' (half of 2 concepts, half of 3)")
     parser.add_argument("--only", choices=["retrieval", "composition"], default=None,
-                        help="run one part; the other is kept from OUT/autolora.json (recorded under 'kept')")
+                        help="run one part; the other is kept from OUT/autolora.json (listed under 'kept')")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -435,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--only {args.only} keeps the other part from {previous}, which does not exist")
         kept = "composition" if args.only == "retrieval" else "retrieval"
         old = json.loads(previous.read_text())
-        result[kept], result["kept"] = old[kept], {kept: old.get("kept", {}).get(kept, old.get("wall_s"))}
+        result[kept], result["kept"] = old[kept], sorted({kept, *old.get("kept", [])} - {args.only})
     if args.only != "composition":
         result["retrieval"] = retrieval_benchmark(pool, manifest, args.encoder, out / "index.parquet", args.quick)
     if args.only != "retrieval":

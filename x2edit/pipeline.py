@@ -203,8 +203,9 @@ class X2EditPipeline(X2EditPipelineMixin, X2EditLoraMixin, FluxKontextPipeline):
             num_inference_steps: denoising steps; None: ``default_num_inference_steps`` (28, FLUX's; a
                 bundled model may record its own). A model that edits from the source (``source_start()`` = s)
                 takes one by default, or n Euler steps at s, s (n-1)/n, ..., s/n: on x2edit-tiny more steps
-                help community LoRAs and their fusions (measured on a few pool LoRAs: +0.2 to +1.5 dB at 2
-                steps), while its editing adapter, trained for one step at s, loses 0.2 to 0.4 dB. Beside a
+                let an added community LoRA do more (+0.06 dB over the call without it in one step, +0.55 in
+                two), while its editing adapter, trained for one step at s, loses 0.2 to 0.4 dB
+                (``benchmarks/results/pipeline_steps``). Beside a
                 residual-reading adapter the n steps follow the straight path from the source to its estimate
                 (``residual_reading(start=s)``), so community LoRAs integrate as in the LoRA flow.
             sigmas: custom noise levels for the scheduler (not with one-step adapters).

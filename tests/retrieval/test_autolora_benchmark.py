@@ -88,3 +88,8 @@ def test_quick_benchmark_on_the_tiny_pool(tiny_pool, tiny_encoder, tiny_gate, tm
     assert c["kernel_calls"]["1"]["calls_per_forward"] == c["kernel_calls"]["1"]["adapter_layers"]
     assert c["kernel_calls"]["2"]["calls_per_forward"] == c["kernel_calls"]["2"]["adapter_layers"]
     assert "| gated" not in (tmp_path / "autolora.md").read_text() or "**gated**" in (tmp_path / "autolora.md").read_text()
+    # --only retrieval: the composition is kept from the run before, and said to be
+    assert main(["--pool", str(pool), "--out", str(tmp_path), "--encoder", str(tiny_encoder), "--gate",
+                 str(tiny_gate), "--quick", "--only", "retrieval"]) == 0
+    again = json.loads((tmp_path / "autolora.json").read_text())
+    assert again["kept"] == ["composition"] and again["composition"] == c and "retrieval" in again

@@ -189,12 +189,13 @@ def test_modules_whose_update_is_zero_leave_the_embedding_unchanged_and_an_all_z
     assert rows["real.safetensors"]["status"] == "ok"
 
 
-def test_training_calibrates_the_routing_on_its_phrasings_and_the_index_carries_it(tiny_pool, tiny_encoder, tmp_path):
+def test_training_calibrates_the_routing_on_its_phrasings_and_the_index_carries_it(tiny_pool, tiny_encoder, tmp_path,
+                                                                                  monkeypatch):
     """train_encoder records its training phrasings and the routing thresholds calibrated on them alone; an index
     built with the encoder carries them embedded, and a training phrasing is routed to the weight signal."""
     from x2edit.data_pipeline.shapeworld.concepts import get_concept
     from x2edit.retrieval.encoder import TextEncoder
-    from x2edit.retrieval.index import LoraIndex, build_index
+    from x2edit.retrieval.index import LoraIndex, build_index, read_index
     from x2edit.retrieval.signals import calibrate_routing
 
     routing = WeightEncoder.load(tiny_encoder).config.routing
@@ -212,6 +213,16 @@ def test_training_calibrates_the_routing_on_its_phrasings_and_the_index_carries_
     assert index.routing.vocabulary.shape == (len(routing["phrases"]), 384)
     assert index.routing.known == pytest.approx(routing["known"])
     assert index.search(routing["phrases"][0], k=1)[0]["route"] == "weight"
+    # re-indexing the unchanged folder carries the embedded phrasings over: the text model is not needed
+    meta = read_index(tmp_path / "i.parquet")[1]
+    import x2edit.retrieval.encoder as encoder_module
+
+    def no_model(*args):
+        raise AssertionError("the text model was loaded to re-index an unchanged folder")
+
+    monkeypatch.setattr(encoder_module, "shared_text_encoder", no_model)
+    assert build_index(folder, tmp_path / "i.parquet", tiny_encoder)["unchanged"] == 1
+    assert read_index(tmp_path / "i.parquet")[1]["x2edit.routing"] == meta["x2edit.routing"]
 
 
 def test_validation_holds_out_an_instance_per_concept_and_scores_it_against_all_the_others(tiny_pool, tmp_path):
@@ -228,7 +239,7 @@ def test_validation_holds_out_an_instance_per_concept_and_scores_it_against_all_
     held_concepts = sorted(c for c, n in counts.items() if n >= 2)
     assert held_concepts
     config = dict(steps=4, dim=32, layers=1, heads=2, batch=16, threads=1)
-    summary = train_encoder(pool, tmp_path / "e.safetensors", EncoderTrainConfig(**config, validation=True, align=0.5))
+    summary = train_encoder(pool, tmp_path / "e.safetensors", EncoderTrainConfig(**config, validation=True))
     v = summary["validation"]
     assert summary["train_loras"] == len(kept) - len(held_concepts)
     assert v["concepts"] == len(held_concepts) and 0 <= v["R@1"] <= 1

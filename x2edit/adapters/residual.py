@@ -17,8 +17,9 @@ pipeline loop is that of any flow model and its last step lands on x0_hat (train
 SIGMA_FLOOR in the loss weight, sampling does not). An edit from the source at noise level s (one-step
 adapters, ``AdapterConfig.source_start``) is read instead as the straight path from the source to x0_hat
 plus the direct adapters' velocity (``residual_reading(start=s)``): the same edit in one step, and n steps
-that keep what direct adapters add. Cost: one more transformer call, without gradients, per step. A residual adapter cannot be merged into the base or exported as a plain
-diffusers LoRA: without the base's own output beside it, a stock pipeline would read it directly.
+that keep what direct adapters add. Cost: one more transformer call, without gradients, per step. A residual
+adapter cannot be merged into the base or exported as a plain diffusers LoRA: without the base's own output
+beside it, a stock pipeline would read it directly.
 
 Adapters with the direct reading active beside it (community LoRAs loaded with
 ``load_lora_weights``) keep their own reading: each changes the base's velocity, i.e. its x0 by

@@ -347,8 +347,6 @@ class EncoderTrainConfig:
             train LoRAs less the concept's fitted ones (``summary["validation"]``, R@1): a check of a
             configuration on the training pool alone. It flatters memorisation (a concept's training instances
             share their scenes): it catches broken settings, it does not rank good ones (docs/autolora.md).
-        align: weight of a term pulling each LoRA's embedding to its concept's mean phrasing (1 - cosine), beside
-            the contrastive loss: a smoother map of the text space, for concepts the encoder never saw.
         seed, threads: as elsewhere.
     """
 
@@ -364,7 +362,6 @@ class EncoderTrainConfig:
     probe_init: str = "activations"
     probe_scenes: int = 8
     normalize: str = "global"
-    align: float = 0.0
     validation: bool = False
     seed: int = 0
     threads: int = 0
@@ -469,8 +466,6 @@ def train_encoder(pool_dir: str | Path, out: str | Path, config: EncoderTrainCon
     loras = [f for i, f in enumerate(all_loras) if i not in held]
     concepts = sorted({e["concepts"][0] for e in entries})
     phrases = {c: get_concept(c).phrases() for c in concepts}
-    with torch.no_grad():  # each concept's mean phrasing, the target of the align term
-        centre = {c: F.normalize(text(phrases[c]).mean(0), dim=-1) for c in concepts}
     opt = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     g = torch.Generator().manual_seed(config.seed)
     curve, losses = [], []
@@ -483,9 +478,6 @@ def train_encoder(pool_dir: str | Path, out: str | Path, config: EncoderTrainCon
         concept_of = torch.tensor([batch_concepts.index(entries[i]["concepts"][0]) for i in idx])
         emb = encoder([loras[i] for i in idx], drop=config.module_drop, generator=g)
         loss = contrastive(emb, text(words), concept_of, encoder.log_temperature.exp().clamp(min=0.01))
-        if config.align:
-            target = torch.stack([centre[entries[i]["concepts"][0]] for i in idx])  # (N, D) unit
-            loss = loss + config.align * (1 - (emb * target).sum(-1)).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

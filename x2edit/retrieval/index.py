@@ -23,6 +23,7 @@ the index, piece by piece.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -45,8 +46,6 @@ INDEX_FORMAT = "2"  # 2: the text and fingerprint signals (x2edit.retrieval.sign
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -306,14 +305,7 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
             waiting[rel] = old  # kept in intermediate writes until its new row is made
     meta = {"x2edit.encoder": fingerprint, "x2edit.text_model": encoder.config.text_model,
             "x2edit.root": str(root.resolve()), "x2edit.format": INDEX_FORMAT}
-    if encoder.config.routing:  # the encoder's calibrated routing, its training phrasings embedded once here
-        from x2edit.retrieval.encoder import shared_text_encoder
-        from x2edit.retrieval.signals import Routing
-
-        r = encoder.config.routing
-        vocabulary = shared_text_encoder(encoder.config.text_model).model.encode(
-            r["phrases"], normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True)
-        meta["x2edit.routing"] = Routing(r["text_match"], r["known"], vocabulary.astype(np.float32)).to_meta()
+    meta.update(_routing_meta(encoder, old_meta))
     # Files are read in pieces; after a piece, at most every ``save_every_s``, the index is written with what is
     # done so far plus the old rows of files not yet redone: a run stopped part-way keeps its progress, and the
     # next run re-reads only what is left (the rows it wrote match their files' size and mtime).
@@ -358,6 +350,24 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, encoder_path: s
     counts["ok"] = counts["files"] - counts["skipped"]
     write_index(rows, out, meta)
     return counts
+
+
+def _routing_meta(encoder, old_meta: dict[str, str]) -> dict[str, str]:
+    """The index fields of the encoder's calibrated routing (``x2edit.retrieval.signals.Routing``), its training
+    phrasings embedded by the text model; carried over from the index's earlier write while the encoder's routing
+    is the same (an unchanged folder is re-indexed without loading the text model). {} for an encoder without."""
+    routing = encoder.config.routing
+    if not routing:
+        return {}
+    source = hashlib.sha256(json.dumps(routing, sort_keys=True).encode()).hexdigest()[:16]
+    if old_meta.get("x2edit.routing_source") == source and old_meta.get("x2edit.routing"):
+        return {"x2edit.routing": old_meta["x2edit.routing"], "x2edit.routing_source": source}
+    from x2edit.retrieval.encoder import shared_text_encoder
+    from x2edit.retrieval.signals import Routing
+
+    vocabulary = shared_text_encoder(encoder.config.text_model)(routing["phrases"]).numpy()  # (P, D) unit rows
+    return {"x2edit.routing": Routing(routing["text_match"], routing["known"], vocabulary).to_meta(),
+            "x2edit.routing_source": source}
 
 
 class LoraIndex:
